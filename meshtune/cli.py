@@ -1,0 +1,123 @@
+"""The `meshtune` command line. Subcommands import torch only when they need it.
+
+    meshtune ls                                        bundled configs
+    meshtune train CONFIG [k=v ...]                    run here (alone, or as one rank under torchrun)
+    meshtune launch CONFIG --nproc-per-node N [k=v]    start torchrun on this machine for you
+    meshtune validate CONFIG --world-size W [k=v]      check a config and its layout without training
+    meshtune demo                                      the end-to-end demo on 2 CPU ranks
+A config error prints one line naming the key and the fix, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from meshtune import __version__
+from meshtune.config import ConfigError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a YAML file, or a bundled config name from `meshtune ls` (e.g. pretrain/tiny)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
+
+
+class _ConfigHelp(argparse.Action):
+    """`--help` on train/validate/launch also lists every config key with its docstring."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from meshtune.config import help_text
+
+        parser.print_help()
+        print("\nconfig keys (set in YAML or as key=value):\n" + help_text())
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshtune", description="Distributed training and fine-tuning on "
+                                     "PyTorch: DDP/FSDP2 on one device mesh, torchrun and SLURM.")
+    parser.add_argument("--version", action="version", version=f"meshtune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("ls", help="list the bundled configs")
+    for name, text in [("train", "train in this process (alone or as a torchrun rank)"),
+                       ("launch", "start torchrun with N local processes running `meshtune train`"),
+                       ("validate", "check a config and its parallel layout without training")]:
+        p = sub.add_parser(name, help=text, description=text, add_help=False)
+        p.add_argument("-h", "--help", action=_ConfigHelp, help="show this help and every config key")
+        _config_args(p)
+        if name == "launch":
+            p.add_argument("--nproc-per-node", type=int, default=2, help="processes (ranks) on this machine")
+            p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
+            p.add_argument("--dry-run", action="store_true", help="print the torchrun command, run nothing")
+        if name == "validate":
+            p.add_argument("--world-size", type=int, default=1, help="number of ranks to plan for")
+    demo = sub.add_parser("demo", help="run the bundled end-to-end demo on 2 CPU ranks")
+    demo.add_argument("--run-dir", default="runs/demo", help="where the demo's runs go")
+    demo.add_argument("--nproc-per-node", type=int, default=2, help="ranks to use")
+    return parser
+
+
+def _split_overrides(args: argparse.Namespace) -> list[str]:
+    """argparse puts `k=v` pairs after the config into `overrides`; reject stray words clearly."""
+    for item in args.overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. train.steps=20")
+    return list(args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank sees it; say it once
+            print(f"meshtune: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from meshtune import config as C
+
+    if args.command == "ls":
+        for name in C.bundled_configs():
+            print(name)
+        return 0
+    if args.command == "demo":
+        from meshtune.demo import run_demo
+
+        return run_demo(args.run_dir, args.nproc_per_node)
+
+    overrides = _split_overrides(args)
+    cfg = C.load_config(args.config, overrides)  # errors surface here, before any process starts
+    if args.command == "launch":
+        from meshtune.launch.torchrun import launch
+
+        if args.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node: must be >= 1, got {args.nproc_per_node}")
+        config_path = str(C.resolve_config_path(args.config))
+        return launch(config_path, overrides, args.nproc_per_node, args.dry_run, args.max_restarts)
+    if args.command == "validate":
+        from meshtune.runtime.plan import describe_plan
+
+        print(describe_plan(cfg, args.world_size))
+        return 0
+    if args.command == "train":
+        from meshtune.runtime.run import train
+
+        summary = train(cfg)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        last = summary["final_eval"] or {}
+        if int(os.environ.get("RANK", "0")) == 0:
+            losses = [r["loss"] for r in summary["history"] if "loss" in r]
+            print(f"meshtune: done at step {summary['step']}: loss {losses[-1] if losses else float('nan'):.4f}, "
+                  f"eval accuracy {last.get('eval_accuracy', float('nan')):.3f}; run dir {cfg.run_dir}")
+        return 0
+    raise AssertionError(args.command)

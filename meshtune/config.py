@@ -1,0 +1,455 @@
+"""Typed run configuration: a YAML file -> a tree of dataclasses, with dotted `key=value` overrides.
+
+    cfg = load_config("meshtune/configs/pretrain/tiny.yaml", ["optim.lr=1e-3", "train.steps=20"])
+
+Each field's docstring (the string literal under it) is its documentation: `meshtune train --help` prints
+them, so the help text and the code cannot disagree. Every user mistake (unknown key, wrong type,
+impossible value, missing file) raises `ConfigError` with a one-line message that names the key and the
+fix; the CLI prints it and exits with code 2. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """The Llama-style decoder."""
+
+    dim: int = 64
+    """Hidden size (width of the residual stream)."""
+    n_layers: int = 2
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention (query) heads; must divide model.dim."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 = same as model.n_heads. Must divide model.n_heads."""
+    ffn_dim: int = 0
+    """SwiGLU hidden size; 0 = 8/3 * model.dim rounded up to a multiple of 32 (Llama's rule)."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 = the tokenizer's size rounded up to a multiple of 8."""
+    max_seq_len: int = 256
+    """Longest sequence the rotary tables are built for; data.seq_len must not exceed it."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    tie_embeddings: bool = False
+    """Share the token embedding matrix with the output head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of linear and embedding weights."""
+    init_device: Literal["auto", "meta"] = "auto"
+    """`auto` builds and initialises the full model on the training device, then shards it (the same values
+    as a single-process run from the same seed); `meta` allocates nothing until the model is sharded and then
+    initialises each shard (for models one device cannot hold; values differ from an unsharded init)."""
+
+
+@dataclass
+class DataConfig:
+    """Tokenizer and datasets."""
+
+    tokenizer: str = "byte"
+    """`byte` for the built-in byte-level tokenizer, or the path of a Hugging Face `tokenizer.json` file."""
+    task: str = ""
+    """Bundled synthetic task with exactly checkable answers (reverse, sort, add); set this or data.train_path."""
+    train_path: str = ""
+    """A local training file: JSONL with `prompt`/`response` or `text` fields, or plain text (.txt)."""
+    eval_path: str = ""
+    """A local evaluation file in the same formats; empty = a held-out split of the training data."""
+    seq_len: int = 64
+    """Tokens per training sequence; longer examples are truncated, shorter ones padded."""
+    num_train: int = 4096
+    """Examples generated for a synthetic task's training split."""
+    num_eval: int = 128
+    """Examples in the evaluation split (generated for a task, or held out from data.train_path)."""
+    shuffle: bool = True
+    """Shuffle the training set each epoch (seeded by train.seed)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 3e-3
+    """Peak learning rate, reached after optim.warmup_steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of optim.lr at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Steps of linear warmup from 0 to optim.lr."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate shape after warmup."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW); not applied to norms and biases."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are laid out on the device mesh. Degrees multiply to the world size; -1 = the rest."""
+
+    dp_replicate: int = 1
+    """Replicated data-parallel degree (DDP; the outer axis of HSDP)."""
+    dp_shard: int = -1
+    """Sharded data-parallel degree (FSDP2 `fully_shard`); -1 = whatever the world size leaves."""
+    tp: int = 1
+    """Tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+    compile: bool = False
+    """Compile each block with torch.compile."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait before the run fails naming the rank and operation."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 100
+    """Optimizer steps to run."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step over all data-parallel ranks; fixed when the world size changes."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on one rank; accumulation = global / (micro * data-parallel degree)."""
+    stop_after: int = 0
+    """End this job after this step with a checkpoint, leaving the schedule at train.steps (for time-sliced
+    jobs; the next job resumes); 0 = run to train.steps."""
+    seed: int = 1234
+    """Seeds initialisation, data order and dropout."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: `auto` = bf16 autocast on GPU, fp32 on CPU (CPU bf16 is much slower)."""
+    eval_every: int = 50
+    """Evaluate every this many steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 4
+    """Micro-batches per rank used by one evaluation; 0 = the whole evaluation split."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    deterministic: bool = True
+    """Use deterministic algorithms so a resumed run repeats an uninterrupted one bitwise."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint) under run_dir/checkpoints."""
+
+    every: int = 0
+    """Save every this many steps; 0 = only at the end."""
+    keep_last: int = 2
+    """Keep this many newest complete checkpoints; older ones are deleted."""
+    resume: str = "auto"
+    """`auto` = continue from the newest complete checkpoint in run_dir if any; `never`; or a checkpoint path."""
+    save_final: bool = True
+    """Save a checkpoint after the last step."""
+
+
+@dataclass
+class MetricsConfig:
+    """Metrics: JSONL always; a progress bar and wandb when enabled."""
+
+    progress: bool = True
+    """Show a progress bar on rank 0 (only when stdout is a terminal)."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline mode when WANDB_API_KEY is not set)."""
+    wandb_project: str = "meshtune"
+    """wandb project name."""
+
+
+@dataclass
+class RecipeConfig:
+    """Fine-tuning and compression recipes applied to the model before it is parallelised."""
+
+    name: str = ""
+    """Recipe to apply; empty = plain training of every parameter."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    run_dir: str = ""
+    """Directory for this run's config.yaml, metrics.jsonl and checkpoints/; empty = runs/<config name>."""
+    init_from: str = ""
+    """Start from these model weights (a .safetensors file or a checkpoint directory); empty = random init."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building a Config from plain data, with type checks that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` and convert lossless cases (int -> float, '1e-3' -> float)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}; pick one of them")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}; write it as [a, b, ...]")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}; give a value of type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
+            raise ConfigError(f"{full}: unknown key; {hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, {} if value is None else value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected dotted key=value, e.g. optim.lr=1e-3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted `key=value` pairs (values parsed as YAML) into the nested dict `data`."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"override {text!r}: '{part}' is a value, not a section")
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        hint = "run `meshtune ls` to see the bundled configs" if not p.exists() else "give a YAML file"
+        raise ConfigError(f"{path}: config file not found; {hint}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, or the name of a bundled config (`pretrain/tiny` or `pretrain/tiny.yaml`)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    bundled = bundled_configs_dir() / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    return bundled if bundled.exists() else p
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or the defaults when `path` is None), apply overrides, type-check and validate."""
+    data = read_yaml(resolve_config_path(str(path))) if path is not None else {}
+    apply_overrides(data, list(overrides))
+    cfg = _build(Config, data)
+    if not cfg.run_dir:
+        stem = Path(str(path)).stem if path is not None else "default"
+        cfg.run_dir = str(Path("runs") / stem)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks of single values and of values against each other; the world size is checked by the mesh."""
+    m, d, o, p, t, c = cfg.model, cfg.data, cfg.optim, cfg.parallel, cfg.train, cfg.checkpoint
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for key, value in [("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                       ("model.max_seq_len", m.max_seq_len), ("data.seq_len", d.seq_len),
+                       ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
+                       ("train.micro_batch_size", t.micro_batch_size), ("data.num_eval", d.num_eval)]:
+        need(value > 0, f"{key}: must be positive, got {value}")
+    for key, value in [("model.n_kv_heads", m.n_kv_heads), ("model.ffn_dim", m.ffn_dim),
+                       ("model.vocab_size", m.vocab_size), ("optim.warmup_steps", o.warmup_steps),
+                       ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+                       ("train.eval_every", t.eval_every), ("train.eval_batches", t.eval_batches),
+                       ("checkpoint.every", c.every), ("data.num_train", d.num_train),
+                       ("train.stop_after", t.stop_after)]:
+        need(value >= 0, f"{key}: must be >= 0, got {value}")
+    need(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")
+    need(c.keep_last >= 1, f"checkpoint.keep_last: must be >= 1 so the newest checkpoint is kept, got {c.keep_last}")
+    need(o.lr > 0, f"optim.lr: must be positive, got {o.lr}")
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2: must be in [0, 1), got {o.beta1}, {o.beta2}")
+    need(m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}")
+    need((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads must be even for rotary embeddings, got "
+         f"{m.dim // m.n_heads}; change model.dim or model.n_heads")
+    kv = m.n_kv_heads or m.n_heads
+    need(m.n_heads % kv == 0, f"model.n_kv_heads: {kv} does not divide model.n_heads={m.n_heads}")
+    need(d.seq_len <= m.max_seq_len, f"data.seq_len: {d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+         "lower data.seq_len or raise model.max_seq_len")
+    need(bool(d.task) != bool(d.train_path), "data.task / data.train_path: set exactly one of them "
+         "(a bundled task name, or a local file)")
+    need(t.global_batch_size % t.micro_batch_size == 0, f"train.global_batch_size: {t.global_batch_size} is not "
+         f"a multiple of train.micro_batch_size={t.micro_batch_size}")
+    for key in ("dp_replicate", "dp_shard", "tp", "pp"):
+        value = getattr(p, key)
+        need(value == -1 or value >= 1, f"parallel.{key}: must be >= 1 or -1 (the rest of the world), got {value}")
+    need(p.timeout_s > 0, f"parallel.timeout_s: must be positive, got {p.timeout_s}")
+    if c.resume not in ("auto", "never"):
+        need(Path(c.resume).exists(), f"checkpoint.resume: {c.resume} does not exist; give auto, never or a "
+             "checkpoint directory")
+    if cfg.init_from:
+        need(Path(cfg.init_from).exists(), f"init_from: {cfg.init_from} does not exist; give a .safetensors "
+             "file or a checkpoint directory")
+    if cfg.recipe.name:
+        raise ConfigError(f"recipe.name: unknown recipe {cfg.recipe.name!r}; no recipes are registered yet, "
+                          "leave it empty for full training")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Help text from field docstrings, and the bundled configs.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each dataclass field (its attribute docstring)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text() -> str:
+    """Every config key with its type, default and docstring, section by section."""
+    lines = []
+    top = Config()
+    for f in dataclasses.fields(Config):
+        if f.name in SECTIONS:
+            continue
+        lines.append(f"  {f.name} = {getattr(top, f.name)!r}\n      {field_docs(Config).get(f.name, '')}")
+    for section in SECTIONS:
+        sub = getattr(top, section)
+        lines.append(f"\n{section}: {(type(sub).__doc__ or '').strip()}")
+        docs = field_docs(type(sub))
+        hints = typing.get_type_hints(type(sub))
+        for f in dataclasses.fields(sub):
+            lines.append(f"  {section}.{f.name}: {_type_name(hints[f.name])} = {getattr(sub, f.name)!r}\n"
+                         f"      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def bundled_configs_dir() -> Path:
+    return Path(__file__).parent / "configs"
+
+
+def bundled_configs() -> list[str]:
+    root = bundled_configs_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def dump_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

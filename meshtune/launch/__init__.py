@@ -1,0 +1,1 @@
+"""Launchers: torchrun argv for local and multi-node runs. No torch import here."""

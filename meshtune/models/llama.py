@@ -1,0 +1,293 @@
+"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Module names follow torchtitan's Llama (`tok_embeddings`, `layers.<i>.attention.wq`, `feed_forward.w1`, ...)
+so tensor-parallel plans, pipeline splits and Hugging Face weight maps can address them by name.
+
+    from meshtune.config import ModelConfig
+    model = build_model(ModelConfig(dim=64, n_layers=2), vocab_size=256)   # built and initialised on cpu
+    logits = model(torch.randint(0, 256, (2, 16)))                          # (2, 16, 256)
+
+Large models are built on the meta device (no memory), sharded, then materialised:
+`build_model(cfg, V, "meta")` -> parallelize -> `model.to_empty(device=...)` -> `model.init_weights()`.
+Pipeline stages delete layers from `model.layers` (a ModuleDict, so names stay stable) and set
+`tok_embeddings`, `norm` or `output` to None; `forward` then takes or returns hidden states.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshtune.config import ConfigError, ModelConfig
+
+
+def ffn_hidden_dim(cfg: ModelConfig) -> int:
+    """SwiGLU hidden size: `cfg.ffn_dim`, or Llama's 2/3 * 4 * dim rounded up to a multiple of 32."""
+    if cfg.ffn_dim > 0:
+        return cfg.ffn_dim
+    hidden = int(2 * 4 * cfg.dim / 3)  # 2/3 keeps SwiGLU's three matrices at the cost of a 4x two-matrix MLP
+    return 32 * math.ceil(hidden / 32)
+
+
+def validate_model_config(cfg: ModelConfig, vocab_size: int) -> None:
+    """Check that the shapes in `cfg` fit together.
+
+    Raises:
+        ConfigError: (a ValueError) naming the offending field and how to fix it.
+    """
+    if vocab_size <= 0:
+        raise ConfigError(f"vocab_size must be > 0, got {vocab_size}; set model.vocab_size or use a tokenizer")
+    for name in ("dim", "n_layers", "n_heads", "max_seq_len"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.n_kv_heads < 0 or cfg.ffn_dim < 0:
+        raise ConfigError("model.n_kv_heads and model.ffn_dim must be >= 0 (0 = default)")
+    if cfg.dim % cfg.n_heads:
+        raise ConfigError(f"model.dim ({cfg.dim}) must be divisible by model.n_heads ({cfg.n_heads})")
+    n_kv = cfg.n_kv_heads or cfg.n_heads
+    if cfg.n_heads % n_kv:
+        raise ConfigError(f"model.n_heads ({cfg.n_heads}) must be divisible by model.n_kv_heads ({n_kv})")
+    if (cfg.dim // cfg.n_heads) % 2:
+        raise ConfigError(
+            f"head dim model.dim / model.n_heads = {cfg.dim // cfg.n_heads} must be even for rotary "
+            "embeddings; change model.dim or model.n_heads"
+        )
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (max_seq_len, head_dim // 2), in float32."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, T, H, D) by position-dependent angles.
+
+    The interleaved-pair layout is Meta's original Llama (torchtitan's complex `freqs_cis`); Hugging Face
+    checkpoints use rotate-half and need wq/wk rows permuted when loaded.
+    """
+    # compute in float32: bf16 angles lose relative-position precision at long context
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # the mean of squares overflows / loses precision in half types
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and rotary positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        # -1 heads, not self.n_heads: under tensor parallelism each rank holds a slice of the heads
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, D)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        n_rep = q.shape[2] // k.shape[2]
+        if n_rep > 1:  # query head h reads kv head h // n_rep
+            k = k.repeat_interleave(n_rep, dim=2)  # (B, T, Hq, D)
+            v = v.repeat_interleave(n_rep, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, Hq, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, mean=0.0, std=std)
+        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w3.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then + feed_forward(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(std, out_std)
+        self.feed_forward.init_weights(std, out_std)
+
+
+class Transformer(nn.Module):
+    """The decoder. Prefer `build_model`, which validates, initialises and handles the meta device."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        validate_model_config(cfg, vocab_size)
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(vocab_size, cfg.dim)
+        # a ModuleDict keyed "0", "1", ...: pipeline stages delete entries and the rest keep their names
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, vocab_size, bias=False)
+        self._tie_weights()
+        # non-persistent: derived from the config, so checkpoints hold only parameters
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _tie_weights(self) -> None:
+        tied = self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None
+        if tied and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+
+    def to_empty(self, *, device, recurse: bool = True) -> Transformer:
+        """`nn.Module.to_empty`, then re-tie the output head: moving off meta makes a new Parameter per module."""
+        super().to_empty(device=device, recurse=recurse)
+        self._tie_weights()
+        return self
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V).
+
+        A pipeline stage without `tok_embeddings` takes hidden states (B, T, dim); one without `norm` and
+        `output` returns hidden states (B, T, dim).
+
+        Raises:
+            ValueError: if T exceeds model.max_seq_len.
+        """
+        T = tokens.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"input has {T} tokens but model.max_seq_len is {self.cfg.max_seq_len}; "
+                "raise model.max_seq_len or lower data.seq_len"
+            )
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, dim)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)  # (B, T, V)
+        return h
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and recompute the rotary tables, in place.
+
+        Runs after `to_empty(device=...)` for a model built on meta. Draws from torch's default generator
+        in a fixed module order, so the same seed gives the same weights on any build path.
+        """
+        cos, sin = rope_tables(
+            self.rope_cos.shape[1] * 2, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device
+        )
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        std = self.cfg.init_std
+        # GPT-2: each block adds two outputs to the residual stream; scale them so its variance stays ~flat
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        for layer in self.layers.values():
+            layer.init_weights(std, out_std)
+        if self.norm is not None:
+            self.norm.init_weights()
+        tied = self.tok_embeddings is not None and self.cfg.tie_embeddings
+        if self.output is not None and not tied:
+            nn.init.normal_(self.output.weight, mean=0.0, std=std)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied matrix counts once); optionally without the token embedding table."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() already deduplicates tied weights
+        if exclude_embeddings and self.tok_embeddings is not None:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N + 12 n_layers dim seq_len (PaLM appendix B; nanoGPT).
+
+        N excludes the embedding lookup but keeps the output head's matmul, also when it is tied.
+        """
+        n = self.num_params(exclude_embeddings=True)
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            n += self.output.weight.numel()
+        return 6.0 * n + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, device: str | torch.device = "cpu") -> Transformer:
+    """Build the decoder on `device`.
+
+    On "meta" nothing is allocated or initialised: shard first, then `to_empty(device=...)` and
+    `init_weights()`. On a real device the model is built on meta and materialised the same way, so a given
+    seed yields the same weights on both paths (and construction spends no time on discarded inits).
+
+    Args:
+        cfg: the model section of the config.
+        vocab_size: resolved vocabulary size (cfg.vocab_size or the tokenizer's).
+        device: where the parameters live.
+
+    Returns:
+        The model, in train mode.
+
+    Raises:
+        ConfigError: (a ValueError) if the config's shapes do not fit together.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg, vocab_size)
+    device = torch.device(device)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        model.init_weights()
+    return model

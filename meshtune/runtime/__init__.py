@@ -1,0 +1,1 @@
+"""The distributed runtime: environment, device mesh, parallelisation, training loop, checkpoints, metrics."""

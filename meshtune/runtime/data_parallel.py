@@ -1,0 +1,47 @@
+"""Data parallelism over the mesh's dp axes: DDP, FSDP2 (`fully_shard`) and HSDP.
+
+FSDP2 is applied per transformer block and then to the root (embeddings, final norm, head), so one block's
+parameters are gathered at a time and the all-gather of block i+1 overlaps block i's compute (FSDP2's
+implicit prefetch). The last block is not resharded after forward: backward needs it immediately.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Shard `model` with FSDP2 over `mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP).
+
+    Args:
+        model: a decoder with a `layers` ModuleDict of blocks.
+        mesh: the "fsdp" DeviceMesh from ParallelMesh.
+        reshard_after_forward: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2-like).
+        param_dtype: compute dtype of gathered parameters (bf16 on GPU); gradients reduce in fp32.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        last = i == len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def apply_ddp(model: nn.Module, mesh, device: torch.device) -> nn.Module:
+    """Wrap `model` in DistributedDataParallel over the 1-D "dp" mesh."""
+    return nn.parallel.DistributedDataParallel(
+        model,
+        process_group=mesh.get_group(),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        # gradient buckets in place of grads: saves a copy of every gradient
+        gradient_as_bucket_view=True,
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The decoder inside a DDP wrapper (FSDP2 modifies the module in place, so it needs no unwrapping)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

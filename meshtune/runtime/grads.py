@@ -1,0 +1,77 @@
+"""Gradient plumbing: skip sync on inner micro-batches, the loss normalised by global tokens, clipping.
+
+Why normalise by the *global* count of valid tokens: with a per-micro-batch mean, a step's gradient depends
+on how the batch was cut into ranks and micro-batches (padding makes counts unequal). Dividing every
+micro-batch's summed loss by the step's token count over all data-parallel ranks makes N ranks x k
+accumulation steps produce exactly the gradient of one large batch. DDP and FSDP *average* gradients over
+the dp ranks, so each rank's loss is also multiplied by the dp degree to turn that average into a sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+IGNORE_INDEX = -100
+
+
+@contextlib.contextmanager
+def maybe_no_sync(model: torch.nn.Module, skip_sync: bool):
+    """Run backward without the data-parallel gradient reduction (inner accumulation micro-batches)."""
+    if not skip_sync:
+        yield
+        return
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def count_tokens(labels: list[torch.Tensor], dp_group=None) -> torch.Tensor:
+    """Valid (non-ignored) label tokens in this step's micro-batches, summed over the dp group."""
+    n = sum(int((lab != IGNORE_INDEX).sum()) for lab in labels)
+    total = torch.tensor(float(n), dtype=torch.float64)
+    if dp_group is not None:
+        dist.all_reduce(total, group=dp_group)
+    return total
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies over valid labels, computed in fp32. logits (B, T, V), labels (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def grad_norm(params: list[torch.nn.Parameter], pp_group=None) -> torch.Tensor:
+    """The global L2 norm of gradients: DTensor shards (FSDP, TP) reduced over their mesh, then over pp."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if isinstance(norm, DTensor):  # partial norms from shards: full_tensor() reduces them
+        norm = norm.full_tensor()
+    if pp_group is not None:  # each pipeline stage holds different parameters
+        norm = norm**2
+        dist.all_reduce(norm, group=pp_group)
+        norm = norm.sqrt()
+    return norm
+
+
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, pp_group=None) -> float:
+    """Clip gradients in place to `max_norm` (0 = measure only); return the norm before clipping."""
+    norm = grad_norm(params, pp_group)
+    if max_norm > 0 and math.isfinite(float(norm)):
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
+    return float(norm)

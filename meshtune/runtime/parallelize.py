@@ -1,0 +1,53 @@
+"""Turn a freshly built model into its parallel form, in one documented order:
+
+    tensor parallel (own issue) -> activation checkpointing -> torch.compile -> FSDP2 / HSDP / DDP
+
+TP first because it rewrites parameters into DTensors that FSDP then shards along another mesh axis;
+checkpointing and compile wrap whole blocks, so they come before data parallelism wraps those blocks.
+Recipes (LoRA, fake-quant, masks...) have already been applied, so their parameters are sharded like the
+base layers they belong to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meshtune.config import ParallelConfig
+from meshtune.runtime.data_parallel import apply_ddp, apply_fsdp
+from meshtune.runtime.mesh import ParallelMesh
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them."""
+    # the wrapper's module path is private; this is the one place meshtune touches it
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for name, block in list(model.layers.items()):
+        model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device: torch.device,
+                param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Apply the parallel layout of `mesh` to `model` and return the module to train.
+
+    Args:
+        model: the decoder, on `device` (or on meta when `model.init_device: meta`).
+        mesh: the named mesh axes.
+        cfg: the `parallel` config section.
+        device: this rank's device.
+        param_dtype: FSDP2 compute dtype for gathered parameters (None = the parameters' own).
+    """
+    if mesh.get("tp") is not None or mesh.get("pp") is not None:
+        raise ValueError("parallel.tp / parallel.pp > 1: tensor and pipeline parallelism are not available in "
+                         "this version; set them to 1 and use parallel.dp_shard / dp_replicate")
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        for block in model.layers.values():
+            block.compile()
+    if (fsdp_mesh := mesh.get("fsdp")) is not None:
+        return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype)
+    if (dp_mesh := mesh.get("dp")) is not None:
+        return apply_ddp(model, dp_mesh, device)
+    return model

@@ -1,0 +1,62 @@
+"""`meshtune validate`: check a config against a world size and estimate per-rank memory, without training.
+
+The model is built on the meta device (no memory, any size), the degrees are resolved against the world
+size, and the batch split is checked. Memory per rank, fp32 master weights with AdamW:
+    parameters 4 B, gradients 4 B, optimizer state 8 B per parameter, divided by the sharding degree
+    activations per micro-batch ~ layers * tokens * dim * (34 + 5 * heads * seq / dim) bytes in 16-bit
+    (Korthikanti et al. 2022), doubled for fp32; with checkpointing only each block's input is kept.
+"""
+
+from __future__ import annotations
+
+from meshtune.config import Config, ConfigError
+from meshtune.data import build_tokenizer
+from meshtune.models import build_model
+from meshtune.runtime.mesh import AXES, ParallelDims
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def describe_plan(cfg: Config, world_size: int) -> str:
+    """A short report of the layout and per-rank memory; raises ConfigError for an impossible plan."""
+    if world_size < 1:
+        raise ConfigError(f"--world-size: must be >= 1, got {world_size}")
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    try:
+        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp).resolve(world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if dims.tp > 1 or dims.pp > 1:
+        raise ConfigError("parallel.tp / parallel.pp > 1: tensor and pipeline parallelism are not available in "
+                          "this version; set them to 1")
+    if t.global_batch_size % (t.micro_batch_size * dims.dp):
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree {dims.dp}; "
+                          f"use a multiple of {t.micro_batch_size * dims.dp}")
+    accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
+    tok = build_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer == "byte" else None
+    vocab = m.vocab_size or (-(-tok.vocab_size // 8) * 8 if tok else 0)
+    if not vocab:
+        raise ConfigError("model.vocab_size: set it explicitly to validate a plan with an HF tokenizer file")
+    model = build_model(m, vocab, device="meta")
+    n = model.num_params()
+    shard = dims.dp_shard
+    state = n * (4 + 4 + 8) / shard
+    seq, dim = cfg.data.seq_len, m.dim
+    bytes_per_elem = 2 if t.dtype == "bf16" else 4
+    per_layer = t.micro_batch_size * seq * dim * (34 + 5 * m.n_heads * seq / dim) / 2 * bytes_per_elem
+    if p.activation_checkpointing:
+        act = m.n_layers * t.micro_batch_size * seq * dim * bytes_per_elem + per_layer
+    else:
+        act = m.n_layers * per_layer
+    lines = [f"layout: {' x '.join(f'{a}={getattr(dims, a)}' for a in AXES)} = {world_size} ranks "
+             f"({dims.dp_mode})",
+             f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dims.dp} x accumulation "
+             f"{accum}; {t.global_batch_size * seq:,} tokens per step",
+             f"model: {n:,} parameters ({model.num_params(exclude_embeddings=True):,} without embeddings)",
+             f"per rank: {n // shard:,} parameters; parameters {_gb(4 * n / shard)}, gradients "
+             f"{_gb(4 * n / shard)}, AdamW state {_gb(8 * n / shard)}, activations ~{_gb(act)}; "
+             f"total ~{_gb(state + act)}"]
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""Assemble a run from its config and start it: what `meshtune train` does on every rank.
+
+    config -> DistEnv -> ParallelDims.resolve(world) -> ParallelMesh -> tokenizer, datasets, sampler
+           -> model (device or meta) -> parallelize -> AdamW + schedule -> resume -> Trainer.fit()
+
+Usable in-process too (tests, notebooks): `train(cfg)` joins an existing process group if there is one.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from meshtune.config import Config, ConfigError, dump_yaml, to_dict
+from meshtune.data import StepSampler, build_datasets, build_tokenizer
+from meshtune.models import build_model
+from meshtune.runtime.checkpoint import Checkpointer, load_model_weights
+from meshtune.runtime.env import DistEnv
+from meshtune.runtime.mesh import ParallelDims, ParallelMesh
+from meshtune.runtime.metrics import Metrics
+from meshtune.runtime.parallelize import parallelize
+from meshtune.runtime.trainer import Trainer, lr_lambda
+
+
+def build_mesh(cfg: Config, env: DistEnv) -> ParallelMesh:
+    p = cfg.parallel
+    try:
+        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp).resolve(env.world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return ParallelMesh(dims, env.device.type, env.rank)
+
+
+def vocab_size(cfg: Config, tokenizer) -> int:
+    if cfg.model.vocab_size == 0:
+        return -(-tokenizer.vocab_size // 8) * 8  # a multiple of 8 keeps matmuls aligned
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size}; set 0 to use the tokenizer's size")
+    return cfg.model.vocab_size
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config):
+    """AdamW without weight decay on norms and biases (1-D parameters), plus the LR schedule."""
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps)
+    fn = partial(lr_lambda, warmup=o.warmup_steps, total=cfg.train.steps, schedule=o.schedule,
+                 min_ratio=o.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
+    """Everything a run needs, built and (when a checkpoint exists) restored; call `.fit()` to train."""
+    env = env or DistEnv.from_environ()
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    env.init_process_group(cfg.parallel.timeout_s)
+    mesh = build_mesh(cfg, env)
+    seed = cfg.train.seed
+    torch.manual_seed(seed)  # the same initial weights on every rank
+
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed)
+    sampler = StepSampler(len(train_ds), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                          mesh.dp_rank, mesh.dp_size, seed, cfg.data.shuffle)
+
+    meta = cfg.model.init_device == "meta"
+    if meta and mesh.get("fsdp") is None:
+        raise ConfigError("model.init_device: meta needs a sharded model (parallel.dp_shard > 1); use auto")
+    model = build_model(cfg.model, vocab_size(cfg, tokenizer), device="meta" if meta else env.device)
+    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and env.device.type == "cuda")
+    model = parallelize(model, mesh, cfg.parallel, env.device, torch.bfloat16 if bf16 else None)
+    if meta:
+        model.to_empty(device=env.device)
+        model.init_weights()
+    if cfg.init_from:
+        load_model_weights(model, cfg.init_from)
+    optimizer, scheduler = build_optimizer(model, cfg)
+
+    checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last)
+    resume = cfg.checkpoint.resume
+    path = checkpointer.latest() if resume == "auto" else None if resume == "never" else Path(resume)
+    step = 0
+    if path is not None:
+        state = checkpointer.load(path, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+        if env.is_main:
+            print(f"meshtune: resumed from {path} at step {step}", flush=True)
+    if env.is_main:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))
+    metrics = Metrics(cfg.metrics, cfg.run_dir, env.is_main, cfg.train.steps, config_dict=to_dict(cfg),
+                      start_step=step)
+    return Trainer(cfg, mesh, env.device, model, optimizer, scheduler, train_ds, eval_ds, sampler,
+                   checkpointer, metrics, step=step)
+
+
+def train(cfg: Config, env: DistEnv | None = None) -> dict:
+    """Build and run; returns the trainer's summary (final step, metric history, last evaluation)."""
+    return build_trainer(cfg, env).fit()

@@ -1,0 +1,162 @@
+"""The one training loop. Recipes change the model and hook into this loop; they never copy it.
+
+Each optimizer step:
+    micro-batches of this rank (StepSampler)  -> count valid tokens over dp (one all-reduce)
+    for each micro-batch: forward -> summed token loss * dp / global tokens -> backward
+        (the data-parallel gradient reduction runs only on the last micro-batch)
+    clip the global gradient norm -> AdamW step -> LR schedule step
+Every `train.eval_every` steps: loss and exact-match accuracy on the evaluation split; every
+`checkpoint.every` steps: an atomic distributed checkpoint; every `train.log_every` steps: a metrics line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from meshtune.config import Config
+from meshtune.data import StepSampler, collate, eval_batches, exact_match
+from meshtune.runtime.checkpoint import Checkpointer
+from meshtune.runtime.grads import IGNORE_INDEX, clip_grad_norm_, count_tokens, maybe_no_sync, summed_loss
+from meshtune.runtime.mesh import ParallelMesh
+from meshtune.runtime.metrics import Metrics, peak_memory_gb
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at `total` (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Runs `cfg.train.steps` optimizer steps of `model` on `train_ds`, resumable from checkpoints."""
+
+    def __init__(self, cfg: Config, mesh: ParallelMesh, device: torch.device, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler, train_ds, eval_ds, sampler: StepSampler,
+                 checkpointer: Checkpointer, metrics: Metrics, step: int = 0):
+        self.cfg, self.mesh, self.device = cfg, mesh, device
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_ds, self.eval_ds, self.sampler = train_ds, eval_ds, sampler
+        self.checkpointer, self.metrics = checkpointer, metrics
+        self.step = step
+        dp = mesh.get("dp")
+        self.dp_group = dp.get_group() if dp is not None else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+        # FSDP2 casts parameters itself (MixedPrecisionPolicy); everything else uses autocast
+        self.autocast = bf16 and mesh.get("fsdp") is None
+        self.history: list[dict] = []
+
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over this rank's micro-batches; returns (loss sum, global tokens, grad norm)."""
+        self.model.train()
+        tokens = count_tokens([mb["labels"] for mb in micro_batches], self.dp_group)
+        scale = self.mesh.dp_size / tokens.clamp(min=1).item()
+        loss_sum = torch.zeros((), device=self.device)
+        for i, mb in enumerate(micro_batches):
+            labels = mb["labels"].to(self.device, non_blocking=True)
+            with maybe_no_sync(self.model, skip_sync=i < len(micro_batches) - 1), self._autocast():
+                loss = summed_loss(self.model(mb["input_ids"].to(self.device, non_blocking=True)), labels)
+                (loss * scale).backward()
+            loss_sum += loss.detach()
+        norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, tokens, norm
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dp_group is not None:
+            dist.all_reduce(t, group=self.dp_group)
+        return t
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token loss and teacher-forced exact-match accuracy on the evaluation split, over all dp ranks.
+
+        Every rank runs the same number of forwards (FSDP gathers parameters collectively), so ranks whose
+        share runs out evaluate a fully masked batch that counts nothing."""
+        self.model.eval()
+        batches = eval_batches(len(self.eval_ds), self.cfg.train.micro_batch_size, self.mesh.dp_rank,
+                               self.mesh.dp_size)
+        if self.cfg.train.eval_batches:
+            batches = batches[: self.cfg.train.eval_batches]
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, tokens, correct, sequences
+        for idx in batches:
+            batch = collate([self.eval_ds[i] for i in idx] or [self.eval_ds[0]])
+            labels = batch["labels"].to(self.device)
+            if not idx:
+                labels.fill_(IGNORE_INDEX)
+            with self._autocast():
+                logits = self.model(batch["input_ids"].to(self.device))
+            correct, valid = exact_match(logits, labels)
+            totals += torch.stack([summed_loss(logits, labels).double(), (labels != IGNORE_INDEX).sum().double(),
+                                   (correct & valid).sum().double(), valid.sum().double()])
+        loss, ntok, correct, nseq = self._reduce(totals).tolist()
+        return {"eval_loss": loss / max(ntok, 1), "eval_accuracy": correct / max(nseq, 1)}
+
+    def save(self) -> None:
+        meta = {"scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                "layout": self.mesh.describe()}
+        self.checkpointer.save(self.step, self.model, self.optimizer, meta)
+
+    def fit(self) -> dict:
+        """Train to `train.steps` (or `train.stop_after`), evaluating, logging and checkpointing on schedule.
+
+        Returns:
+            The final step, the metric history and the last evaluation.
+        """
+        t, c = self.cfg.train, self.cfg.checkpoint
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
+        last_eval = None
+        last_save = self.step if self.step else None  # a resumed run starts from that checkpoint
+        window_start, window_steps = time.perf_counter(), 0
+        end = min(t.steps, t.stop_after) if t.stop_after else t.steps
+        while self.step < end:
+            micro = [collate([self.train_ds[i] for i in idx]) for idx in self.sampler.next_step()]
+            loss_sum, tokens, norm = self.train_step(micro)
+            self.step += 1
+            window_steps += 1
+            self.metrics.advance()
+            if self.step % t.log_every == 0 or self.step == end:
+                loss = self._reduce(loss_sum.double()).item() / max(tokens.item(), 1)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"step {self.step}: loss is {loss}; lower optim.lr or check the data")
+                elapsed = (time.perf_counter() - window_start) / window_steps
+                record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                          "grad_norm": norm, "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
+                          "mem_gb": round(peak_memory_gb(self.device), 3)}
+                self.history.append(record)
+                self.metrics.log(record)
+                window_start, window_steps = time.perf_counter(), 0
+            if t.eval_every and self.step % t.eval_every == 0:
+                self._log_eval()
+                last_eval = self.step
+            if c.every and self.step % c.every == 0:
+                self.save()
+                last_save = self.step
+        if last_eval != self.step:
+            self._log_eval()
+        if (c.save_final or end < t.steps) and last_save != self.step:
+            self.save()
+        self.metrics.close()
+        evals = [r for r in self.history if "eval_loss" in r]
+        return {"step": self.step, "history": self.history, "final_eval": evals[-1] if evals else None}
+
+    def _log_eval(self) -> None:
+        record = {"step": self.step, **self.evaluate()}
+        self.history.append(record)
+        self.metrics.log(record)
