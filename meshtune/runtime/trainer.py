@@ -60,8 +60,8 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step over this rank's micro-batches; returns (loss sum, global tokens, grad norm)."""
+    def forward_backward(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate this step's gradients; returns (this rank's summed token loss, global valid tokens)."""
         self.model.train()
         tokens = count_tokens([mb["labels"] for mb in micro_batches], self.dp_group)
         scale = self.mesh.dp_size / tokens.clamp(min=1).item()
@@ -72,11 +72,25 @@ class Trainer:
                 loss = summed_loss(self.model(mb["input_ids"].to(self.device, non_blocking=True)), labels)
                 (loss * scale).backward()
             loss_sum += loss.detach()
+        return loss_sum, tokens
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over this rank's micro-batches; returns (loss sum, global tokens, grad norm)."""
+        loss_sum, tokens = self.forward_backward(micro_batches)
         norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
         return loss_sum, tokens, norm
+
+    def next_micro_batches(self) -> list[dict]:
+        """This rank's collated micro-batches for the next optimizer step (advances the sampler)."""
+        return [collate([self.train_ds[i] for i in idx]) for idx in self.sampler.next_step()]
+
+    def mean_loss(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> float:
+        """The step's mean token loss over all dp ranks (a collective: call it on every rank)."""
+        return self._reduce(loss_sum.double()).item() / max(tokens.item(), 1)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp_group is not None:
@@ -126,13 +140,11 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         end = min(t.steps, t.stop_after) if t.stop_after else t.steps
         while self.step < end:
-            micro = [collate([self.train_ds[i] for i in idx]) for idx in self.sampler.next_step()]
-            loss_sum, tokens, norm = self.train_step(micro)
-            self.step += 1
+            loss_sum, tokens, norm = self.train_step(self.next_micro_batches())
             window_steps += 1
             self.metrics.advance()
             if self.step % t.log_every == 0 or self.step == end:
-                loss = self._reduce(loss_sum.double()).item() / max(tokens.item(), 1)
+                loss = self.mean_loss(loss_sum, tokens)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"step {self.step}: loss is {loss}; lower optim.lr or check the data")
                 elapsed = (time.perf_counter() - window_start) / window_steps

@@ -1,0 +1,94 @@
+"""Checkpoint commit, retention and loading from outside, in one process (world size 1)."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from meshtune.runtime.checkpoint import complete_checkpoints, load_model_weights, save_model_weights
+from meshtune.runtime.env import DistEnv
+from meshtune.runtime.run import build_trainer
+from tests.distributed.cases import full_params, max_diff, step_losses, tiny_config
+
+
+def _trainer(run_dir, *overrides):
+    return build_trainer(tiny_config(str(run_dir), "parallel.dp_shard=1", *overrides), DistEnv())
+
+
+def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path)
+    step_losses(trainer, 2)
+    trainer.save()
+    good = tmp_path / "checkpoints" / "step_000002"
+    step_losses(trainer, 2)
+
+    import meshtune.runtime.checkpoint as ckpt
+
+    def crash(state, checkpoint_id):
+        (ckpt.Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.dcp, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    root = tmp_path / "checkpoints"
+    assert (root / "step_000004.tmp").is_dir()  # the half-written attempt is left aside...
+    assert complete_checkpoints(root) == [good]  # ...and never picked on resume
+    resumed = _trainer(tmp_path, "checkpoint.resume=auto")
+    assert resumed.step == 2
+
+    monkeypatch.undo()
+    step_losses(resumed, 2)
+    resumed.save()
+    assert not list(root.glob("*.tmp"))  # a later good save clears it
+    assert [p.name for p in complete_checkpoints(root)] == ["step_000002", "step_000004"]
+
+
+def test_keep_last_retention(tmp_path):
+    trainer = _trainer(tmp_path, "checkpoint.keep_last=2")
+    for _ in range(4):
+        step_losses(trainer, 1)
+        trainer.save()
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_000003", "step_000004"]
+
+
+def test_fit_writes_run_dir_and_resumes(tmp_path):
+    run = _trainer(tmp_path, "train.steps=4", "checkpoint.every=2", "train.stop_after=3").fit()
+    assert run["step"] == 3
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.jsonl").is_file()
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_000002", "step_000003"]
+    rest = _trainer(tmp_path, "train.steps=4", "checkpoint.every=2", "checkpoint.resume=auto")
+    assert rest.step == 3
+    assert rest.fit()["step"] == 4
+
+
+def test_safetensors_round_trip_and_init_from(tmp_path):
+    trainer = _trainer(tmp_path / "a")
+    step_losses(trainer, 2)
+    path = tmp_path / "model.safetensors"
+    save_model_weights(trainer.model, path, rank=0)
+    fresh = _trainer(tmp_path / "b", f"init_from={path}")
+    assert max_diff(full_params(fresh.model), full_params(trainer.model)) == 0.0
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    evil = tmp_path / "model.pt"
+    with evil.open("wb") as f:
+        pickle.dump({"tok_embeddings.weight": _Evil()}, f, protocol=2)
+    trainer = _trainer(tmp_path / "run")
+    with pytest.raises(ValueError, match="never arbitrary pickles"):
+        load_model_weights(trainer.model, evil)
+
+
+def test_mismatched_weights_name_the_field(tmp_path):
+    trainer = _trainer(tmp_path / "run")
+    bad = tmp_path / "small.pt"
+    torch.save({"tok_embeddings.weight": torch.zeros(3, 3)}, bad)
+    with pytest.raises(ValueError, match="init_from"):
+        load_model_weights(trainer.model, bad)
