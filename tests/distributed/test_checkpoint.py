@@ -34,7 +34,7 @@ def test_reshard_fsdp_to_ddp(rank_pool, tmp_path):
     """Saved with dp_shard=2, resumed with DDP (dp_replicate=2): DCP reshards params and AdamW state."""
     for r in rank_pool(2).run(interrupted_vs_uninterrupted, str(tmp_path), layout(1, 2, 4), layout(2, 1, 4), 6, 3):
         assert r["start"] == 3
-        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"])) < 1e-5, r
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < 1e-5, r
         assert r["param_diff"] < 1e-5, r
 
 

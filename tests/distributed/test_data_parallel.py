@@ -65,7 +65,7 @@ def test_training_matches_single_process(rank_pool, tmp_path, dp_replicate, dp_s
     results = rank_pool(2).run(loss_curve_vs_reference, str(tmp_path), dp_replicate, dp_shard, 2, 5)
     for r in results:
         assert r["losses"][-1] < r["losses"][0]
-        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"])) < TOL, r
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
         assert r["param_diff"] < 1e-4, r
     assert results[0]["losses"] == results[1]["losses"]  # every rank reports the same global loss
 
