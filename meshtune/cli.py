@@ -71,7 +71,14 @@ def _split_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may follow options (`launch CFG --nproc-per-node 2 k=v`): collect them from the leftovers
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return _run(args)
     except ConfigError as e:
@@ -99,6 +106,10 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.nproc_per_node < 1:
             raise ConfigError(f"--nproc-per-node: must be >= 1, got {args.nproc_per_node}")
+        if not args.dry_run:  # catch layout, task and tokenizer errors once here, not on every rank
+            from meshtune.runtime.plan import describe_plan
+
+            describe_plan(cfg, args.nproc_per_node)
         config_path = str(C.resolve_config_path(args.config))
         return launch(config_path, overrides, args.nproc_per_node, args.dry_run, args.max_restarts)
     if args.command == "validate":

@@ -302,9 +302,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, value = _parse_override(text)
         node = data
         for part in path[:-1]:
-            if not isinstance(node.get(part, {}), dict):
+            child = node.get(part)
+            if child is None:  # absent, or an empty section (`model:` in YAML)
+                child = node[part] = {}
+            elif not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: '{part}' is a value, not a section")
-            node = node.setdefault(part, {})
+            node = child
         node[path[-1]] = value
     return data
 
@@ -378,7 +381,8 @@ def validate(cfg: Config) -> None:
     need(c.keep_last >= 1, f"checkpoint.keep_last: must be >= 1 so the newest checkpoint is kept, got {c.keep_last}")
     need(o.lr > 0, f"optim.lr: must be positive, got {o.lr}")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
-    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2: must be in [0, 1), got {o.beta1}, {o.beta2}")
+    need(0 <= o.beta1 < 1, f"optim.beta1: must be in [0, 1), got {o.beta1}")
+    need(0 <= o.beta2 < 1, f"optim.beta2: must be in [0, 1), got {o.beta2}")
     need(m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}")
     need((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads must be even for rotary embeddings, got "
          f"{m.dim // m.n_heads}; change model.dim or model.n_heads")
@@ -397,6 +401,9 @@ def validate(cfg: Config) -> None:
     if c.resume not in ("auto", "never"):
         need(Path(c.resume).exists(), f"checkpoint.resume: {c.resume} does not exist; give auto, never or a "
              "checkpoint directory")
+    for key, value in [("data.train_path", d.train_path), ("data.eval_path", d.eval_path),
+                       ("data.tokenizer", "" if d.tokenizer == "byte" else d.tokenizer)]:
+        need(not value or Path(value).is_file(), f"{key}: file {value} not found; give the path of a local file")
     if cfg.init_from:
         need(Path(cfg.init_from).exists(), f"init_from: {cfg.init_from} does not exist; give a .safetensors "
              "file or a checkpoint directory")

@@ -10,9 +10,10 @@ size, and the batch split is checked. Memory per rank, fp32 master weights with 
 from __future__ import annotations
 
 from meshtune.config import Config, ConfigError
-from meshtune.data import build_tokenizer
+from meshtune.data import build_tokenizer, get_task
 from meshtune.models import build_model
 from meshtune.runtime.mesh import AXES, ParallelDims
+from meshtune.runtime.run import vocab_size
 
 
 def _gb(n: float) -> str:
@@ -36,11 +37,9 @@ def describe_plan(cfg: Config, world_size: int) -> str:
                           f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree {dims.dp}; "
                           f"use a multiple of {t.micro_batch_size * dims.dp}")
     accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
-    tok = build_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer == "byte" else None
-    vocab = m.vocab_size or (-(-tok.vocab_size // 8) * 8 if tok else 0)
-    if not vocab:
-        raise ConfigError("model.vocab_size: set it explicitly to validate a plan with an HF tokenizer file")
-    model = build_model(m, vocab, device="meta")
+    if cfg.data.task:
+        get_task(cfg.data.task)
+    model = build_model(m, vocab_size(cfg, build_tokenizer(cfg.data.tokenizer)), device="meta")
     n = model.num_params()
     shard = dims.dp_shard
     state = n * (4 + 4 + 8) / shard
