@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def _start_wandb(cfg: MetricsConfig, run_dir: Path, config_dict: dict):
     else:
         mode = os.environ.get("WANDB_MODE", "online")
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     return wandb.init(project=cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow", mode=mode,
                       dir=str(run_dir), config=config_dict)

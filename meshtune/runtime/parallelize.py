@@ -10,8 +10,11 @@ base layers they belong to.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from meshtune.config import ParallelConfig
 from meshtune.runtime.data_parallel import apply_ddp, apply_fsdp
@@ -19,12 +22,14 @@ from meshtune.runtime.mesh import ParallelMesh
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward instead of keeping them."""
-    # the wrapper's module path is private; this is the one place meshtune touches it
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    """Recompute each block's activations in backward instead of keeping them.
 
-    for name, block in list(model.layers.items()):
-        model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+    The block's own `forward` is replaced by a checkpointed call of it, rather than wrapping the block in
+    another module, so parameter names (and so checkpoints and recipes' name patterns) do not change.
+    """
+    for block in model.layers.values():
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.activation_checkpointing = True
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device: torch.device,

@@ -92,3 +92,45 @@ def test_fsdp_shards_parameters_and_optimizer_state(rank_pool, tmp_path):
     for r in rank_pool(2).run(fsdp_shards_state, str(tmp_path)):
         assert abs(r["param_fraction"] - 0.5) < 0.05, r
         assert abs(r["optim_fraction"] - 0.5) < 0.05, r
+
+
+def test_activation_checkpointing_keeps_gradients(rank_pool, tmp_path):
+    """Recomputing activations in backward must not change the gradients (FSDP2 + checkpointed blocks)."""
+    results = rank_pool(2).run(grads_vs_reference_with, str(tmp_path), ["parallel.activation_checkpointing=true"])
+    for r in results:
+        assert r["wrapped"] == 2  # both blocks really were wrapped
+        assert r["grad_diff"] < TOL, r
+
+
+def grads_vs_reference_with(run_dir, extra):
+    from meshtune.runtime.run import build_trainer
+
+    cfg = tiny_config(run_dir, *layout(1, 2, 2), *extra)
+    ref = reference_trainer(tiny_config(run_dir, *layout(1, 2, 2)))
+    ref.forward_backward(ref.next_micro_batches())
+    trainer = build_trainer(cfg)
+    trainer.forward_backward(trainer.next_micro_batches())
+    wrapped = sum(getattr(b, "activation_checkpointing", False) for b in trainer.model.layers.values())
+    return {"grad_diff": max_diff(full_grads(trainer.model), full_grads(ref.model)), "wrapped": wrapped}
+
+
+def wandb_one_run_per_job(run_dir):
+    import os
+
+    os.environ.pop("WANDB_API_KEY", None)
+    os.environ.pop("WANDB_MODE", None)
+    from meshtune.runtime.run import build_trainer
+
+    trainer = build_trainer(tiny_config(run_dir, *layout(2, 1, 4), "metrics.wandb=true", "train.steps=2"))
+    trainer.fit()
+    return trainer.mesh.rank
+
+
+def test_wandb_offline_one_run_per_job(rank_pool, tmp_path):
+    """metrics.wandb without an API key logs offline into the run dir, once per job (rank 0), not per rank."""
+    pytest.importorskip("wandb")
+    rank_pool(2).run(wandb_one_run_per_job, str(tmp_path))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert any(runs[0].rglob("*.wandb"))  # the run's log was written
+    assert (tmp_path / "wandb_id").read_text().strip() in runs[0].name
