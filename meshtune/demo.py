@@ -1,6 +1,6 @@
 """`meshtune demo`: the bundled end-to-end demo on 2 CPU ranks, a few minutes from a fresh install.
 
-Stage 1 trains the tiny decoder on the `reverse` task with FSDP2 (dp_shard=2) through `meshtune launch`
+Stage 1 trains the tiny decoder on the `sort` task with FSDP2 (dp_shard=2) through `meshtune launch`
 and stops half-way, as a preempted job would. Stage 2 resumes that checkpoint under a different layout
 (DDP: dp_replicate=2), which DCP reshards on load, and trains to the end. The table shows loss and exact-
 match accuracy rising across both stages; later recipes add their own stages.
@@ -26,7 +26,7 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 
 def run_demo(run_root: str = "runs/demo", nproc: int = 2) -> int:
     config = str(bundled_configs_dir() / f"{CONFIG}.yaml")
-    run_dir = Path(run_root) / "reverse"
+    run_dir = Path(run_root) / "sort"
     shutil.rmtree(run_dir, ignore_errors=True)
     steps, half = 300, 150
     common = [f"run_dir={run_dir}", f"train.steps={steps}", "train.eval_every=50", "checkpoint.every=50",
