@@ -3,8 +3,9 @@
 The model is built on the meta device (no memory, any size), the degrees are resolved against the world
 size, and the batch split is checked. Memory per rank, fp32 master weights with AdamW:
     parameters 4 B, gradients 4 B, optimizer state 8 B per parameter, divided by the sharding degree
-    activations per micro-batch ~ layers * tokens * dim * (34 + 5 * heads * seq / dim) bytes in 16-bit
-    (Korthikanti et al. 2022), doubled for fp32; with checkpointing only each block's input is kept.
+    activations per micro-batch ~ 34 * layers * tokens * dim bytes in 16-bit (Korthikanti et al. 2022, with
+    fused scaled-dot-product attention, which stores no score matrix), doubled for fp32; with activation
+    checkpointing each block keeps only its input, plus one block's full activations during recompute.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def describe_plan(cfg: Config, world_size: int) -> str:
     shard = dims.dp_shard
     state = n * (4 + 4 + 8) / shard
     seq, dim = cfg.data.seq_len, m.dim
-    bytes_per_elem = 2 if t.dtype == "bf16" else 4
-    per_layer = t.micro_batch_size * seq * dim * (34 + 5 * m.n_heads * seq / dim) / 2 * bytes_per_elem
+    bytes_per_elem = 4 if t.dtype == "fp32" else 2  # auto = bf16 on the GPUs a plan is made for
+    per_layer = t.micro_batch_size * seq * dim * 34 / 2 * bytes_per_elem
     if p.activation_checkpointing:
         act = m.n_layers * t.micro_batch_size * seq * dim * bytes_per_elem + per_layer
     else:
@@ -56,6 +57,7 @@ def describe_plan(cfg: Config, world_size: int) -> str:
              f"{accum}; {t.global_batch_size * seq:,} tokens per step",
              f"model: {n:,} parameters ({model.num_params(exclude_embeddings=True):,} without embeddings)",
              f"per rank: {n // shard:,} parameters; parameters {_gb(4 * n / shard)}, gradients "
-             f"{_gb(4 * n / shard)}, AdamW state {_gb(8 * n / shard)}, activations ~{_gb(act)}; "
+             f"{_gb(4 * n / shard)}, AdamW state {_gb(8 * n / shard)}, activations ~{_gb(act)} "
+             f"({'fp32' if bytes_per_elem == 4 else 'bf16'}); "
              f"total ~{_gb(state + act)}"]
     return "\n".join(lines)
