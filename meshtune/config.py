@@ -150,7 +150,8 @@ class TrainConfig:
     log_every: int = 10
     """Write a metrics line every this many steps."""
     deterministic: bool = True
-    """Use deterministic algorithms so a resumed run repeats an uninterrupted one bitwise."""
+    """Use deterministic CUDA algorithms so a resumed run repeats an uninterrupted one bitwise (CPU kernels
+    already are)."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,7 +33,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from meshtune.config import ConfigError
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# DCP warns on every save/load without a process group; one process is a normal way to run here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _barrier() -> None:
@@ -110,16 +115,29 @@ class Checkpointer:
         """Restore `model` and `optimizer` from `path` (any layout) and return its meta.json contents."""
         path = Path(path)
         if not (path / "meta.json").is_file():
-            raise ValueError(f"checkpoint.resume: {path} is not a complete meshtune checkpoint (no meta.json); "
-                             "give a step_N folder or use resume=auto")
+            raise ConfigError(f"checkpoint.resume: {path} is not a complete meshtune checkpoint (no meta.json); "
+                              "give a step_N folder or use resume=auto")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
+            first = _first_failure(e)
+            raise ConfigError(f"checkpoint.resume: {path} does not fit this model ({first}); resume with the "
+                              "model config it was saved with, or use a new run_dir / checkpoint.resume=never") from e
         rng_file = path / "rng" / f"rank{self.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
         return json.loads((path / "meta.json").read_text())
+
+
+def _first_failure(e: BaseException) -> str:
+    """The underlying error of a DCP CheckpointException (which wraps each rank's), as one short line."""
+    if isinstance(e, dcp.CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    lines = str(e).strip().splitlines()
+    return (lines[-1] if lines else type(e).__name__)[:200]
 
 
 def load_model_weights(model, path: str | Path) -> None:
@@ -139,14 +157,14 @@ def load_model_weights(model, path: str | Path) -> None:
         try:
             full = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError for pickles with code in them
-            raise ValueError(f"init_from: {path} is not a plain tensor file ({type(e).__name__}); meshtune loads "
+            raise ConfigError(f"init_from: {path} is not a plain tensor file ({type(e).__name__}); meshtune loads "
                              "only safetensors or weights_only torch files, never arbitrary pickles") from None
     options = StateDictOptions(full_state_dict=True, strict=True)
     try:
         set_model_state_dict(model, full, options=options)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise ValueError(f"init_from: {path} does not match the model ({first}); check model.* sizes") from None
+        raise ConfigError(f"init_from: {path} does not match the model ({first}); check model.* sizes") from None
 
 
 def save_model_weights(model, path: str | Path, rank: int) -> None:

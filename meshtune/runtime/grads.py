@@ -39,10 +39,12 @@ def maybe_no_sync(model: torch.nn.Module, skip_sync: bool):
         yield
 
 
-def count_tokens(labels: list[torch.Tensor], dp_group=None) -> torch.Tensor:
-    """Valid (non-ignored) label tokens in this step's micro-batches, summed over the dp group."""
+def count_tokens(labels: list[torch.Tensor], dp_group=None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Valid (non-ignored) label tokens in this step's micro-batches, summed over the dp group.
+
+    `device` must be one the group's backend can reduce on (NCCL: the rank's GPU)."""
     n = sum(int((lab != IGNORE_INDEX).sum()) for lab in labels)
-    total = torch.tensor(float(n), dtype=torch.float64)
+    total = torch.tensor(float(n), dtype=torch.float64, device=device)
     if dp_group is not None:
         dist.all_reduce(total, group=dp_group)
     return total

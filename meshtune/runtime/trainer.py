@@ -26,6 +26,11 @@ from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.metrics import Metrics, peak_memory_gb
 
 
+def use_bf16(dtype: str, device: torch.device) -> bool:
+    """`train.dtype`: auto = bf16 on GPU, fp32 on CPU (CPU bf16 autocast is many times slower)."""
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to `min_ratio` at `total` (or constant)."""
     if step < warmup:
@@ -50,9 +55,8 @@ class Trainer:
         dp = mesh.get("dp")
         self.dp_group = dp.get_group() if dp is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
-        bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
         # FSDP2 casts parameters itself (MixedPrecisionPolicy); everything else uses autocast
-        self.autocast = bf16 and mesh.get("fsdp") is None
+        self.autocast = use_bf16(cfg.train.dtype, device) and mesh.get("fsdp") is None
         self.history: list[dict] = []
 
     def _autocast(self):
@@ -63,13 +67,16 @@ class Trainer:
     def forward_backward(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate this step's gradients; returns (this rank's summed token loss, global valid tokens)."""
         self.model.train()
-        tokens = count_tokens([mb["labels"] for mb in micro_batches], self.dp_group)
+        tokens = count_tokens([mb["labels"] for mb in micro_batches], self.dp_group, self.device)
         scale = self.mesh.dp_size / tokens.clamp(min=1).item()
         loss_sum = torch.zeros((), device=self.device)
         for i, mb in enumerate(micro_batches):
             labels = mb["labels"].to(self.device, non_blocking=True)
-            with maybe_no_sync(self.model, skip_sync=i < len(micro_batches) - 1), self._autocast():
-                loss = summed_loss(self.model(mb["input_ids"].to(self.device, non_blocking=True)), labels)
+            # DDP's no_sync must cover forward and backward; autocast only the forward
+            with maybe_no_sync(self.model, skip_sync=i < len(micro_batches) - 1):
+                with self._autocast():
+                    logits = self.model(mb["input_ids"].to(self.device, non_blocking=True))
+                loss = summed_loss(logits, labels)
                 (loss * scale).backward()
             loss_sum += loss.detach()
         return loss_sum, tokens

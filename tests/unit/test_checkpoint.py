@@ -25,7 +25,7 @@ def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     import meshtune.runtime.checkpoint as ckpt
 
-    def crash(state, checkpoint_id):
+    def crash(state, checkpoint_id, **kwargs):
         (ckpt.Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
         raise OSError("disk full")
 
@@ -92,3 +92,14 @@ def test_mismatched_weights_name_the_field(tmp_path):
     torch.save({"tok_embeddings.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(ValueError, match="init_from"):
         load_model_weights(trainer.model, bad)
+
+
+def test_resume_into_a_different_model_is_a_clear_error(tmp_path):
+    from meshtune.config import ConfigError
+
+    trainer = _trainer(tmp_path)
+    step_losses(trainer, 1)
+    trainer.save()
+    with pytest.raises(ConfigError, match="checkpoint.resume: .* does not fit this model"):
+        _trainer(tmp_path, "checkpoint.resume=auto", "model.dim=64")
+    assert complete_checkpoints(tmp_path / "checkpoints")  # the failed resume touched nothing
