@@ -11,7 +11,7 @@ size, and the batch split is checked. Memory per rank, fp32 master weights with 
 from __future__ import annotations
 
 from meshtune.config import Config, ConfigError
-from meshtune.data import build_tokenizer, get_task
+from meshtune.data import build_tokenizer, get_task, load_records
 from meshtune.models import build_model
 from meshtune.runtime.mesh import AXES, ParallelDims
 from meshtune.runtime.run import vocab_size
@@ -40,6 +40,10 @@ def describe_plan(cfg: Config, world_size: int) -> str:
     accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
     if cfg.data.task:
         get_task(cfg.data.task)
+    data_lines = []
+    for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
+        if path:  # parse once here, so a malformed line is reported before any rank starts
+            data_lines.append(f"{key}: {len(load_records(path, key)):,} records in {path}")
     model = build_model(m, vocab_size(cfg, build_tokenizer(cfg.data.tokenizer)), device="meta")
     n = model.num_params()
     shard = dims.dp_shard
@@ -60,4 +64,4 @@ def describe_plan(cfg: Config, world_size: int) -> str:
              f"{_gb(4 * n / shard)}, AdamW state {_gb(8 * n / shard)}, activations ~{_gb(act)} "
              f"({'fp32' if bytes_per_elem == 4 else 'bf16'}); "
              f"total ~{_gb(state + act)}"]
-    return "\n".join(lines)
+    return "\n".join(lines + data_lines)

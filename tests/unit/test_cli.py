@@ -201,3 +201,13 @@ def test_unknown_option_or_argument_exits_2(argv):
     result = meshtune(*argv)
     assert result.returncode == 2
     assert "unrecognized arguments" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_launch_reports_a_malformed_data_line_before_starting_ranks(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a" "response": "b"}\n')
+    result = meshtune("launch", TINY, "--nproc-per-node", "2", "data.task=", f"data.train_path={data}",
+                      f"run_dir={tmp_path / 'run'}")
+    message = assert_config_error(result, "data.train_path")
+    assert f"{data} line 2" in message
+    assert not (tmp_path / "run").exists()  # no rank ever started
