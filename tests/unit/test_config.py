@@ -43,7 +43,7 @@ def test_defaults_load_once_a_data_source_is_chosen():
 
 def test_bundled_tiny_values_and_defaults_for_the_rest():
     cfg = load_config(TINY)
-    assert (cfg.model.dim, cfg.model.n_kv_heads, cfg.data.task, cfg.train.steps) == (128, 2, "reverse", 300)
+    assert (cfg.model.dim, cfg.model.n_kv_heads, cfg.data.task, cfg.train.steps) == (128, 2, "sort", 300)
     assert cfg.optim.beta1 == C.OptimConfig().beta1  # not in the file: the dataclass default
     assert cfg.run_dir == "runs/tiny"
     assert load_config("pretrain/tiny.yaml") == cfg
