@@ -116,6 +116,9 @@ class ParallelConfig:
     """Tensor-parallel degree."""
     pp: int = 1
     """Pipeline-parallel degree."""
+    sequence_parallel: bool = False
+    """With parallel.tp > 1, also split norms and the residual stream along the sequence (less activation
+    memory; the same communication volume as plain tensor parallelism)."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
     activation_checkpointing: bool = False
@@ -398,6 +401,10 @@ def validate(cfg: Config) -> None:
     for key in ("dp_replicate", "dp_shard", "tp", "pp"):
         value = getattr(p, key)
         need(value == -1 or value >= 1, f"parallel.{key}: must be >= 1 or -1 (the rest of the world), got {value}")
+    if p.tp > 1:
+        for key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv)):
+            need(heads % p.tp == 0, f"{key}: {heads} heads cannot be split over parallel.tp={p.tp}; choose a tp "
+                 f"that divides {heads}")
     need(p.timeout_s > 0, f"parallel.timeout_s: must be positive, got {p.timeout_s}")
     if c.resume not in ("auto", "never"):
         need(Path(c.resume).exists(), f"checkpoint.resume: {c.resume} does not exist; give auto, never or a "

@@ -248,6 +248,49 @@ class Transformer(nn.Module):
         if self.output is not None and not tied:
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
 
+    def tp_plan(self, sequence_parallel: bool = False) -> dict:
+        """Tensor-parallel layout (Megatron-LM, Shoeybi et al. 2019) for `parallelize_module`.
+
+        q/k/v and the MLP gate/up projections are split by output features (heads), the attention and MLP
+        output projections by input features, so each block needs one all-reduce forward and one backward
+        per sub-layer. The embedding table is split by vocabulary rows and the output head by vocabulary
+        columns. With `sequence_parallel` (Korthikanti et al. 2022) the norms and the residual stream are
+        split along the sequence between the two, trading the all-reduces for reduce-scatter + all-gather
+        pairs and dividing norm activations by the tp degree. Modules a pipeline stage removed are skipped.
+        """
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            PrepareModuleInput,
+            RowwiseParallel,
+            SequenceParallel,
+        )
+
+        seq = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
+        plan = {}
+        if self.tok_embeddings is not None:
+            plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+        if self.norm is not None and sequence_parallel:
+            plan["norm"] = SequenceParallel()
+        if self.output is not None:
+            plan["output"] = ColwiseParallel(input_layouts=seq, output_layouts=Replicate())
+        for name in self.layers:
+            p = f"layers.{name}."
+            plan.update({
+                p + "attention.wq": ColwiseParallel(), p + "attention.wk": ColwiseParallel(),
+                p + "attention.wv": ColwiseParallel(), p + "attention.wo": RowwiseParallel(output_layouts=seq),
+                p + "feed_forward.w1": ColwiseParallel(), p + "feed_forward.w3": ColwiseParallel(),
+                p + "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+            })
+            if sequence_parallel:
+                plan.update({
+                    p + "attention_norm": SequenceParallel(), p + "ffn_norm": SequenceParallel(),
+                    p + "attention": PrepareModuleInput(input_layouts=(seq, None, None),
+                                                        desired_input_layouts=(Replicate(), None, None)),
+                    p + "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+                })
+        return plan
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied matrix counts once); optionally without the token embedding table."""
         n = sum(p.numel() for p in self.parameters())  # parameters() already deduplicates tied weights

@@ -57,23 +57,36 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def grad_norm(params: list[torch.nn.Parameter], pp_group=None) -> torch.Tensor:
-    """The global L2 norm of gradients: DTensor shards (FSDP, TP) reduced over their mesh, then over pp."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
-    if isinstance(norm, DTensor):  # partial norms from shards: full_tensor() reduces them
-        norm = norm.full_tensor()
-    if pp_group is not None:  # each pipeline stage holds different parameters
-        norm = norm**2
-        dist.all_reduce(norm, group=pp_group)
-        norm = norm.sqrt()
-    return norm
+    """The global L2 norm of gradients over every parallel axis.
+
+    DTensor gradients (FSDP shards, TP shards, or both) are grouped by mesh and placements: each group's
+    norm is one DTensor whose `full_tensor()` reduces exactly over the axes it is sharded on (replicated
+    axes are not double counted). Pipeline stages hold disjoint parameters, so their squares are summed.
+    """
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            g = p.grad
+            key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
+            groups.setdefault(key, []).append(g)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if pp_group is not None:
+        dist.all_reduce(total, group=pp_group)
+    return total.sqrt()
 
 
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, pp_group=None) -> float:
     """Clip gradients in place to `max_norm` (0 = measure only); return the norm before clipping."""
-    norm = grad_norm(params, pp_group)
-    if max_norm > 0 and math.isfinite(float(norm)):
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
-    return float(norm)
+    norm = float(grad_norm(params, pp_group))
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for p in params:  # one tensor at a time: grads may live on different meshes
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm

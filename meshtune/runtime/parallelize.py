@@ -1,6 +1,6 @@
 """Turn a freshly built model into its parallel form, in one documented order:
 
-    tensor parallel (own issue) -> activation checkpointing -> torch.compile -> FSDP2 / HSDP / DDP
+    tensor parallel -> activation checkpointing -> torch.compile -> FSDP2 / HSDP / DDP
 
 TP first because it rewrites parameters into DTensors that FSDP then shards along another mesh axis;
 checkpointing and compile wrap whole blocks, so they come before data parallelism wraps those blocks.
@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from meshtune.config import ParallelConfig
+from meshtune.config import ConfigError, ParallelConfig
 from meshtune.runtime.data_parallel import apply_ddp, apply_fsdp
 from meshtune.runtime.mesh import ParallelMesh
+from meshtune.runtime.tensor_parallel import apply_tp
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -43,9 +44,13 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
         device: this rank's device.
         param_dtype: FSDP2 compute dtype for gathered parameters (None = the parameters' own).
     """
-    if mesh.get("tp") is not None or mesh.get("pp") is not None:
-        raise ValueError("parallel.tp / parallel.pp > 1: tensor and pipeline parallelism are not available in "
-                         "this version; set them to 1 and use parallel.dp_shard / dp_replicate")
+    if mesh.get("pp") is not None:
+        raise ConfigError("parallel.pp > 1: pipeline parallelism is not available in this version; set it to 1")
+    if (tp_mesh := mesh.get("tp")) is not None:
+        if mesh.dims.dp_mode == "ddp":
+            raise ConfigError("parallel.tp > 1 with DDP (dp_replicate > 1, dp_shard = 1) is not supported; shard "
+                              "the data-parallel axis instead: parallel.dp_shard=-1 parallel.dp_replicate=1")
+        apply_tp(model, tp_mesh, cfg.sequence_parallel)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:

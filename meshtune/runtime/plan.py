@@ -2,9 +2,10 @@
 
 The model is built on the meta device (no memory, any size), the degrees are resolved against the world
 size, and the batch split is checked. Memory per rank, fp32 master weights with AdamW:
-    parameters 4 B, gradients 4 B, optimizer state 8 B per parameter, divided by the sharding degree
+    parameters 4 B, gradients 4 B, optimizer state 8 B per parameter, divided by dp_shard x tp
     activations per micro-batch ~ 34 * layers * tokens * dim bytes in 16-bit (Korthikanti et al. 2022, with
-    fused scaled-dot-product attention, which stores no score matrix), doubled for fp32; with activation
+    fused scaled-dot-product attention, which stores no score matrix; tensor parallelism divides 24 of the
+    34 terms by tp, sequence parallelism all of them), doubled for fp32; with activation
     checkpointing each block keeps only its input, plus one block's full activations during recompute.
 """
 
@@ -15,6 +16,7 @@ from meshtune.data import build_tokenizer, get_task, load_records
 from meshtune.models import build_model
 from meshtune.runtime.mesh import AXES, ParallelDims
 from meshtune.runtime.run import vocab_size
+from meshtune.runtime.tensor_parallel import check_tp
 
 
 def _gb(n: float) -> str:
@@ -30,9 +32,11 @@ def describe_plan(cfg: Config, world_size: int) -> str:
         dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp).resolve(world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if dims.tp > 1 or dims.pp > 1:
-        raise ConfigError("parallel.tp / parallel.pp > 1: tensor and pipeline parallelism are not available in "
-                          "this version; set them to 1")
+    if dims.pp > 1:
+        raise ConfigError("parallel.pp > 1: pipeline parallelism is not available in this version; set it to 1")
+    if dims.tp > 1 and dims.dp_mode == "ddp":
+        raise ConfigError("parallel.tp > 1 with DDP (dp_replicate > 1, dp_shard = 1) is not supported; shard "
+                          "the data-parallel axis instead: parallel.dp_shard=-1 parallel.dp_replicate=1")
     if t.global_batch_size % (t.micro_batch_size * dims.dp):
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                           f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree {dims.dp}; "
@@ -44,13 +48,17 @@ def describe_plan(cfg: Config, world_size: int) -> str:
     for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
         if path:  # parse once here, so a malformed line is reported before any rank starts
             data_lines.append(f"{key}: {len(load_records(path, key)):,} records in {path}")
-    model = build_model(m, vocab_size(cfg, build_tokenizer(cfg.data.tokenizer)), device="meta")
+    vocab = vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
+    check_tp(m, vocab, dims.tp)
+    model = build_model(m, vocab, device="meta")
     n = model.num_params()
-    shard = dims.dp_shard
+    shard = dims.dp_shard * dims.tp  # norms are replicated over tp: a slight underestimate
     state = n * (4 + 4 + 8) / shard
     seq, dim = cfg.data.seq_len, m.dim
     bytes_per_elem = 4 if t.dtype == "fp32" else 2  # auto = bf16 on the GPUs a plan is made for
-    per_layer = t.micro_batch_size * seq * dim * 34 / 2 * bytes_per_elem
+    # Korthikanti et al.: tensor parallelism divides 24 of the 34 sbh terms, sequence parallelism all of them
+    factor = 34 / dims.tp if p.sequence_parallel else 10 + 24 / dims.tp
+    per_layer = t.micro_batch_size * seq * dim * factor / 2 * bytes_per_elem
     if p.activation_checkpointing:
         act = m.n_layers * t.micro_batch_size * seq * dim * bytes_per_elem + per_layer
     else:

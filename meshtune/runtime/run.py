@@ -22,6 +22,7 @@ from meshtune.runtime.env import DistEnv
 from meshtune.runtime.mesh import ParallelDims, ParallelMesh
 from meshtune.runtime.metrics import Metrics
 from meshtune.runtime.parallelize import parallelize
+from meshtune.runtime.tensor_parallel import check_tp
 from meshtune.runtime.trainer import Trainer, lr_lambda, use_bf16
 
 
@@ -77,7 +78,9 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     meta = cfg.model.init_device == "meta"
     if meta and mesh.get("fsdp") is None:
         raise ConfigError("model.init_device: meta needs a sharded model (parallel.dp_shard > 1); use auto")
-    model = build_model(cfg.model, vocab_size(cfg, tokenizer), device="meta" if meta else env.device)
+    vocab = vocab_size(cfg, tokenizer)
+    check_tp(cfg.model, vocab, mesh.dims.tp)
+    model = build_model(cfg.model, vocab, device="meta" if meta else env.device)
     bf16 = use_bf16(cfg.train.dtype, env.device)
     model = parallelize(model, mesh, cfg.parallel, env.device, torch.bfloat16 if bf16 else None)
     if meta:
