@@ -301,8 +301,9 @@ def test_describe_plan_errors_name_the_key():
         describe_plan(cfg, world_size=3)  # dp_shard=-1 -> 3, 32 % (16 * 3) != 0
     with pytest.raises(ConfigError, match=r"^parallel"):
         describe_plan(load_config(TINY, ["parallel.dp_replicate=2"]), world_size=3)
-    with pytest.raises(ConfigError, match=r"parallel\.tp"):
-        describe_plan(load_config(TINY, ["parallel.tp=2", "parallel.dp_shard=1"]), world_size=2)
+    with pytest.raises(ConfigError, match=r"parallel\.pp"):
+        describe_plan(load_config(TINY, ["parallel.pp=2", "parallel.dp_shard=1"]), world_size=2)
+    assert "tp=2" in describe_plan(load_config(TINY, ["parallel.tp=2", "parallel.dp_shard=1"]), world_size=2)
     with pytest.raises(ConfigError, match="--world-size"):
         describe_plan(cfg, world_size=0)
 
