@@ -116,6 +116,14 @@ class ParallelConfig:
     """Tensor-parallel degree."""
     pp: int = 1
     """Pipeline-parallel degree."""
+    pp_schedule: str = "1F1B"
+    """Pipeline schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble or
+    DualPipeV. The micro-batch count is the accumulation count: global batch / (micro batch x dp)."""
+    pp_stages_per_rank: int = 0
+    """Pipeline stages each pp rank runs; 0 = 1 for GPipe/1F1B, 2 for the multi-stage schedules."""
+    pp_split_points: list[int] = field(default_factory=list)
+    """First layer of each pipeline stage after the first (e.g. [3] for 2 stages of a 6-layer model);
+    empty = an even split."""
     sequence_parallel: bool = False
     """With parallel.tp > 1, also split norms and the residual stream along the sequence (less activation
     memory; the same communication volume as plain tensor parallelism)."""

@@ -38,14 +38,12 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
     """Apply the parallel layout of `mesh` to `model` and return the module to train.
 
     Args:
-        model: the decoder, on `device` (or on meta when `model.init_device: meta`).
+        model: the decoder or one pipeline stage of it, on `device` (or on meta for `model.init_device: meta`).
         mesh: the named mesh axes.
         cfg: the `parallel` config section.
         device: this rank's device.
         param_dtype: FSDP2 compute dtype for gathered parameters (None = the parameters' own).
     """
-    if mesh.get("pp") is not None:
-        raise ConfigError("parallel.pp > 1: pipeline parallelism is not available in this version; set it to 1")
     if (tp_mesh := mesh.get("tp")) is not None:
         if mesh.dims.dp_mode == "ddp":
             raise ConfigError("parallel.tp > 1 with DDP (dp_replicate > 1, dp_shard = 1) is not supported; shard "

@@ -15,6 +15,7 @@ from meshtune.config import Config, ConfigError
 from meshtune.data import build_tokenizer, get_task, load_records
 from meshtune.models import build_model
 from meshtune.runtime.mesh import AXES, ParallelDims
+from meshtune.runtime.pipeline_parallel import check_pipeline
 from meshtune.runtime.run import vocab_size
 from meshtune.runtime.tensor_parallel import check_tp
 
@@ -32,8 +33,6 @@ def describe_plan(cfg: Config, world_size: int) -> str:
         dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp).resolve(world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if dims.pp > 1:
-        raise ConfigError("parallel.pp > 1: pipeline parallelism is not available in this version; set it to 1")
     if dims.tp > 1 and dims.dp_mode == "ddp":
         raise ConfigError("parallel.tp > 1 with DDP (dp_replicate > 1, dp_shard = 1) is not supported; shard "
                           "the data-parallel axis instead: parallel.dp_shard=-1 parallel.dp_replicate=1")
@@ -42,6 +41,11 @@ def describe_plan(cfg: Config, world_size: int) -> str:
                           f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree {dims.dp}; "
                           f"use a multiple of {t.micro_batch_size * dims.dp}")
     accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
+    if dims.pp > 1:
+        check_pipeline(p, m.n_layers, dims.pp, accum)
+        if m.tie_embeddings:
+            raise ConfigError("model.tie_embeddings: the embedding and the head sit on different pipeline stages; "
+                              "set model.tie_embeddings=false or parallel.pp=1")
     if cfg.data.task:
         get_task(cfg.data.task)
     data_lines = []
@@ -52,17 +56,20 @@ def describe_plan(cfg: Config, world_size: int) -> str:
     check_tp(m, vocab, dims.tp)
     model = build_model(m, vocab, device="meta")
     n = model.num_params()
-    shard = dims.dp_shard * dims.tp  # norms are replicated over tp: a slight underestimate
+    shard = dims.dp_shard * dims.tp * dims.pp  # tp-replicated norms, uneven stages: a slight underestimate
     state = n * (4 + 4 + 8) / shard
     seq, dim = cfg.data.seq_len, m.dim
     bytes_per_elem = 4 if t.dtype == "fp32" else 2  # auto = bf16 on the GPUs a plan is made for
     # Korthikanti et al.: tensor parallelism divides 24 of the 34 sbh terms, sequence parallelism all of them
     factor = 34 / dims.tp if p.sequence_parallel else 10 + 24 / dims.tp
     per_layer = t.micro_batch_size * seq * dim * factor / 2 * bytes_per_elem
+    layers = -(-m.n_layers // dims.pp)  # on the busiest stage
+    # micro-batches whose activations a stage holds at once: all of them under GPipe, up to pp under 1F1B
+    in_flight = 1 if dims.pp == 1 else accum if p.pp_schedule == "GPipe" else min(accum, dims.pp)
     if p.activation_checkpointing:
-        act = m.n_layers * t.micro_batch_size * seq * dim * bytes_per_elem + per_layer
+        act = layers * t.micro_batch_size * seq * dim * bytes_per_elem * in_flight + per_layer
     else:
-        act = m.n_layers * per_layer
+        act = layers * per_layer * in_flight
     lines = [f"layout: {' x '.join(f'{a}={getattr(dims, a)}' for a in AXES)} = {world_size} ranks "
              f"({dims.dp_mode})",
              f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dims.dp} x accumulation "

@@ -18,10 +18,20 @@ from meshtune.config import Config, ConfigError, dump_yaml, to_dict
 from meshtune.data import StepSampler, build_datasets, build_tokenizer
 from meshtune.models import build_model
 from meshtune.runtime.checkpoint import Checkpointer, load_model_weights
+from meshtune.runtime.data_parallel import unwrap
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.mesh import ParallelDims, ParallelMesh
 from meshtune.runtime.metrics import Metrics
 from meshtune.runtime.parallelize import parallelize
+from meshtune.runtime.pipeline_parallel import (
+    Pipeline,
+    check_pipeline,
+    parts_view,
+    split_layers,
+    stage_ids,
+    stage_module,
+    stages_per_rank,
+)
 from meshtune.runtime.tensor_parallel import check_tp
 from meshtune.runtime.trainer import Trainer, lr_lambda, use_bf16
 
@@ -81,11 +91,17 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     vocab = vocab_size(cfg, tokenizer)
     check_tp(cfg.model, vocab, mesh.dims.tp)
     model = build_model(cfg.model, vocab, device="meta" if meta else env.device)
-    bf16 = use_bf16(cfg.train.dtype, env.device)
-    model = parallelize(model, mesh, cfg.parallel, env.device, torch.bfloat16 if bf16 else None)
+    param_dtype = torch.bfloat16 if use_bf16(cfg.train.dtype, env.device) else None
+    pipeline = None
+    if (pp_mesh := mesh.get("pp")) is not None:
+        model, pipeline = build_pipeline(model, cfg, mesh, sampler.accum_steps, env.device, param_dtype, pp_mesh)
+    else:
+        model = parallelize(model, mesh, cfg.parallel, env.device, param_dtype)
     if meta:
-        model.to_empty(device=env.device)
-        model.init_weights()
+        for part in pipeline.parts if pipeline else [model]:
+            part = unwrap(part)
+            part.to_empty(device=env.device)
+            part.init_weights()
     if cfg.init_from:
         load_model_weights(model, cfg.init_from)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -107,7 +123,26 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     metrics = Metrics(cfg.metrics, cfg.run_dir, env.is_main, cfg.train.steps, config_dict=to_dict(cfg),
                       start_step=step)
     return Trainer(cfg, mesh, env.device, model, optimizer, scheduler, train_ds, eval_ds, sampler,
-                   checkpointer, metrics, step=step)
+                   checkpointer, metrics, step=step, pipeline=pipeline)
+
+
+def build_pipeline(model, cfg: Config, mesh: ParallelMesh, n_microbatches: int, device, param_dtype, pp_mesh):
+    """Cut `model` into this rank's pipeline stages, parallelise each, and wrap them in a schedule.
+
+    Returns a module viewing this rank's stages under the model's own parameter names, and the Pipeline."""
+    p, pp = cfg.parallel, mesh.dims.pp
+    if cfg.model.tie_embeddings:
+        raise ConfigError("model.tie_embeddings: the embedding and the head sit on different pipeline stages; "
+                          "set model.tie_embeddings=false or parallel.pp=1")
+    check_pipeline(p, cfg.model.n_layers, pp, n_microbatches)
+    per_rank = stages_per_rank(p)
+    num_stages = pp * per_rank
+    layers = split_layers(cfg.model.n_layers, num_stages, p.pp_split_points)
+    ids = stage_ids(mesh.coordinate["pp"], pp, per_rank, p.pp_schedule)
+    parts = [parallelize(stage_module(model, layers[i], i == 0, i == num_stages - 1), mesh, p, device, param_dtype)
+             for i in ids]
+    pipeline = Pipeline(parts, ids, num_stages, p, n_microbatches, pp_mesh.get_group(), device, cfg.model.dim)
+    return parts_view([unwrap(part) for part in parts]), pipeline
 
 
 def train(cfg: Config, env: DistEnv | None = None) -> dict:

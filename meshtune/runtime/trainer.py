@@ -24,6 +24,7 @@ from meshtune.runtime.checkpoint import Checkpointer
 from meshtune.runtime.grads import IGNORE_INDEX, clip_grad_norm_, count_tokens, maybe_no_sync, summed_loss
 from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.metrics import Metrics, peak_memory_gb
+from meshtune.runtime.pipeline_parallel import Pipeline
 
 
 def use_bf16(dtype: str, device: torch.device) -> bool:
@@ -46,14 +47,16 @@ class Trainer:
 
     def __init__(self, cfg: Config, mesh: ParallelMesh, device: torch.device, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler, train_ds, eval_ds, sampler: StepSampler,
-                 checkpointer: Checkpointer, metrics: Metrics, step: int = 0):
+                 checkpointer: Checkpointer, metrics: Metrics, step: int = 0, pipeline: Pipeline | None = None):
         self.cfg, self.mesh, self.device = cfg, mesh, device
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_ds, self.eval_ds, self.sampler = train_ds, eval_ds, sampler
         self.checkpointer, self.metrics = checkpointer, metrics
         self.step = step
-        dp = mesh.get("dp")
+        self.pipeline = pipeline
+        dp, pp = mesh.get("dp"), mesh.get("pp")
         self.dp_group = dp.get_group() if dp is not None else None
+        self.pp_group = pp.get_group() if pp is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         # FSDP2 casts parameters itself (MixedPrecisionPolicy); everything else uses autocast
         self.autocast = use_bf16(cfg.train.dtype, device) and mesh.get("fsdp") is None
@@ -69,6 +72,8 @@ class Trainer:
         self.model.train()
         tokens = count_tokens([mb["labels"] for mb in micro_batches], self.dp_group, self.device)
         scale = self.mesh.dp_size / tokens.clamp(min=1).item()
+        if self.pipeline is not None:
+            return self.pipeline.forward_backward(micro_batches, scale, self.device), tokens
         loss_sum = torch.zeros((), device=self.device)
         for i, mb in enumerate(micro_batches):
             labels = mb["labels"].to(self.device, non_blocking=True)
@@ -84,7 +89,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over this rank's micro-batches; returns (loss sum, global tokens, grad norm)."""
         loss_sum, tokens = self.forward_backward(micro_batches)
-        norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip, self.pp_group)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -100,8 +105,10 @@ class Trainer:
         return self._reduce(loss_sum.double()).item() / max(tokens.item(), 1)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dp_group is not None:
-            dist.all_reduce(t, group=self.dp_group)
+        """Sum over dp ranks, and over pipeline stages (only the last stage computes losses)."""
+        for group in (self.dp_group, self.pp_group):
+            if group is not None:
+                dist.all_reduce(t, group=group)
         return t
 
     @torch.no_grad()
@@ -116,6 +123,8 @@ class Trainer:
         if self.cfg.train.eval_batches:
             batches = batches[: self.cfg.train.eval_batches]
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, tokens, correct, sequences
+        if self.pipeline is not None:
+            return self._pipeline_evaluate(batches)
         for idx in batches:
             batch = collate([self.eval_ds[i] for i in idx] or [self.eval_ds[0]])
             labels = batch["labels"].to(self.device)
@@ -126,6 +135,23 @@ class Trainer:
             correct, valid = exact_match(logits, labels)
             totals += torch.stack([summed_loss(logits, labels).double(), (labels != IGNORE_INDEX).sum().double(),
                                    (correct & valid).sum().double(), valid.sum().double()])
+        loss, ntok, correct, nseq = self._reduce(totals).tolist()
+        return {"eval_loss": loss / max(ntok, 1), "eval_accuracy": correct / max(nseq, 1)}
+
+    def _pipeline_evaluate(self, batches: list[list[int]]) -> dict:
+        """Evaluation through the schedule: rounds of exactly n_microbatches full-size micro-batches, the
+        gaps filled with rows whose labels are all ignored."""
+        n, mb = self.sampler.accum_steps, self.cfg.train.micro_batch_size
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for start in range(0, len(batches), n):
+            rounds = batches[start:start + n]
+            rounds += [[]] * (n - len(rounds))
+            micro = []
+            for idx in rounds:
+                batch = collate([self.eval_ds[i] for i in idx] + [self.eval_ds[0]] * (mb - len(idx)))
+                batch["labels"][len(idx):] = IGNORE_INDEX
+                micro.append(batch)
+            totals += self.pipeline.evaluate(micro, self.device)
         loss, ntok, correct, nseq = self._reduce(totals).tolist()
         return {"eval_loss": loss / max(ntok, 1), "eval_accuracy": correct / max(nseq, 1)}
 

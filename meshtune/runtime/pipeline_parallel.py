@@ -1,0 +1,185 @@
+"""Pipeline parallelism with torch.distributed.pipelining: stages at layer boundaries, schedules by name.
+
+The decoder is split into `pp x stages_per_rank` stages of consecutive blocks (an even split, or the
+config's split points). Every rank builds and initialises the whole model from the seed, then keeps only
+its stages' blocks (plus the embeddings on the first stage, the norm and head on the last), so weights
+equal a single-process run's. Stage s lives on pp rank s % pp ("loop" placement), except for V-shaped
+schedules (ZBVZeroBubble, DualPipeV), where rank r holds stages r and 2pp-1-r.
+
+Each step the rank's micro-batches (train.micro_batch_size each; their count is the accumulation count)
+are concatenated and the schedule splits them back into the same micro-batches, so the gradient equals
+that of data parallelism with accumulation. Losses are summed token losses times dp / global tokens, as
+everywhere in meshtune; `scale_grads=False` keeps the schedule from dividing by the micro-batch count.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from meshtune.config import ConfigError, ParallelConfig
+from meshtune.runtime.grads import IGNORE_INDEX, summed_loss
+
+SINGLE_STAGE = ("GPipe", "1F1B")
+V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
+MULTI_STAGE = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble") + V_SHAPED
+SCHEDULES = SINGLE_STAGE + MULTI_STAGE
+
+
+def stages_per_rank(cfg: ParallelConfig) -> int:
+    return cfg.pp_stages_per_rank or (1 if cfg.pp_schedule in SINGLE_STAGE else 2)
+
+
+def split_layers(n_layers: int, num_stages: int, split_points: list[int]) -> list[list[int]]:
+    """Layer indices of each stage: `split_points` (first layer of stages 1..n-1) or an even split."""
+    if n_layers < num_stages:
+        raise ConfigError(f"model.n_layers: {n_layers} layers cannot fill {num_stages} pipeline stages "
+                          "(parallel.pp x stages per rank); lower parallel.pp or add layers")
+    if split_points:
+        if len(split_points) != num_stages - 1 or sorted(set(split_points)) != split_points or \
+                not 0 < split_points[0] or split_points[-1] >= n_layers:
+            raise ConfigError(f"parallel.pp_split_points: {split_points} must be {num_stages - 1} increasing layer "
+                              f"indices in 1..{n_layers - 1} (the first layer of each stage after the first)")
+        bounds = [0, *split_points, n_layers]
+    else:
+        base, extra = divmod(n_layers, num_stages)
+        bounds = [0]
+        for s in range(num_stages):
+            bounds.append(bounds[-1] + base + (1 if s < extra else 0))
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def stage_ids(pp_rank: int, pp: int, per_rank: int, schedule: str) -> list[int]:
+    if schedule in V_SHAPED:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(per_rank)]
+
+
+def check_pipeline(cfg: ParallelConfig, n_layers: int, pp: int, n_microbatches: int) -> None:
+    """Config errors that need the resolved degrees: schedule name, stage count, micro-batch count."""
+    if cfg.pp_schedule not in SCHEDULES:
+        raise ConfigError(f"parallel.pp_schedule: {cfg.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
+    per_rank = stages_per_rank(cfg)
+    if cfg.pp_schedule in SINGLE_STAGE and per_rank != 1:
+        raise ConfigError(f"parallel.pp_stages_per_rank: {cfg.pp_schedule} runs one stage per rank; set it to 1 "
+                          "or pick Interleaved1F1B")
+    if cfg.pp_schedule in V_SHAPED and per_rank != 2:
+        raise ConfigError(f"parallel.pp_stages_per_rank: {cfg.pp_schedule} needs exactly 2 stages per rank")
+    split_layers(n_layers, pp * per_rank, cfg.pp_split_points)
+    if cfg.pp_schedule in MULTI_STAGE and n_microbatches % pp:
+        raise ConfigError(f"train.micro_batch_size: {cfg.pp_schedule} needs a micro-batch count divisible by "
+                          f"parallel.pp={pp}, got {n_microbatches} (= global batch / (micro x dp)); change "
+                          "train.micro_batch_size or train.global_batch_size")
+    if n_microbatches < pp and cfg.pp_schedule != "GPipe":
+        raise ConfigError(f"train.micro_batch_size: {cfg.pp_schedule} needs at least parallel.pp={pp} micro-"
+                          f"batches per step, got {n_microbatches}; lower train.micro_batch_size")
+
+
+def stage_module(model: nn.Module, layers: list[int], first: bool, last: bool) -> nn.Module:
+    """A copy of `model` holding only `layers` (and embeddings / head at the ends); names are unchanged."""
+    stage = copy.deepcopy(model)
+    for name in list(stage.layers):
+        if int(name) not in layers:
+            del stage.layers[name]
+    if not first:
+        stage.tok_embeddings = None
+    if not last:
+        stage.norm = None
+        stage.output = None
+    return stage
+
+
+def parts_view(parts: list[nn.Module]) -> nn.Module:
+    """One module over this rank's stage modules with the model's own parameter names (for the optimizer,
+    checkpoints and exports): layers from every part, embeddings and head from the parts that have them."""
+    view = nn.Module()
+    view.layers = nn.ModuleDict()
+    for part in parts:
+        for name, block in part.layers.items():
+            view.layers[name] = block
+        for attr in ("tok_embeddings", "norm", "output"):
+            if getattr(part, attr, None) is not None:
+                setattr(view, attr, getattr(part, attr))
+    return view
+
+
+class Pipeline:
+    """This rank's stages and the schedule that runs them."""
+
+    def __init__(self, parts: list[nn.Module], ids: list[int], num_stages: int, cfg: ParallelConfig,
+                 n_microbatches: int, pp_group, device: torch.device, dim: int):
+        from torch.distributed.pipelining import PipelineStage
+        from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+        self.parts, self.ids, self.num_stages = parts, ids, num_stages
+        self.pp_group, self.pp_rank = pp_group, pp_group.rank()
+        pp = pp_group.size()
+        self.owner = {s: r for r in range(pp) for s in stage_ids(r, pp, len(ids), cfg.pp_schedule)}
+        self.dim = dim
+        self.is_first, self.is_last = 0 in ids, num_stages - 1 in ids
+        self.scale = 1.0
+        self._eval_totals: torch.Tensor | None = None
+        stages = [PipelineStage(part, i, num_stages, device, group=pp_group) for part, i in zip(parts, ids,
+                                                                                                  strict=True)]
+        cls = get_schedule_class(cfg.pp_schedule)
+        single = issubclass(cls, PipelineScheduleSingle)
+        self.schedule = cls(stages[0] if single else stages, n_microbatches=n_microbatches, loss_fn=self._loss,
+                            scale_grads=False)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = summed_loss(logits, labels)
+        if self._eval_totals is not None:  # evaluation: also count exact matches
+            from meshtune.data import exact_match
+
+            correct, valid = exact_match(logits, labels)
+            self._eval_totals += torch.stack([loss.detach().double(), (labels != IGNORE_INDEX).sum().double(),
+                                              (correct & valid).sum().double(), valid.sum().double()])
+        return loss * self.scale
+
+    def _run(self, run, micro_batches: list[dict], device: torch.device) -> list[torch.Tensor]:
+        inputs = torch.cat([mb["input_ids"] for mb in micro_batches]).to(device)
+        labels = torch.cat([mb["labels"] for mb in micro_batches]).to(device)
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.is_first else ()
+        kwargs = {"target": labels, "losses": losses} if self.is_last else {}
+        run(*args, **kwargs)
+        return losses
+
+    def forward_backward(self, micro_batches: list[dict], scale: float, device: torch.device) -> torch.Tensor:
+        """Run the schedule on this step's micro-batches; returns the summed token loss (last stage, else 0)."""
+        self.scale = scale
+        losses = self._run(self.schedule.step, micro_batches, device)
+        if not losses:
+            return torch.zeros((), device=device)
+        return torch.stack([loss.detach() for loss in losses]).sum() / scale
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[dict], device: torch.device) -> torch.Tensor:
+        """Forward-only pass, stage after stage with point-to-point sends (simple, and it works for every
+        placement: some schedules' own forward-only mode needs a backward); returns [loss sum, tokens,
+        correct, sequences], non-zero on the last stage."""
+        import torch.distributed as dist
+
+        self._eval_totals = torch.zeros(4, dtype=torch.float64, device=device)
+        self.scale = 1.0
+        try:
+            for mb in micro_batches:
+                tokens, labels = mb["input_ids"].to(device), mb["labels"].to(device)
+                h = None
+                for s in range(self.num_stages):
+                    owner, prev = self.owner[s], self.owner.get(s - 1)
+                    if owner != self.pp_rank:
+                        continue
+                    if s > 0 and prev != self.pp_rank:  # activations come from another rank
+                        h = torch.empty(*tokens.shape, self.dim, device=device)
+                        dist.recv(h, group=self.pp_group, group_src=prev)
+                    h = self.parts[self.ids.index(s)](tokens if s == 0 else h)
+                    if s == self.num_stages - 1:
+                        self._loss(h, labels)
+                    elif self.owner[s + 1] != self.pp_rank:
+                        dist.send(h.float().contiguous(), group=self.pp_group, group_dst=self.owner[s + 1])
+            return self._eval_totals
+        finally:
+            self._eval_totals = None
