@@ -191,12 +191,59 @@ class MetricsConfig:
     """wandb project name."""
 
 
+RECIPE_NAMES = ("lora", "adapters", "prefix")
+"""Recipes `recipe.name` may name; meshtune.recipes registers exactly these (a test keeps them equal)."""
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA (Hu et al. 2021): a trainable low-rank update B A added to frozen linear layers."""
+
+    rank: int = 8
+    """Rank r of the update B A (B: out x r, A: r x in)."""
+    alpha: float = 16.0
+    """The update is scaled by recipe.lora.alpha / recipe.lora.rank."""
+    dropout: float = 0.0
+    """Dropout on the input of the LoRA path only (the frozen path sees the clean input)."""
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    """Linear layers to adapt: patterns matched against the end of module names (`wq`, `attention.wq`,
+    `layers.0.*.w1`, fnmatch globs); each pattern must match at least one linear layer."""
+
+
+@dataclass
+class AdapterConfig:
+    """Bottleneck adapters (Houlsby et al. 2019) after the attention and/or MLP output of every block."""
+
+    bottleneck: int = 16
+    """Hidden size of each adapter (down-project dim -> bottleneck -> up-project to dim)."""
+    where: Literal["both", "attention", "mlp"] = "both"
+    """Where adapters go: after attention, after the MLP, or both (Houlsby)."""
+
+
+@dataclass
+class PrefixConfig:
+    """Prefix tuning (Li & Liang 2021): trainable key/value positions prepended in every attention layer."""
+
+    length: int = 8
+    """Prefix positions per layer; 0 = no prefix (the base model exactly); at most model.max_seq_len."""
+    reparam_hidden: int = 0
+    """0 = train the prefixes directly; > 0 = train them through an MLP of this hidden size (Li & Liang's
+    reparameterisation), folded into plain prefixes at export."""
+
+
 @dataclass
 class RecipeConfig:
     """Fine-tuning and compression recipes applied to the model before it is parallelised."""
 
     name: str = ""
-    """Recipe to apply; empty = plain training of every parameter."""
+    """Recipe to apply (`lora`, `adapters`, `prefix`), or several joined by `+` to stack them in that order;
+    empty = plain training of every parameter."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Settings of the `lora` recipe."""
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    """Settings of the `adapters` recipe."""
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    """Settings of the `prefix` recipe."""
 
 
 @dataclass
@@ -423,9 +470,21 @@ def validate(cfg: Config) -> None:
     if cfg.init_from:
         need(Path(cfg.init_from).exists(), f"init_from: {cfg.init_from} does not exist; give a .safetensors "
              "file or a checkpoint directory")
-    if cfg.recipe.name:
-        raise ConfigError(f"recipe.name: unknown recipe {cfg.recipe.name!r}; no recipes are registered yet, "
-                          "leave it empty for full training")
+    r = cfg.recipe
+    names = r.name.split("+") if r.name else []
+    for name in names:
+        need(name in RECIPE_NAMES, f"recipe.name: unknown recipe {name!r} in {r.name!r}; known: "
+             f"{', '.join(RECIPE_NAMES)} (join several with +), or empty for full training")
+    need(len(set(names)) == len(names), f"recipe.name: {r.name!r} names a recipe twice; name each once")
+    need(r.lora.rank > 0, f"recipe.lora.rank: must be positive, got {r.lora.rank}")
+    need(r.lora.alpha > 0, f"recipe.lora.alpha: must be positive, got {r.lora.alpha}")
+    need(0 <= r.lora.dropout < 1, f"recipe.lora.dropout: must be in [0, 1), got {r.lora.dropout}")
+    need(bool(r.lora.targets), "recipe.lora.targets: empty; name at least one linear layer, e.g. [wq, wv]")
+    need(r.adapters.bottleneck > 0, f"recipe.adapters.bottleneck: must be positive, got {r.adapters.bottleneck}")
+    need(r.prefix.length >= 0, f"recipe.prefix.length: must be >= 0, got {r.prefix.length}")
+    need(r.prefix.length <= m.max_seq_len, f"recipe.prefix.length: {r.prefix.length} exceeds model.max_seq_len="
+         f"{m.max_seq_len}; use a shorter prefix")
+    need(r.prefix.reparam_hidden >= 0, f"recipe.prefix.reparam_hidden: must be >= 0, got {r.prefix.reparam_hidden}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -452,14 +511,23 @@ def help_text() -> str:
         if f.name in SECTIONS:
             continue
         lines.append(f"  {f.name} = {getattr(top, f.name)!r}\n      {field_docs(Config).get(f.name, '')}")
-    for section in SECTIONS:
-        sub = getattr(top, section)
-        lines.append(f"\n{section}: {(type(sub).__doc__ or '').strip()}")
+    def section_lines(prefix: str, sub: Any) -> None:
+        lines.append(f"\n{prefix}: {(type(sub).__doc__ or '').strip()}")
         docs = field_docs(type(sub))
         hints = typing.get_type_hints(type(sub))
+        nested = []
         for f in dataclasses.fields(sub):
-            lines.append(f"  {section}.{f.name}: {_type_name(hints[f.name])} = {getattr(sub, f.name)!r}\n"
+            value = getattr(sub, f.name)
+            if dataclasses.is_dataclass(value):
+                nested.append((f"{prefix}.{f.name}", value))
+                continue
+            lines.append(f"  {prefix}.{f.name}: {_type_name(hints[f.name])} = {value!r}\n"
                          f"      {docs.get(f.name, '')}")
+        for name, value in nested:  # e.g. recipe.lora.*
+            section_lines(name, value)
+
+    for section in SECTIONS:
+        section_lines(section, getattr(top, section))
     return "\n".join(lines)
 
 

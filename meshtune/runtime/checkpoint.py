@@ -140,14 +140,16 @@ def _first_failure(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:200]
 
 
-def load_model_weights(model, path: str | Path) -> None:
+def load_model_weights(model, path: str | Path, strict: bool = True) -> None:
     """Load model weights from outside a run: a .safetensors file, a `weights_only` torch file, or a
-    meshtune checkpoint folder. Arbitrary pickles are refused (weights_only=True rejects code)."""
+    meshtune checkpoint folder. Arbitrary pickles are refused (weights_only=True rejects code). With
+    `strict=False` parameters missing from the file (a recipe's adapters) keep their values."""
     path = Path(path)
     if path.is_dir():
         sd = get_model_state_dict(model)
-        dcp.load({"model": sd}, checkpoint_id=str(path))
-        set_model_state_dict(model, sd)
+        planner = dcp.DefaultLoadPlanner(allow_partial_load=not strict)
+        dcp.load({"model": sd}, checkpoint_id=str(path), planner=planner)
+        set_model_state_dict(model, sd, options=StateDictOptions(strict=strict))
         return
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -159,7 +161,7 @@ def load_model_weights(model, path: str | Path) -> None:
         except Exception as e:  # UnpicklingError for pickles with code in them
             raise ConfigError(f"init_from: {path} is not a plain tensor file ({type(e).__name__}); meshtune loads "
                              "only safetensors or weights_only torch files, never arbitrary pickles") from None
-    options = StateDictOptions(full_state_dict=True, strict=True)
+    options = StateDictOptions(full_state_dict=True, strict=strict)
     try:
         set_model_state_dict(model, full, options=options)
     except RuntimeError as e:

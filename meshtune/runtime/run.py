@@ -17,6 +17,7 @@ import torch
 from meshtune.config import Config, ConfigError, dump_yaml, to_dict
 from meshtune.data import StepSampler, build_datasets, build_tokenizer
 from meshtune.models import build_model
+from meshtune.recipes import apply_recipes, build_recipes
 from meshtune.runtime.checkpoint import Checkpointer, load_model_weights
 from meshtune.runtime.data_parallel import unwrap
 from meshtune.runtime.env import DistEnv
@@ -90,7 +91,12 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
         raise ConfigError("model.init_device: meta needs a sharded model (parallel.dp_shard > 1); use auto")
     vocab = vocab_size(cfg, tokenizer)
     check_tp(cfg.model, vocab, mesh.dims.tp)
+    recipes = build_recipes(cfg.recipe)
+    if recipes and mesh.dims.tp > 1:
+        raise ConfigError(f"recipe.name: {cfg.recipe.name} under parallel.tp > 1 is not supported yet (its "
+                          "adapter weights are not sharded like their base layers); use parallel.tp=1")
     model = build_model(cfg.model, vocab, device="meta" if meta else env.device)
+    model = apply_recipes(model, recipes)  # module swaps before parallelize: adapters shard with their layers
     param_dtype = torch.bfloat16 if use_bf16(cfg.train.dtype, env.device) else None
     pipeline = None
     if (pp_mesh := mesh.get("pp")) is not None:
@@ -102,8 +108,10 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
             part = unwrap(part)
             part.to_empty(device=env.device)
             part.init_weights()
-    if cfg.init_from:
-        load_model_weights(model, cfg.init_from)
+            for recipe in recipes:
+                recipe.init_weights(part)
+    if cfg.init_from:  # base weights; the recipes' own parameters are not in them
+        load_model_weights(model, cfg.init_from, strict=not recipes)
     optimizer, scheduler = build_optimizer(model, cfg)
 
     checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last)

@@ -173,7 +173,7 @@ def test_literal_wrong_value_lists_choices(override, key):
         (["optim.grad_clip=-1"], "optim.grad_clip"),
         (["init_from=/nonexistent/weights.safetensors"], "init_from"),
         (["checkpoint.resume=/nonexistent/step_000010"], "checkpoint.resume"),
-        (["recipe.name=lora"], "recipe.name"),
+        (["recipe.name=nope"], "recipe.name"),
         (["data.task=", "data.train_path=/nonexistent/train.jsonl"], "data.train_path"),
         (["data.eval_path=/nonexistent/eval.jsonl"], "data.eval_path"),
         (["data.tokenizer=/nonexistent/tokenizer.json"], "data.tokenizer"),
@@ -249,15 +249,23 @@ def test_help_text_documents_every_field():
         if f.name in C.SECTIONS:
             cls = hints[f.name]
             assert cls.__doc__ and f"\n{f.name}: {cls.__doc__.strip()}" in text
-            docs = C.field_docs(cls)
-            for sub in dataclasses.fields(cls):
-                assert docs.get(sub.name), f"{f.name}.{sub.name} has no docstring"
-                assert f"  {f.name}.{sub.name}: " in text
-                assert _doc(docs[sub.name]) in text
+            _check_section_documented(text, f.name, cls)
         else:
             assert top_docs.get(f.name), f"{f.name} has no docstring"
             assert f"  {f.name} = " in text and _doc(top_docs[f.name]) in text
     assert "'cosine' | 'constant'" in text  # Literal choices are shown as the type
+
+
+def _check_section_documented(text: str, prefix: str, cls: type) -> None:
+    docs, hints = C.field_docs(cls), typing.get_type_hints(cls)
+    for sub in dataclasses.fields(cls):
+        assert docs.get(sub.name), f"{prefix}.{sub.name} has no docstring"
+        if dataclasses.is_dataclass(hints[sub.name]):  # a nested section such as recipe.lora
+            assert f"\n{prefix}.{sub.name}: {hints[sub.name].__doc__.strip()}" in text
+            _check_section_documented(text, f"{prefix}.{sub.name}", hints[sub.name])
+        else:
+            assert f"  {prefix}.{sub.name}: " in text
+            assert _doc(docs[sub.name]) in text
 
 
 def test_sections_are_every_dataclass_field():
@@ -301,8 +309,8 @@ def test_describe_plan_errors_name_the_key():
         describe_plan(cfg, world_size=3)  # dp_shard=-1 -> 3, 32 % (16 * 3) != 0
     with pytest.raises(ConfigError, match=r"^parallel"):
         describe_plan(load_config(TINY, ["parallel.dp_replicate=2"]), world_size=3)
-    with pytest.raises(ConfigError, match=r"parallel\.pp"):
-        describe_plan(load_config(TINY, ["parallel.pp=2", "parallel.dp_shard=1"]), world_size=2)
+    with pytest.raises(ConfigError, match=r"parallel\.pp_schedule"):
+        describe_plan(load_config(TINY, ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=x"]), 2)
     assert "tp=2" in describe_plan(load_config(TINY, ["parallel.tp=2", "parallel.dp_shard=1"]), world_size=2)
     with pytest.raises(ConfigError, match="--world-size"):
         describe_plan(cfg, world_size=0)

@@ -1,0 +1,242 @@
+"""LoRA: low-rank adaptation of frozen linear layers (Hu et al. 2021, arXiv:2106.09685).
+
+    meshtune train meshtune/configs/lora/tiny.yaml                      # recipe.name: lora
+    meshtune train cfg.yaml recipe.name=lora recipe.lora.rank=4 "recipe.lora.targets=[wq,wv]"
+
+Each targeted `nn.Linear` becomes a `LoRALinear`: y = W x + (alpha / r) * B A dropout(x), with A (r x in)
+kaiming-uniform as in PEFT and B (out x r) zero, so the adapted model starts equal to the base. Only A and B
+train. `merge` folds B A into W for inference; `unmerge` takes it out again.
+
+Names. `LoRALinear` subclasses `nn.Linear` and holds the SAME weight Parameter, so the base weight keeps its
+original name (`layers.0.attention.wq.weight`): base checkpoints, HF weight maps and tensor-parallel plans
+address it as before, and the adapter adds `wq.lora_a.weight` (r x in) and `wq.lora_b.weight` (out x r).
+(A wrapper with a `base` child would rename every adapted weight to `wq.base.weight`.)
+
+Tensor parallelism (for the TP plan; not done here). A and B are `nn.Linear` children so they shard like
+their base layer:
+    colwise base (wq, wk, wv, w1, w3; output dim sharded): lora_a replicated, lora_b colwise (Shard(0) of
+        its weight), so the LoRA output is sharded on the same output features as W x;
+    rowwise base (wo, w2; input dim sharded): lora_a rowwise (Shard(1) of its weight) giving a partial sum of
+        A x that lora_b (replicated) maps to a partial output, reduced together with W x's partial sum.
+
+Hugging Face PEFT export: `peft_state_dict` renames to PEFT's HF-Llama keys and applies the rotary row
+permutation to lora_B of wq/wk (meshtune rotates interleaved pairs, HF rotates halves); `adapter_config` writes
+adapter_config.json.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshtune.config import ConfigError, LoRAConfig
+from meshtune.recipes.base import PeftRecipe, register
+
+
+class LoRALinear(nn.Linear):
+    """`nn.Linear` plus a low-rank update on a dropout of its input. Build it with `from_linear`."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_a = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_b = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
+        """A LoRALinear sharing `base`'s weight and bias Parameters; A and B live on the weight's device."""
+        w = base.weight
+        new = cls(base.in_features, base.out_features, rank, alpha, dropout, bias=False, device="meta", dtype=w.dtype)
+        new.weight, new.bias = w, base.bias  # the same Parameters: no copy, same names in the state dict
+        new.lora_a.to_empty(device=w.device)
+        new.lora_b.to_empty(device=w.device)
+        new.reset_lora_parameters()
+        return new
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """A kaiming-uniform (PEFT's default, a=sqrt(5) like nn.Linear), B zero: the update starts at 0."""
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:  # B A is already inside W
+            return out
+        return out + self.lora_b(self.lora_a(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A, shaped like the base weight (out x in)."""
+        return (self.lora_b.weight @ self.lora_a.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += scaling * B A; forward then skips the LoRA path. Idempotent."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W -= scaling * B A (restores W up to float rounding). Idempotent."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether the module name ends with `pattern` at a dot boundary (fnmatch globs allowed)."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
+
+
+def lora_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the linear layers that `patterns` select (not the A/B layers of existing LoRA layers).
+
+    Raises:
+        ConfigError: naming `recipe.lora.targets`, for a pattern that matches no linear layer.
+    """
+    lora = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    inside_lora = {f"{n}.{c}" for n in lora for c in ("lora_a", "lora_b")}
+    linears = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and n not in inside_lora]
+    for p in patterns:
+        if not any(matches(n, p) for n in linears):
+            examples = sorted({n.split(".", 2)[-1] if n.startswith("layers.") else n for n in linears})
+            raise ConfigError(f"recipe.lora.targets: {p!r} matches no linear layer; use names such as "
+                              f"{', '.join(examples)} (matched at the end of module names, globs allowed)")
+    return [n for n in linears if any(matches(n, p) for p in patterns)]
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@register("lora")
+class LoRARecipe(PeftRecipe):
+    """Swap the targeted linear layers for LoRALinear; train only lora_a / lora_b."""
+
+    param_markers = ("lora_",)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        c = self.cfg.lora
+        if c.rank <= 0:
+            raise ConfigError(f"recipe.lora.rank: must be positive, got {c.rank}")
+        for name in lora_targets(model, c.targets):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, LoRALinear.from_linear(getattr(parent, child), c.rank, c.alpha, c.dropout))
+        self.freeze_base(model)
+        return model
+
+    def init_weights(self, model: nn.Module) -> None:
+        for _, m in lora_modules(model):
+            m.reset_lora_parameters()
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        for _, m in lora_modules(model):
+            m.merge()
+        return model
+
+    def unmerge(self, model: nn.Module) -> nn.Module:
+        for _, m in lora_modules(model):
+            m.unmerge()
+        return model
+
+    def merge_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return merge_lora_state(state, self.cfg.lora.alpha)
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Fold every `X.lora_a.weight` / `X.lora_b.weight` pair into `X.weight`; returns base names only."""
+    out = {k: v for k, v in state.items() if ".lora_a." not in k and ".lora_b." not in k}
+    for key, a in state.items():
+        if not key.endswith(".lora_a.weight"):
+            continue
+        prefix = key[: -len(".lora_a.weight")]
+        b = state[f"{prefix}.lora_b.weight"]
+        w = out[f"{prefix}.weight"]
+        out[f"{prefix}.weight"] = (w.float() + (b.float() @ a.float()) * (alpha / a.shape[0])).to(w.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face PEFT layout.
+
+HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj"}
+_LORA_KEY = re.compile(r"^layers\.(\d+)\.(attention\.w[qkvo]|feed_forward\.w[123])\.lora_([ab])\.weight$")
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection from meshtune's interleaved-pair rotary layout to HF's rotate-half layout.
+
+    Within each head, row 2i+c (pair i, half c) moves to row c*D/2+i: HF's convert_llama_weights_to_hf
+    `permute`. Applies to any matrix whose rows are q/k features (a weight, or a LoRA B).
+    """
+    rows = w.shape[0]
+    assert rows % (2 * n_heads) == 0, f"{rows} rows do not split into {n_heads} heads of pairs"
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_rope_rows`: HF rotate-half rows -> meshtune interleaved pairs."""
+    rows = w.shape[0]
+    assert rows % (2 * n_heads) == 0, f"{rows} rows do not split into {n_heads} heads of pairs"
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def peft_state_dict(state: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
+    """meshtune LoRA tensors -> the keys of PEFT's adapter_model.safetensors for HF Llama.
+
+    `layers.{i}.attention.wq.lora_a.weight` -> `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`;
+    lora_B of wq / wk gets the rotary row permutation (n_heads / n_kv_heads) like the base weights do.
+    Non-LoRA keys are ignored.
+
+    Raises:
+        ValueError: for a LoRA tensor with no HF Llama counterpart (e.g. on the output head).
+    """
+    out = {}
+    for key, t in state.items():
+        if ".lora_a." not in key and ".lora_b." not in key:
+            continue
+        m = _LORA_KEY.match(key)
+        if m is None:
+            raise ValueError(f"{key}: no Hugging Face PEFT name for this LoRA tensor; PEFT export covers "
+                             f"{', '.join(HF_NAMES)} (set recipe.lora.targets to those)")
+        layer, module, ab = m.groups()
+        if ab == "b" and module in ("attention.wq", "attention.wk"):
+            t = permute_rope_rows(t, n_heads if module == "attention.wq" else n_kv_heads)
+        out[f"base_model.model.model.layers.{layer}.{HF_NAMES[module]}.lora_{ab.upper()}.weight"] = t.contiguous()
+    return out
+
+
+def adapter_config(cfg: LoRAConfig, peft_state: dict[str, torch.Tensor]) -> dict:
+    """adapter_config.json for `peft_state` (from `peft_state_dict`).
+
+    `target_modules` is the list of HF projection names when every layer adapts the same ones, else a regex
+    that PEFT full-matches against module names (e.g. LoRA on some layers only).
+    """
+    modules = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in peft_state})
+    short = sorted({m.rsplit(".", 1)[1] for m in modules})
+    layers = {m.split(".")[2] for m in modules}
+    uniform = len(modules) == len(short) * len(layers)
+    targets = short if uniform else "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "", "r": cfg.rank,
+            "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "modules_to_save": None,
+            "inference_mode": True}
