@@ -8,11 +8,12 @@ Rank r has coordinate (r // (R*S*T), r // (S*T) % R, r // T % S, r % T) for degr
 `if (tp := mesh.get("tp")) is not None:` and a degree-1 axis costs nothing. Derived axes:
   dp    dp_replicate x dp_shard flattened: the data-loading and loss-reduction axis
   fsdp  the mesh FSDP2 shards over: ("dp_replicate", "dp_shard") for HSDP, else ("dp_shard",)
-This is the one module that touches DeviceMesh's private `_flatten`.
+This is the one module that touches private torch API: DeviceMesh's `_flatten` and the fake backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -120,3 +121,24 @@ class ParallelMesh:
 
     def describe(self) -> str:
         return " x ".join(f"{a}={getattr(self.dims, a)}" for a in AXES) + f" ({self.dims.dp_mode})"
+
+
+@contextlib.contextmanager
+def fake_process_group(rank: int, world_size: int):
+    """Pretend to be `rank` of `world_size` in this one process: collectives do nothing, but DeviceMesh,
+    DTensor sharding and FSDP2 build exactly the layout that rank would have. For plans at any scale."""
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import FakeProcessGroup  # torch's own fake backend, not yet public
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group already exists; plan in a fresh process")
+    if "fake" not in dist.Backend.backend_list:
+        def create(common_opts, backend_opts):
+            return FakeProcessGroup._create_internal(common_opts.group_rank, common_opts.group_size, backend_opts)
+
+        dist.Backend.register_backend("fake", create, extended_api=True, devices=["cpu", "cuda"])
+    dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -34,7 +34,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device: torch.device,
-                param_dtype: torch.dtype | None = None) -> nn.Module:
+                param_dtype: torch.dtype | None = None, wrap_ddp: bool = True) -> nn.Module:
     """Apply the parallel layout of `mesh` to `model` and return the module to train.
 
     Args:
@@ -43,6 +43,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
         cfg: the `parallel` config section.
         device: this rank's device.
         param_dtype: FSDP2 compute dtype for gathered parameters (None = the parameters' own).
+        wrap_ddp: False skips the DDP wrapper (plans on the meta device: DDP changes no parameter).
     """
     if (tp_mesh := mesh.get("tp")) is not None:
         if mesh.dims.dp_mode == "ddp":
@@ -56,6 +57,6 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
             block.compile()
     if (fsdp_mesh := mesh.get("fsdp")) is not None:
         return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype)
-    if (dp_mesh := mesh.get("dp")) is not None:
+    if (dp_mesh := mesh.get("dp")) is not None and wrap_ddp:
         return apply_ddp(model, dp_mesh, device)
     return model

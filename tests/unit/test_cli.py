@@ -172,7 +172,7 @@ def test_validate_prints_layout_and_per_rank_parameters(overrides, mode, shard):
     out = result.stdout
     assert f"dp_shard={shard}" in out and f"= 2 ranks ({mode})" in out
     total = int(re.search(r"model: ([\d,]+) parameters", out).group(1).replace(",", ""))
-    per_rank = int(re.search(r"per rank: ([\d,]+) parameters", out).group(1).replace(",", ""))
+    per_rank = int(re.search(r"per rank \(.*\): ([\d,]+) parameters", out).group(1).replace(",", ""))
     assert total > 0 and per_rank == total // shard
 
 
