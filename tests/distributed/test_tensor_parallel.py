@@ -7,18 +7,18 @@ from tests.distributed.cases import full_grads, full_params, max_diff, reference
 TOL = 1e-5
 
 
-def tp_layout(dp_shard: int, tp: int, micro: int, sp: bool) -> list[str]:
-    return ["parallel.dp_replicate=1", f"parallel.dp_shard={dp_shard}", f"parallel.tp={tp}",
+def tp_layout(dp_shard: int, tp: int, micro: int, sp: bool, dp_replicate: int = 1) -> list[str]:
+    return [f"parallel.dp_replicate={dp_replicate}", f"parallel.dp_shard={dp_shard}", f"parallel.tp={tp}",
             f"parallel.sequence_parallel={str(sp).lower()}", f"train.micro_batch_size={micro}"]
 
 
-def tp_vs_reference(run_dir, dp_shard, tp, micro, sp, steps):
+def tp_vs_reference(run_dir, dp_shard, tp, micro, sp, steps, dp_replicate=1):
     """First-step gradients, then `steps` training losses, against one process with one big batch."""
     from torch.distributed.tensor import DTensor
 
     from meshtune.runtime.run import build_trainer
 
-    cfg = tiny_config(run_dir, *tp_layout(dp_shard, tp, micro, sp))
+    cfg = tiny_config(run_dir, *tp_layout(dp_shard, tp, micro, sp, dp_replicate))
     ref, trainer = reference_trainer(cfg), build_trainer(cfg)
     ref.forward_backward(ref.next_micro_batches())
     trainer.forward_backward(trainer.next_micro_batches())
@@ -46,6 +46,13 @@ def test_tensor_parallel_matches_single_process(rank_pool, tmp_path, world, dp_s
         assert r["losses"][-1] < r["losses"][0]
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
         assert r["param_diff"] < 1e-4, r
+
+
+def test_hsdp_2x2_x_tp2_matches_single_process(rank_pool, tmp_path):
+    """8 ranks: HSDP (2 replicas x 2 shards) x TP 2."""
+    for r in rank_pool(8).run(tp_vs_reference, str(tmp_path), 2, 2, 2, False, 3, dp_replicate=2):
+        assert r["sharded"] and r["grad_diff"] < TOL, r
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
 
 
 def save_tp_checkpoint(run_dir):
