@@ -12,7 +12,7 @@ original name (`layers.0.attention.wq.weight`): base checkpoints, HF weight maps
 address it as before, and the adapter adds `wq.lora_a.weight` (r x in) and `wq.lora_b.weight` (out x r).
 (A wrapper with a `base` child would rename every adapted weight to `wq.base.weight`.)
 
-Tensor parallelism (for the TP plan; not done here). A and B are `nn.Linear` children so they shard like
+Tensor parallelism (applied by meshtune.runtime.tensor_parallel). A and B are `nn.Linear` children that shard like
 their base layer:
     colwise base (wq, wk, wv, w1, w3; output dim sharded): lora_a replicated, lora_b colwise (Shard(0) of
         its weight), so the LoRA output is sharded on the same output features as W x;

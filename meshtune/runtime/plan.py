@@ -32,7 +32,7 @@ from meshtune.runtime.pipeline_parallel import (
     stages_per_rank,
 )
 from meshtune.runtime.run import vocab_size
-from meshtune.runtime.tensor_parallel import check_tp
+from meshtune.runtime.tensor_parallel import check_tp, check_tp_recipes
 
 
 def _gb(n: float) -> str:
@@ -97,6 +97,7 @@ def describe_plan(cfg: Config, world_size: int) -> str:
             data_lines.append(f"{key}: {len(load_records(path, key)):,} records in {path}")
     vocab = vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
     check_tp(m, vocab, dims.tp)
+    check_tp_recipes(cfg, dims.tp)
     build_recipes(cfg.recipe)
     n = build_model(m, vocab, device="meta").num_params()
     # the exact per-rank layout, built on a fake world: the first rank of each pipeline stage group

@@ -33,7 +33,7 @@ from meshtune.runtime.pipeline_parallel import (
     stage_module,
     stages_per_rank,
 )
-from meshtune.runtime.tensor_parallel import check_tp
+from meshtune.runtime.tensor_parallel import check_tp, check_tp_recipes
 from meshtune.runtime.trainer import Trainer, lr_lambda, use_bf16
 
 
@@ -92,9 +92,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     vocab = vocab_size(cfg, tokenizer)
     check_tp(cfg.model, vocab, mesh.dims.tp)
     recipes = build_recipes(cfg.recipe)
-    if recipes and mesh.dims.tp > 1:
-        raise ConfigError(f"recipe.name: {cfg.recipe.name} under parallel.tp > 1 is not supported yet (its "
-                          "adapter weights are not sharded like their base layers); use parallel.tp=1")
+    check_tp_recipes(cfg, mesh.dims.tp)
     model = build_model(cfg.model, vocab, device="meta" if meta else env.device)
     model = apply_recipes(model, recipes)  # module swaps before parallelize: adapters shard with their layers
     param_dtype = torch.bfloat16 if use_bf16(cfg.train.dtype, env.device) else None

@@ -61,3 +61,30 @@ def test_peft_recipe_matches_single_process(rank_pool, tmp_path, recipe, dp_repl
         assert r["grad_diff"] < TOL, r
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
         assert r["param_diff"] < 1e-4, r
+
+
+def recipe_tp_vs_reference(run_dir, recipe, sp):
+    from meshtune.runtime.run import build_trainer
+    from tests.distributed.test_tensor_parallel import tp_layout
+
+    cfg = tiny_config(run_dir, *tp_layout(1, 2, 4, sp), f"recipe.name={recipe}")
+    ref, trainer = reference_trainer(cfg), build_trainer(cfg)
+    before = full_params(trainer.model)
+    losses, ref_losses = step_losses(trainer, 3), step_losses(ref, 3)
+    after = full_params(trainer.model)
+    lora_b = trainer.model.layers["0"].attention.wq.lora_b.weight if recipe == "lora" else None
+    return {"losses": losses, "ref_losses": ref_losses, "param_diff": max_diff(after, full_params(ref.model)),
+            "changed": {n for n in after if not (after[n] == before[n]).all()},
+            "b_local_rows": lora_b.to_local().shape[0] if lora_b is not None else None}
+
+
+@pytest.mark.parametrize("recipe,sp", [("lora", False), ("lora", True), ("adapters", False)],
+                         ids=["lora-tp2", "lora-tp2-sp", "adapters-tp2"])
+def test_peft_recipe_under_tensor_parallel(rank_pool, tmp_path, recipe, sp):
+    marker = {"lora": "lora_", "adapters": "adapter"}[recipe]
+    for r in rank_pool(2).run(recipe_tp_vs_reference, str(tmp_path), recipe, sp):
+        assert r["changed"] and all(marker in n for n in r["changed"])  # the base stays frozen
+        if recipe == "lora":
+            assert r["b_local_rows"] == 32 // 2  # B of a colwise layer is split like the layer's rows
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
+        assert r["param_diff"] < 1e-4, r
