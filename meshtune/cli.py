@@ -70,6 +70,33 @@ def _split_overrides(args: argparse.Namespace) -> list[str]:
     return list(args.overrides)
 
 
+def _stop_on_signals(trainer) -> None:
+    """SIGTERM (preemption, scancel, torchrun shutting down) and SIGUSR1 (SLURM's warning before the time
+    limit) make the trainer checkpoint after the current step and stop on every rank."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: trainer.request_stop(signum))
+
+
+def _after_stop(trainer, cfg) -> None:
+    """Report the stop; under SLURM, a time-limit stop (SIGUSR1) requeues the job, which resumes."""
+    import signal
+    import subprocess
+
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        return
+    name = signal.Signals(trainer.stop_signal).name
+    print(f"meshtune: stopped at step {trainer.step} on {name}; checkpoint saved in {cfg.run_dir}/checkpoints, "
+          "`checkpoint.resume: auto` continues from it", flush=True)
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and trainer.stop_signal == signal.SIGUSR1:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        print(f"meshtune: scontrol requeue {job}: " + ("ok" if result.returncode == 0 else result.stderr.strip()),
+              flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # overrides may follow options (`launch CFG --nproc-per-node 2 k=v`): collect them from the leftovers
@@ -118,9 +145,13 @@ def _run(args: argparse.Namespace) -> int:
         print(describe_plan(cfg, args.world_size))
         return 0
     if args.command == "train":
-        from meshtune.runtime.run import train
+        from meshtune.runtime.run import build_trainer
 
-        summary = train(cfg)
+        trainer = build_trainer(cfg)
+        _stop_on_signals(trainer)
+        summary = trainer.fit()
+        if summary["stopped"]:
+            _after_stop(trainer, cfg)
         import torch.distributed as dist
 
         if dist.is_initialized():

@@ -61,6 +61,18 @@ class Trainer:
         # FSDP2 casts parameters itself (MixedPrecisionPolicy); everything else uses autocast
         self.autocast = use_bf16(cfg.train.dtype, device) and mesh.get("fsdp") is None
         self.history: list[dict] = []
+        self.stop_signal: int | None = None  # set from a signal handler: save and stop after this step
+
+    def request_stop(self, signum: int) -> None:
+        """Ask the loop to checkpoint and stop after the current step (safe to call from a signal handler)."""
+        self.stop_signal = signum
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any rank was asked to stop: every rank must leave the loop at the same step."""
+        flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.device)
+        if self.mesh.mesh is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _autocast(self):
         if self.autocast:
@@ -193,13 +205,21 @@ class Trainer:
             if c.every and self.step % c.every == 0:
                 self.save()
                 last_save = self.step
-        if last_eval != self.step:
+            if self._agree_to_stop():  # preemption or a time limit: keep the work, leave together
+                stopped = True
+                break
+        else:
+            stopped = False
+        if last_eval != self.step and not stopped:
             self._log_eval()
-        if (c.save_final or end < t.steps) and last_save != self.step:
+        if (c.save_final or end < t.steps or stopped) and last_save != self.step:
             self.save()
+        if stopped:
+            self.metrics.log({"step": self.step, "event": "stopped", "signal": self.stop_signal})
         self.metrics.close()
         evals = [r for r in self.history if "eval_loss" in r]
-        return {"step": self.step, "history": self.history, "final_eval": evals[-1] if evals else None}
+        return {"step": self.step, "history": self.history, "final_eval": evals[-1] if evals else None,
+                "stopped": stopped}
 
     def _log_eval(self) -> None:
         record = {"step": self.step, **self.evaluate()}

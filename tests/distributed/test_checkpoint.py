@@ -57,3 +57,53 @@ def test_reshard_fsdp_to_single_process(rank_pool, tmp_path):
     assert alone.step == 2
     assert max_diff(full_params(alone.model), saved) == 0.0
     assert alone.sampler.state_dict()["consumed"] == 2 * 8
+
+
+def stop_on_one_rank_then_resume(run_dir):
+    """A signal reaches rank 1 only, during step 2: both ranks stop after step 2 with a checkpoint, and the
+    resumed run ends bitwise where an uninterrupted one does."""
+    import os
+    import signal
+
+    from meshtune.cli import _stop_on_signals
+    from meshtune.runtime.run import build_trainer
+
+    overrides = [*layout(1, 2, 4), "train.steps=4"]
+    straight = build_trainer(tiny_config(f"{run_dir}/straight", *overrides)).fit()
+    trainer = build_trainer(tiny_config(f"{run_dir}/cut", *overrides))
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    _stop_on_signals(trainer)
+    try:
+        if trainer.mesh.rank == 1:
+            trainer.train_step = _signal_during_step(trainer.train_step, trainer, at=2)
+        first = trainer.fit()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    resumed = build_trainer(tiny_config(f"{run_dir}/cut", *overrides, "checkpoint.resume=auto"))
+    start = resumed.step
+    rest = resumed.fit()
+    losses = [r["loss"] for r in first["history"] + rest["history"] if "loss" in r]
+    return {"stopped": first["stopped"], "stop_step": first["step"], "start": start,
+            "losses": losses, "ref": [r["loss"] for r in straight["history"] if "loss" in r],
+            "pid": os.getpid()}
+
+
+def _signal_during_step(step_fn, trainer, at):
+    def wrapped(micro):
+        out = step_fn(micro)
+        if trainer.step == at:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGUSR1)  # delivered to this rank's handler only
+        return out
+
+    return wrapped
+
+
+def test_signal_on_one_rank_stops_all_with_a_checkpoint(rank_pool, tmp_path):
+    for r in rank_pool(2).run(stop_on_one_rank_then_resume, str(tmp_path)):
+        assert r["stopped"] and r["stop_step"] == 2 and r["start"] == 2
+        assert r["losses"] == r["ref"]  # the interrupted-and-resumed curve is the uninterrupted one
+    assert (tmp_path / "cut" / "checkpoints" / "step_000002" / "meta.json").is_file()  # saved by the stop
