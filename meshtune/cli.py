@@ -149,7 +149,13 @@ def _run(args: argparse.Namespace) -> int:
 
         trainer = build_trainer(cfg)
         _stop_on_signals(trainer)
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except Exception as e:  # name the rank and step: torchrun's summary names neither the cause nor them
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"meshtune: rank {os.environ.get('RANK', '0')} failed at step {trainer.step}: "
+                  f"{type(e).__name__}: {first}", file=sys.stderr, flush=True)
+            raise
         if summary["stopped"]:
             _after_stop(trainer, cfg)
         import torch.distributed as dist
