@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from meshtune.config import ConfigError
 from meshtune.models.llama import Attention, apply_rope
@@ -88,7 +89,8 @@ class PrefixAttention(Attention):
             kv = self.prefix_mlp(self.prefix_embed)  # (P, 2 * Hkv * D)
             k, v = kv.view(self.length, 2, -1, self.head_dim).unbind(1)
             return k, v
-        return self.prefix_k, self.prefix_v
+        # under tensor parallelism the prefixes are DTensors split by kv head, like wk/wv's outputs
+        return tuple(t.to_local() if isinstance(t, DTensor) else t for t in (self.prefix_k, self.prefix_v))
 
     @torch.no_grad()
     def fold(self) -> None:

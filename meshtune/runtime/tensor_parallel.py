@@ -31,9 +31,9 @@ def check_tp(cfg: ModelConfig, vocab_size: int, tp: int) -> None:
 def check_tp_recipes(cfg: Config, tp: int) -> None:
     """Recipes whose parameters cannot follow the tensor-parallel layout yet are refused by name."""
     names = cfg.recipe.name.split("+") if cfg.recipe.name else []
-    if tp > 1 and "prefix" in names:
-        raise ConfigError("recipe.name: prefix tuning under parallel.tp > 1 is not supported yet (prefixes are "
-                          "not split by head); use parallel.tp=1")
+    if tp > 1 and "prefix" in names and cfg.recipe.prefix.reparam_hidden:
+        raise ConfigError("recipe.prefix.reparam_hidden: the prefix reparameterisation under parallel.tp > 1 is "
+                          "not supported yet; set it to 0 (plain prefixes are split by head) or parallel.tp=1")
     if tp > 1 and "adapters" in names and cfg.parallel.sequence_parallel:
         raise ConfigError("recipe.name: adapters with parallel.sequence_parallel are not supported yet; set "
                           "parallel.sequence_parallel=false")
@@ -65,6 +65,18 @@ def _lora_style(style, kind: str):
     return lora
 
 
+def _shard_prefixes(model: nn.Module, tp_mesh) -> None:
+    """Prefix-tuning key/value prefixes (P, kv heads, head dim) split by kv head, as wk/wv split theirs."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for module in model.modules():
+        for name in ("prefix_k", "prefix_v"):
+            param = module._parameters.get(name)
+            if param is not None:
+                module.register_parameter(name, nn.Parameter(distribute_tensor(param, tp_mesh, [Shard(1)]),
+                                                             requires_grad=param.requires_grad))
+
+
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     """Shard `model` in place over the 1-D `tp_mesh` following `model.tp_plan()`."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -77,6 +89,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
             plan[fqn] = _lora_style(style, kind)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     parallelize_module(model, tp_mesh, plan)
+    _shard_prefixes(model, tp_mesh)
     for name, p in model.named_parameters():  # SequenceParallel's new Parameters forget requires_grad=False
         if name in frozen:
             p.requires_grad_(False)

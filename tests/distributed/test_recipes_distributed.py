@@ -78,10 +78,11 @@ def recipe_tp_vs_reference(run_dir, recipe, sp):
             "b_local_rows": lora_b.to_local().shape[0] if lora_b is not None else None}
 
 
-@pytest.mark.parametrize("recipe,sp", [("lora", False), ("lora", True), ("adapters", False)],
-                         ids=["lora-tp2", "lora-tp2-sp", "adapters-tp2"])
+@pytest.mark.parametrize("recipe,sp", [("lora", False), ("lora", True), ("adapters", False), ("prefix", False),
+                                       ("prefix", True)],
+                         ids=["lora-tp2", "lora-tp2-sp", "adapters-tp2", "prefix-tp2", "prefix-tp2-sp"])
 def test_peft_recipe_under_tensor_parallel(rank_pool, tmp_path, recipe, sp):
-    marker = {"lora": "lora_", "adapters": "adapter"}[recipe]
+    marker = {"lora": "lora_", "adapters": "adapter", "prefix": "prefix_"}[recipe]
     for r in rank_pool(2).run(recipe_tp_vs_reference, str(tmp_path), recipe, sp):
         assert r["changed"] and all(marker in n for n in r["changed"])  # the base stays frozen
         if recipe == "lora":
