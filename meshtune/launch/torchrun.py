@@ -1,7 +1,19 @@
-"""`meshtune launch`: start `meshtune train` on N local processes through torchrun.
+"""`meshtune launch`: start `meshtune train` through torchrun, on this machine or on every node of a cluster.
 
-Standalone mode runs a c10d rendezvous on loopback with a free port, so several jobs can share a machine.
-The workers run `python -m meshtune train CONFIG k=v ...` with the same Python as the launcher.
+    meshtune launch CFG --nproc-per-node 2                                      one machine (standalone)
+    meshtune launch CFG --nnodes 2 --nproc-per-node 8 --rdzv-endpoint node0:29500 --rdzv-id job7   on each node
+    meshtune launch CFG --nnodes 2 --node-rank R --rdzv-endpoint node0:29500    static ranks: R = 0, 1
+    meshtune launch CFG --nnodes 1:4 --rdzv-endpoint node0:29500 --max-restarts 3   elastic: 1 to 4 nodes
+
+Three rendezvous modes, chosen by the flags given:
+- standalone (no node flags): torchrun's own c10d rendezvous on loopback with a free port, so several jobs
+  can share one machine.
+- c10d (`--rdzv-endpoint` without `--node-rank`): the same command on every node; node ranks are assigned
+  on arrival, so node counts may be a range (`--nnodes MIN:MAX`) and nodes may be replaced on restart.
+- static (`--node-rank`): fixed node ranks; node 0 hosts the store at the endpoint. No elastic ranges.
+
+Workers run `python -m meshtune train CONFIG k=v ...` with the same Python as the launcher. This module must
+not import torch (`meshtune launch --dry-run` and the CLI's help stay instant).
 """
 
 from __future__ import annotations
@@ -10,22 +22,193 @@ import os
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
+
+from meshtune.config import ConfigError
+
+DEFAULT_RDZV_ID = "meshtune"
+
+# With torch 2.13, torchrun's agent shares its rendezvous TCPStore with the workers by default; after a
+# restart the new gloo workers then read the previous round's addresses (connection refused, or a node
+# hangs). Measured on 2 namespace "hosts": elastic restart fails without this and passes with it.
+WORKER_ENV_DEFAULTS = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0) -> list[str]:
-    """The exact command `meshtune launch` runs."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-            f"--max-restarts={max_restarts}", "-m", "meshtune", "train", config, *overrides]
+class LaunchError(ConfigError):
+    """A user error in launcher flags or the cluster environment; the message names the flag and the fix."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """Where and how torchrun finds its peers. Build it with `node_spec()`, which validates the flags."""
+
+    min_nodes: int = 1
+    max_nodes: int = 1
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = DEFAULT_RDZV_ID
+    max_restarts: int = 0
+
+    @property
+    def mode(self) -> str:
+        """`standalone`, `static` (fixed node ranks) or `c10d` (ranks assigned at rendezvous)."""
+        if self.rdzv_endpoint is None:
+            return "standalone"
+        return "static" if self.node_rank is not None else "c10d"
+
+    @property
+    def nnodes(self) -> str:
+        return str(self.min_nodes) if self.min_nodes == self.max_nodes else f"{self.min_nodes}:{self.max_nodes}"
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """`N` or `MIN:MAX` -> (min, max).
+
+    Raises:
+        LaunchError: not integers, a count below 1, or MIN > MAX.
+    """
+    parts = str(text).split(":")
+    try:
+        if len(parts) > 2:
+            raise ValueError
+        lo, hi = int(parts[0]), int(parts[-1])
+    except ValueError:
+        raise LaunchError(f"--nnodes: {text!r} is not N or MIN:MAX (e.g. 2, or 2:4 for elastic)") from None
+    if lo < 1:
+        raise LaunchError(f"--nnodes: node count must be >= 1, got {text!r}")
+    if lo > hi:
+        raise LaunchError(f"--nnodes: MIN {lo} is larger than MAX {hi} in {text!r}; write MIN:MAX, e.g. {hi}:{lo}")
+    return lo, hi
+
+
+def parse_endpoint(text: str, flag: str = "--rdzv-endpoint") -> tuple[str, int]:
+    """`host:port` (or `[v6addr]:port`) -> (host, port).
+
+    Raises:
+        LaunchError: no host, no port, or a port outside 1-65535.
+    """
+    text = str(text)
+    if text.startswith("["):  # [v6addr]:port
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            raise LaunchError(f"{flag}: write an IPv6 address in brackets, e.g. [{host}]:{port}")
+    if not sep or not host:
+        raise LaunchError(f"{flag}: {text!r} has no port; write host:port, e.g. node0:29500")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise LaunchError(f"{flag}: port {port!r} in {text!r} is not a number in 1-65535")
+    if any(c.isspace() for c in host):
+        raise LaunchError(f"{flag}: host {host!r} contains whitespace")
+    return host, int(port)
+
+
+def node_spec(nnodes: str | int | None = None, node_rank: int | None = None, rdzv_endpoint: str | None = None,
+              rdzv_id: str | None = None, max_restarts: int = 0) -> NodeSpec:
+    """Validate the multi-node flags of `meshtune launch` and pick the rendezvous mode.
+
+    Args:
+        nnodes: `N` or `MIN:MAX`; default 1.
+        node_rank: this node's rank (static rendezvous); None = assigned by the c10d rendezvous.
+        rdzv_endpoint: `host:port` of the rendezvous store (on node 0); needed for more than one node.
+        rdzv_id: job id shared by all nodes of one job; default `meshtune`.
+        max_restarts: how often torchrun restarts the worker group after a failure.
+
+    Raises:
+        LaunchError: naming the flag, for any invalid value or combination.
+    """
+    lo, hi = parse_nnodes("1" if nnodes is None else str(nnodes))
+    if max_restarts < 0:
+        raise LaunchError(f"--max-restarts: must be >= 0, got {max_restarts}")
+    if rdzv_endpoint is not None:
+        parse_endpoint(rdzv_endpoint)
+    if rdzv_id is not None and (not rdzv_id or any(c.isspace() for c in rdzv_id)):
+        raise LaunchError(f"--rdzv-id: {rdzv_id!r} must be a non-empty word with no spaces, e.g. the job id")
+    if node_rank is not None:
+        if lo != hi:
+            raise LaunchError(f"--node-rank: fixed node ranks need a fixed --nnodes, got {lo}:{hi}; drop "
+                              "--node-rank to let the c10d rendezvous assign ranks")
+        if not 0 <= node_rank < hi:
+            raise LaunchError(f"--node-rank: {node_rank} is not in 0..{hi - 1} for --nnodes {hi}")
+    if rdzv_endpoint is None:
+        if hi > 1:
+            raise LaunchError(f"--rdzv-endpoint: needed with --nnodes {lo if lo == hi else f'{lo}:{hi}'}; give "
+                              "host:port of the first node, e.g. node0:29500")
+        if rdzv_id is not None:
+            raise LaunchError("--rdzv-id: only used with --rdzv-endpoint host:port (multi-node rendezvous)")
+    return NodeSpec(lo, hi, node_rank, rdzv_endpoint, rdzv_id or DEFAULT_RDZV_ID, max_restarts)
+
+
+def train_argv(config: str, overrides: list[str]) -> list[str]:
+    """What each worker runs after `torchrun ...`: `-m meshtune train CONFIG k=v ...`."""
+    return ["-m", "meshtune", "train", config, *overrides]
+
+
+def rendezvous_args(spec: NodeSpec, nproc_per_node: int, node_rank: int | None = None) -> list[str]:
+    """torchrun's flags for `spec`; `node_rank` replaces spec.node_rank (to print every node's command)."""
+    args = [f"--nproc-per-node={nproc_per_node}"]
+    if spec.mode == "standalone":
+        return ["--standalone", *args, f"--max-restarts={spec.max_restarts}"]
+    args = [f"--nnodes={spec.nnodes}", *args]
+    if spec.mode == "static":
+        rank = spec.node_rank if node_rank is None else node_rank
+        args += ["--rdzv-backend=static", f"--node-rank={rank}"]
+    else:
+        args += ["--rdzv-backend=c10d"]
+    return [*args, f"--rdzv-endpoint={spec.rdzv_endpoint}", f"--rdzv-id={spec.rdzv_id}",
+            f"--max-restarts={spec.max_restarts}"]
+
+
+def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0,
+                  nodes: NodeSpec | None = None, node_rank: int | None = None) -> list[str]:
+    """The exact command `meshtune launch` runs (on node `node_rank`, for a static multi-node spec)."""
+    spec = nodes if nodes is not None else NodeSpec(max_restarts=max_restarts)
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(spec, nproc_per_node, node_rank),
+            *train_argv(config, overrides)]
+
+
+def worker_env(environ: dict[str, str], nproc_per_node: int) -> dict[str, str]:
+    """The launcher's environment plus the defaults workers need; a value the user set is kept."""
+    env = dict(environ)
+    for key, value in WORKER_ENV_DEFAULTS.items():
+        env.setdefault(key, value)
+    # one intra-op thread per rank unless the user chose: N ranks x all cores each would oversubscribe
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    return env
+
+
+def dry_run_text(config: str, overrides: list[str], nproc_per_node: int, spec: NodeSpec) -> str:
+    """The command for each node, as shell lines. Multi-node lines carry the worker environment fixes."""
+    if spec.mode == "standalone":
+        return shlex.join(torchrun_argv(config, overrides, nproc_per_node, nodes=spec))
+    prefix = " ".join(f"{k}={shlex.quote(os.environ.get(k, v))}" for k, v in WORKER_ENV_DEFAULTS.items())
+    if spec.mode == "c10d":
+        header = (f"# the same command on each of the {spec.nnodes} nodes (c10d rendezvous at {spec.rdzv_endpoint}, "
+                  f"id {spec.rdzv_id}; node ranks are assigned on arrival):")
+        return f"{header}\n{prefix} {shlex.join(torchrun_argv(config, overrides, nproc_per_node, nodes=spec))}"
+    lines = []
+    for rank in range(spec.max_nodes):
+        here = " (this node)" if rank == spec.node_rank else ""
+        lines += [f"# node {rank} of {spec.max_nodes}{here}:",
+                  f"{prefix} {shlex.join(torchrun_argv(config, overrides, nproc_per_node, nodes=spec, node_rank=rank))}"]
+    return "\n".join(lines)
 
 
 def launch(config: str, overrides: list[str], nproc_per_node: int, dry_run: bool = False,
-           max_restarts: int = 0) -> int:
-    """Run torchrun (or print its command when `dry_run`); returns its exit code."""
-    argv = torchrun_argv(config, overrides, nproc_per_node, max_restarts)
+           max_restarts: int = 0, nodes: NodeSpec | None = None) -> int:
+    """Run torchrun on this node (or print each node's command when `dry_run`); returns its exit code.
+
+    Args:
+        config: path of the YAML config, passed to every worker.
+        overrides: `key=value` overrides, passed to every worker unchanged.
+        nproc_per_node: worker processes on this node.
+        dry_run: print the command(s) and run nothing.
+        max_restarts: torchrun restarts after a failure (ignored when `nodes` is given: it holds its own).
+        nodes: the multi-node spec from `node_spec()`; None = standalone on this machine.
+    """
+    spec = nodes if nodes is not None else NodeSpec(max_restarts=max_restarts)
     if dry_run:
-        print(shlex.join(argv))
+        print(dry_run_text(config, overrides, nproc_per_node, spec))
         return 0
-    env = dict(os.environ)
-    # one intra-op thread per rank unless the user chose: N ranks x all cores each would oversubscribe
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    return subprocess.call(argv, env=env)
+    argv = torchrun_argv(config, overrides, nproc_per_node, nodes=spec)
+    return subprocess.call(argv, env=worker_env(dict(os.environ), nproc_per_node))
