@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshtune.config import ConfigError, LoRAConfig
+from meshtune.models.hf import permute_rope_rows, unpermute_rope_rows  # noqa: F401 (re-exported)
 from meshtune.recipes.base import PeftRecipe, register
 
 
@@ -180,24 +181,6 @@ HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_pro
             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj"}
 _LORA_KEY = re.compile(r"^layers\.(\d+)\.(attention\.w[qkvo]|feed_forward\.w[123])\.lora_([ab])\.weight$")
-
-
-def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a q/k projection from meshtune's interleaved-pair rotary layout to HF's rotate-half layout.
-
-    Within each head, row 2i+c (pair i, half c) moves to row c*D/2+i: HF's convert_llama_weights_to_hf
-    `permute`. Applies to any matrix whose rows are q/k features (a weight, or a LoRA B).
-    """
-    rows = w.shape[0]
-    assert rows % (2 * n_heads) == 0, f"{rows} rows do not split into {n_heads} heads of pairs"
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of `permute_rope_rows`: HF rotate-half rows -> meshtune interleaved pairs."""
-    rows = w.shape[0]
-    assert rows % (2 * n_heads) == 0, f"{rows} rows do not split into {n_heads} heads of pairs"
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def peft_state_dict(state: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:

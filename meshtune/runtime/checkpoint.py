@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from meshtune.config import ConfigError
+from meshtune.models.hf import check_matches_hf, is_hf_dir, load_hf_state_dict
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # DCP warns on every save/load without a process group; one process is a normal way to run here
@@ -140,18 +141,23 @@ def _first_failure(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:200]
 
 
-def load_model_weights(model, path: str | Path, strict: bool = True) -> None:
+def load_model_weights(model, path: str | Path, strict: bool = True, model_cfg=None, vocab_size: int = 0) -> None:
     """Load model weights from outside a run: a .safetensors file, a `weights_only` torch file, or a
-    meshtune checkpoint folder. Arbitrary pickles are refused (weights_only=True rejects code). With
+    meshtune checkpoint folder, or a Hugging Face Llama checkpoint directory (its sizes are checked
+    against `model_cfg` when given). Arbitrary pickles are refused (weights_only=True rejects code). With
     `strict=False` parameters missing from the file (a recipe's adapters) keep their values."""
     path = Path(path)
-    if path.is_dir():
+    if is_hf_dir(path):  # a Hugging Face Llama-family directory: config.json + safetensors
+        if model_cfg is not None:
+            check_matches_hf(model_cfg, vocab_size, path)
+        full = load_hf_state_dict(path)
+    elif path.is_dir():
         sd = get_model_state_dict(model)
         planner = dcp.DefaultLoadPlanner(allow_partial_load=not strict)
         dcp.load({"model": sd}, checkpoint_id=str(path), planner=planner)
         set_model_state_dict(model, sd, options=StateDictOptions(strict=strict))
         return
-    if path.suffix == ".safetensors":
+    elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         full = load_file(str(path))

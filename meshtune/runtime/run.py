@@ -109,7 +109,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
             for recipe in recipes:
                 recipe.init_weights(part)
     if cfg.init_from:  # base weights; the recipes' own parameters are not in them
-        load_model_weights(model, cfg.init_from, strict=not recipes)
+        load_model_weights(model, cfg.init_from, strict=not recipes, model_cfg=cfg.model, vocab_size=vocab)
     optimizer, scheduler = build_optimizer(model, cfg)
 
     checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last)
