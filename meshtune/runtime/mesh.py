@@ -105,6 +105,16 @@ class ParallelMesh:
             if dims.dp_shard > 1:
                 self._axes["fsdp"] = self._axes["dp_shard"]
 
+    @property
+    def uses_fsdp(self) -> bool:
+        """Whether parameters go through FSDP2: sharded data parallelism, or DDP x TP (see replicate_mesh)."""
+        return "fsdp" in self._axes or (self.dims.dp_mode == "ddp" and self.dims.tp > 1)
+
+    def replicate_mesh(self):
+        """The 2-D ("dp_replicate", "dp_shard") mesh even when dp_shard is 1: FSDP2 over it replicates
+        parameters and all-reduces gradients like DDP, and unlike DDP it accepts tensor-parallel DTensors."""
+        return self.mesh["dp_replicate", "dp_shard"] if self.mesh is not None else None
+
     def get(self, axis: str):
         """The DeviceMesh of `axis` (an axis name, 'dp' or 'fsdp'), or None when its degree is 1."""
         if axis not in AXES + ("dp", "fsdp"):

@@ -1,6 +1,6 @@
 """Turn a freshly built model into its parallel form, in one documented order:
 
-    tensor parallel -> activation checkpointing -> torch.compile -> FSDP2 / HSDP / DDP
+    tensor parallel -> activation checkpointing -> torch.compile -> FSDP2 / HSDP / DDP (x TP: FSDP2 replicating)
 
 TP first because it rewrites parameters into DTensors that FSDP then shards along another mesh axis;
 checkpointing and compile wrap whole blocks, so they come before data parallelism wraps those blocks.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from meshtune.config import ConfigError, ParallelConfig
+from meshtune.config import ParallelConfig
 from meshtune.runtime.data_parallel import apply_ddp, apply_fsdp
 from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.tensor_parallel import apply_tp
@@ -46,9 +46,6 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
         wrap_ddp: False skips the DDP wrapper (plans on the meta device: DDP changes no parameter).
     """
     if (tp_mesh := mesh.get("tp")) is not None:
-        if mesh.dims.dp_mode == "ddp":
-            raise ConfigError("parallel.tp > 1 with DDP (dp_replicate > 1, dp_shard = 1) is not supported; shard "
-                              "the data-parallel axis instead: parallel.dp_shard=-1 parallel.dp_replicate=1")
         apply_tp(model, tp_mesh, cfg.sequence_parallel)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -57,6 +54,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
             block.compile()
     if (fsdp_mesh := mesh.get("fsdp")) is not None:
         return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype)
+    if mesh.dims.dp_mode == "ddp" and tp_mesh is not None:
+        # DDP cannot take DTensor parameters; FSDP2 replicating over (dp_replicate, dp_shard=1) is DDP x TP
+        return apply_fsdp(model, mesh.replicate_mesh(), False, param_dtype)
     if (dp_mesh := mesh.get("dp")) is not None and wrap_ddp:
         return apply_ddp(model, dp_mesh, device)
     return model

@@ -76,9 +76,6 @@ def describe_plan(cfg: Config, world_size: int) -> str:
         dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp).resolve(world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if dims.tp > 1 and dims.dp_mode == "ddp":
-        raise ConfigError("parallel.tp > 1 with DDP (dp_replicate > 1, dp_shard = 1) is not supported; shard "
-                          "the data-parallel axis instead: parallel.dp_shard=-1 parallel.dp_replicate=1")
     if t.global_batch_size % (t.micro_batch_size * dims.dp):
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                           f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree {dims.dp}; "

@@ -87,7 +87,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                           mesh.dp_rank, mesh.dp_size, seed, cfg.data.shuffle)
 
     meta = cfg.model.init_device == "meta"
-    if meta and mesh.get("fsdp") is None:
+    if meta and not mesh.uses_fsdp:
         raise ConfigError("model.init_device: meta needs a sharded model (parallel.dp_shard > 1); use auto")
     vocab = vocab_size(cfg, tokenizer)
     check_tp(cfg.model, vocab, mesh.dims.tp)

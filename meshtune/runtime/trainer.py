@@ -59,7 +59,7 @@ class Trainer:
         self.pp_group = pp.get_group() if pp is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         # FSDP2 casts parameters itself (MixedPrecisionPolicy); everything else uses autocast
-        self.autocast = use_bf16(cfg.train.dtype, device) and mesh.get("fsdp") is None
+        self.autocast = use_bf16(cfg.train.dtype, device) and not mesh.uses_fsdp
         self.history: list[dict] = []
         self.stop_signal: int | None = None  # set from a signal handler: save and stop after this step
 

@@ -48,6 +48,13 @@ def test_tensor_parallel_matches_single_process(rank_pool, tmp_path, world, dp_s
         assert r["param_diff"] < 1e-4, r
 
 
+def test_ddp2_x_tp2_matches_single_process(rank_pool, tmp_path):
+    """4 ranks: DDP (2 replicas) x TP 2, run by FSDP2 replicating over (dp_replicate, dp_shard=1)."""
+    for r in rank_pool(4).run(tp_vs_reference, str(tmp_path), 1, 2, 2, False, 3, dp_replicate=2):
+        assert r["sharded"] and r["grad_diff"] < TOL, r
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
+
+
 def test_hsdp_2x2_x_tp2_matches_single_process(rank_pool, tmp_path):
     """8 ranks: HSDP (2 replicas x 2 shards) x TP 2."""
     for r in rank_pool(8).run(tp_vs_reference, str(tmp_path), 2, 2, 2, False, 3, dp_replicate=2):
@@ -87,6 +94,5 @@ def test_tp_config_errors():
         describe_plan(load_config(None, [*TINY, "parallel.tp=2", "model.tie_embeddings=true"]), world_size=2)
     with pytest.raises(ConfigError, match="model.ffn_dim"):
         describe_plan(load_config(None, [*TINY, "parallel.tp=2", "model.ffn_dim=33"]), world_size=2)
-    with pytest.raises(ConfigError, match="with DDP"):
-        describe_plan(load_config(None, [*TINY, "parallel.tp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1"]),
-                      world_size=4)
+    assert "(ddp)" in describe_plan(load_config(None, [*TINY, "parallel.tp=2", "parallel.dp_replicate=2",
+                                                        "parallel.dp_shard=1", "train.micro_batch_size=4"]), 4)
