@@ -3,7 +3,10 @@
     meshtune ls                                        bundled configs
     meshtune train CONFIG [k=v ...]                    run here (alone, or as one rank under torchrun)
     meshtune launch CONFIG --nproc-per-node N [k=v]    start torchrun on this machine for you
+        [--nnodes N|MIN:MAX --rdzv-endpoint HOST:PORT [--node-rank R]]    ... or on each node of a cluster
+    meshtune slurm submit CONFIG --nodes N --gpus-per-node G [k=v]    an sbatch job; slurm status|logs|cancel JOB
     meshtune validate CONFIG --world-size W [k=v]      check a config and its layout without training
+    meshtune export RUN_DIR --format merged|adapter|peft [--out DIR] [--step N]   a run's weights as files
     meshtune demo                                      the end-to-end demo on 2 CPU ranks
 A config error prints one line naming the key and the fix, and exits with code 2.
 """
@@ -53,9 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "launch":
             p.add_argument("--nproc-per-node", type=int, default=2, help="processes (ranks) on this machine")
             p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
-            p.add_argument("--dry-run", action="store_true", help="print the torchrun command, run nothing")
+            p.add_argument("--nnodes", help="nodes: N, or MIN:MAX for an elastic job (default 1: this machine)")
+            p.add_argument("--node-rank", type=int, help="this node's rank for fixed ranks (static rendezvous); "
+                           "omit to let the c10d rendezvous assign ranks")
+            p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous store on the first node; "
+                           "needed with more than one node")
+            p.add_argument("--rdzv-id", help="job id shared by all nodes of one job (default meshtune)")
+            p.add_argument("--dry-run", action="store_true", help="print the torchrun command for each node, "
+                           "run nothing")
         if name == "validate":
             p.add_argument("--world-size", type=int, default=1, help="number of ranks to plan for")
+    from meshtune.launch.slurm import add_cli as add_slurm_cli
+
+    add_slurm_cli(sub, _config_args, _ConfigHelp)
+    exp = sub.add_parser("export", help="write a run's checkpoint as merged safetensors, an adapter or a PEFT dir")
+    exp.add_argument("run_dir", help="the run_dir of a training run (it holds config.yaml and checkpoints/)")
+    exp.add_argument("--format", dest="fmt", metavar="FORMAT",
+                     help="merged (full weights, LoRA folded in), adapter (only the recipe's tensors) or peft "
+                          "(Hugging Face PEFT dir; LoRA only)")
+    exp.add_argument("--out", help="output directory (default: the run dir; for peft: RUN_DIR/peft)")
+    exp.add_argument("--step", help="export this checkpoint step (default: the newest complete one)")
     demo = sub.add_parser("demo", help="run the bundled end-to-end demo on 2 CPU ranks")
     demo.add_argument("--run-dir", default="runs/demo", help="where the demo's runs go")
     demo.add_argument("--nproc-per-node", type=int, default=2, help="ranks to use")
@@ -125,20 +145,29 @@ def _run(args: argparse.Namespace) -> int:
         from meshtune.demo import run_demo
 
         return run_demo(args.run_dir, args.nproc_per_node)
+    if args.command == "slurm":
+        from meshtune.launch.slurm import run_cli
+
+        return run_cli(args, _split_overrides(args) if args.slurm_command == "submit" else [])
+
+    if args.command == "export":
+        return _export(args)
 
     overrides = _split_overrides(args)
     cfg = C.load_config(args.config, overrides)  # errors surface here, before any process starts
     if args.command == "launch":
-        from meshtune.launch.torchrun import launch
+        from meshtune.launch.torchrun import launch, node_spec
 
         if args.nproc_per_node < 1:
             raise ConfigError(f"--nproc-per-node: must be >= 1, got {args.nproc_per_node}")
+        nodes = node_spec(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.max_restarts)
         if not args.dry_run:  # catch layout, task and tokenizer errors once here, not on every rank
             from meshtune.runtime.plan import describe_plan
 
-            describe_plan(cfg, args.nproc_per_node)
+            for n in sorted({nodes.min_nodes, nodes.max_nodes}):
+                describe_plan(cfg, n * args.nproc_per_node)
         config_path = str(C.resolve_config_path(args.config))
-        return launch(config_path, overrides, args.nproc_per_node, args.dry_run, args.max_restarts)
+        return launch(config_path, overrides, args.nproc_per_node, args.dry_run, nodes=nodes)
     if args.command == "validate":
         from meshtune.runtime.plan import describe_plan
 
@@ -169,3 +198,19 @@ def _run(args: argparse.Namespace) -> int:
                   f"eval accuracy {last.get('eval_accuracy', float('nan')):.3f}; run dir {cfg.run_dir}")
         return 0
     raise AssertionError(args.command)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from meshtune.export import FORMATS
+
+    if args.fmt is None:
+        raise ConfigError(f"--format: missing; give one of {', '.join(FORMATS)}")
+    step = None
+    if args.step is not None:
+        if not args.step.isdigit():
+            raise ConfigError(f"--step: {args.step!r} is not a step number; give e.g. --step 100")
+        step = int(args.step)
+    from meshtune.export import export
+
+    export(args.run_dir, args.fmt, args.out, step)
+    return 0

@@ -95,7 +95,8 @@ def parse_endpoint(text: str, flag: str = "--rdzv-endpoint") -> tuple[str, int]:
         if ":" in host:
             raise LaunchError(f"{flag}: write an IPv6 address in brackets, e.g. [{host}]:{port}")
     if not sep or not host:
-        raise LaunchError(f"{flag}: {text!r} has no port; write host:port, e.g. node0:29500")
+        raise LaunchError(f"{flag}: {text!r} has no {'port' if not sep else 'host'}; write host:port, e.g. "
+                          "node0:29500")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise LaunchError(f"{flag}: port {port!r} in {text!r} is not a number in 1-65535")
     if any(c.isspace() for c in host):
@@ -189,8 +190,8 @@ def dry_run_text(config: str, overrides: list[str], nproc_per_node: int, spec: N
     lines = []
     for rank in range(spec.max_nodes):
         here = " (this node)" if rank == spec.node_rank else ""
-        lines += [f"# node {rank} of {spec.max_nodes}{here}:",
-                  f"{prefix} {shlex.join(torchrun_argv(config, overrides, nproc_per_node, nodes=spec, node_rank=rank))}"]
+        argv = torchrun_argv(config, overrides, nproc_per_node, nodes=spec, node_rank=rank)
+        lines += [f"# node {rank} of {spec.max_nodes}{here}:", f"{prefix} {shlex.join(argv)}"]
     return "\n".join(lines)
 
 

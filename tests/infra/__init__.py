@@ -1,0 +1,1 @@
+"""Test infrastructure started by the tests themselves (local SLURM cluster)."""
