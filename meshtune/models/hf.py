@@ -231,6 +231,30 @@ def _ffn(cfg: ModelConfig) -> int:
     return ffn_hidden_dim(cfg)
 
 
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """meshtune weights -> HF LlamaForCausalLM names, q/k rows permuted to HF's rotate-half layout.
+
+    Raises ConfigError for a tensor that has no HF Llama name (an unmerged adapter) or a missing one."""
+    vocab = cfg.vocab_size or state["tok_embeddings.weight"].shape[0]
+    cfg = dataclasses.replace(cfg, ffn_dim=_ffn(cfg), vocab_size=vocab)
+    shapes = _expected_shapes(cfg)
+    if cfg.tie_embeddings:
+        del shapes["output.weight"]
+    extra = sorted(set(state) - set(shapes) - {"output.weight"})
+    if extra:
+        raise ConfigError(f"save_hf_checkpoint: {extra[0]!r} has no Hugging Face Llama name; merge or drop "
+                          "recipe tensors (LoRA, adapters) before exporting")
+    tensors = {}
+    for name in shapes:
+        if name not in state:
+            raise ConfigError(f"save_hf_checkpoint: the state has no {name!r}")
+        t = state[name].detach().to("cpu")
+        heads = _rope_heads(name, cfg)
+        # clone: safetensors refuses tensors that share storage (tied weights, views)
+        tensors[_hf_name(name)] = (permute_rope_rows(t, heads) if heads else t).contiguous().clone()
+    return tensors
+
+
 def save_hf_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, out_dir: str | Path,
                        max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | Path | None = None) -> Path:
     """Write a meshtune state dict as an HF Llama checkpoint directory that `from_pretrained` loads.
@@ -252,21 +276,7 @@ def save_hf_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_s
     from safetensors.torch import save_file
 
     cfg = dataclasses.replace(cfg, ffn_dim=_ffn(cfg), vocab_size=vocab_size)
-    shapes = _expected_shapes(cfg)
-    if cfg.tie_embeddings:
-        del shapes["output.weight"]
-    extra = sorted(set(state) - set(shapes) - {"output.weight"})
-    if extra:
-        raise ConfigError(f"save_hf_checkpoint: {extra[0]!r} has no Hugging Face Llama name; merge or drop "
-                          "recipe tensors (LoRA, adapters) before exporting")
-    tensors = {}
-    for name in shapes:
-        if name not in state:
-            raise ConfigError(f"save_hf_checkpoint: the state has no {name!r}")
-        t = state[name].detach().to("cpu")
-        heads = _rope_heads(name, cfg)
-        # clone: safetensors refuses tensors that share storage (tied weights, views)
-        tensors[_hf_name(name)] = (permute_rope_rows(t, heads) if heads else t).contiguous().clone()
+    tensors = to_hf_state_dict(state, cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:  # a previous export's shards

@@ -96,18 +96,9 @@ def test_merged_weights_reproduce_the_lora_model(lora_run, tmp_path):
 
 def hf_llama_state(state: dict, cfg: ModelConfig) -> dict:
     """meshtune base weights -> HF LlamaForCausalLM names (q/k rows permuted to rotate-half)."""
-    from meshtune.recipes.lora import HF_NAMES, permute_rope_rows
+    from meshtune.models.hf import to_hf_state_dict
 
-    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["output.weight"]}
-    names = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **HF_NAMES}
-    for i in range(cfg.n_layers):
-        for ours, theirs in names.items():
-            w = state[f"layers.{i}.{ours}.weight"]
-            if ours in ("attention.wq", "attention.wk"):
-                w = permute_rope_rows(w, cfg.n_heads if ours == "attention.wq" else cfg.n_kv_heads)
-            out[f"model.layers.{i}.{theirs}.weight"] = w
-    return out
+    return to_hf_state_dict({k: v for k, v in state.items() if "lora_" not in k}, cfg)
 
 
 def test_peft_export_loads_onto_hf_llama(lora_run, capsys):

@@ -339,19 +339,9 @@ def test_peft_export_rejects_unmappable():
 
 def _hf_llama_state(state: dict) -> dict:
     """meshtune base weights -> HF LlamaForCausalLM names (q/k rows permuted to rotate-half)."""
-    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["output.weight"]}
-    names = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-             "feed_forward.w2": "mlp.down_proj"}
-    for i in range(MCFG.n_layers):
-        for ours, theirs in names.items():
-            w = state[f"layers.{i}.{ours}.weight"]
-            if ours in ("attention.wq", "attention.wk"):
-                w = permute_rope_rows(w, MCFG.n_heads if ours == "attention.wq" else MCFG.n_kv_heads)
-            out[f"model.layers.{i}.{theirs}.weight"] = w
-    return out
+    from meshtune.models.hf import to_hf_state_dict
+
+    return to_hf_state_dict({k: v for k, v in state.items() if "lora_" not in k}, MCFG)
 
 
 def test_peft_loads_exported_adapter(tmp_path):
