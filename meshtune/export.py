@@ -269,7 +269,12 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
     elif fmt == "adapter":
         written = [save_safetensors(adapter_state(run), out / FILES["adapter"], meta)]
     else:
+        from meshtune.models.hf import is_hf_dir
+
         tensors, conf = peft_files(run)
+        init_from = read_yaml(Path(run_dir) / "config.yaml").get("init_from") or ""
+        if init_from and is_hf_dir(init_from):  # the HF model the adapter belongs on, for peft's loaders
+            conf["base_model_name_or_path"] = str(init_from)
         written = [save_safetensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})]
         (out / "adapter_config.json").write_text(json.dumps(conf, indent=2) + "\n")
         written.insert(0, out / "adapter_config.json")

@@ -75,7 +75,8 @@ class LoRALinear(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         if self.merged:  # B A is already inside W
             return out
-        return out + self.lora_b(self.lora_a(self.lora_dropout(x))) * self.scaling
+        # scale the rank-sized tensor and add in place: linear's backward does not need its output
+        return out.add_(self.lora_b(self.lora_a(self.lora_dropout(x)) * self.scaling))
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A, shaped like the base weight (out x in)."""
