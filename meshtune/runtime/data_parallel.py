@@ -7,6 +7,8 @@ implicit prefetch). The last block and the root are not resharded after forward:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -34,14 +36,18 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True,
 
 def apply_ddp(model: nn.Module, mesh, device: torch.device) -> nn.Module:
     """Wrap `model` in DistributedDataParallel over the 1-D "dp" mesh."""
-    return nn.parallel.DistributedDataParallel(
+    ddp = nn.parallel.DistributedDataParallel
+    # torch 2.13 renamed broadcast_buffers; older releases in our range know only the old name
+    no_buffer_sync = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else "broadcast_buffers"): False}
+    return ddp(
         model,
         process_group=mesh.get_group(),
         device_ids=[device.index] if device.type == "cuda" else None,
         # gradient buckets in place of grads: saves a copy of every gradient
         gradient_as_bucket_view=True,
         # the only buffers are the rotary tables, equal everywhere: don't re-send them every step
-        broadcast_buffers=False,
+        **no_buffer_sync,
     )
 
 
