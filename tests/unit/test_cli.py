@@ -49,7 +49,7 @@ def assert_config_error(result: subprocess.CompletedProcess, key: str) -> str:
 
 
 def test_import_does_not_import_torch():
-    code = ("import sys, meshtune, meshtune.cli, meshtune.config, meshtune.launch.torchrun\n"
+    code = ("import sys, meshtune, meshtune.cli, meshtune.config, meshtune.launch.torchrun, meshtune.launch.slurm\n"
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
             "assert not bad, bad[:5]")
     result = python("-c", code)
