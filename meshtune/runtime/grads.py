@@ -56,6 +56,15 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
+def eval_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[summed token loss, valid tokens, exactly-matched sequences, evaluated sequences] of one batch (fp64)."""
+    from meshtune.data import exact_match
+
+    correct, valid = exact_match(logits, labels)
+    return torch.stack([summed_loss(logits, labels).detach().double(), (labels != IGNORE_INDEX).sum().double(),
+                        (correct & valid).sum().double(), valid.sum().double()])
+
+
 def grad_norm(params: list[torch.nn.Parameter], pp_group=None) -> torch.Tensor:
     """The global L2 norm of gradients over every parallel axis.
 

@@ -19,9 +19,16 @@ import torch
 import torch.distributed as dist
 
 from meshtune.config import Config
-from meshtune.data import StepSampler, collate, eval_batches, exact_match
+from meshtune.data import StepSampler, collate, eval_batches
 from meshtune.runtime.checkpoint import Checkpointer
-from meshtune.runtime.grads import IGNORE_INDEX, clip_grad_norm_, count_tokens, maybe_no_sync, summed_loss
+from meshtune.runtime.grads import (
+    IGNORE_INDEX,
+    clip_grad_norm_,
+    count_tokens,
+    eval_counts,
+    maybe_no_sync,
+    summed_loss,
+)
 from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.metrics import Metrics, peak_memory_gb
 from meshtune.runtime.pipeline_parallel import Pipeline
@@ -134,23 +141,22 @@ class Trainer:
                                self.mesh.dp_size)
         if self.cfg.train.eval_batches:
             batches = batches[: self.cfg.train.eval_batches]
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, tokens, correct, sequences
         if self.pipeline is not None:
-            return self._pipeline_evaluate(batches)
-        for idx in batches:
-            batch = collate([self.eval_ds[i] for i in idx] or [self.eval_ds[0]])
-            labels = batch["labels"].to(self.device)
-            if not idx:
-                labels.fill_(IGNORE_INDEX)
-            with self._autocast():
-                logits = self.model(batch["input_ids"].to(self.device))
-            correct, valid = exact_match(logits, labels)
-            totals += torch.stack([summed_loss(logits, labels).double(), (labels != IGNORE_INDEX).sum().double(),
-                                   (correct & valid).sum().double(), valid.sum().double()])
+            totals = self._pipeline_eval_counts(batches)
+        else:
+            totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, tokens, correct, sequences
+            for idx in batches:
+                batch = collate([self.eval_ds[i] for i in idx] or [self.eval_ds[0]])
+                labels = batch["labels"].to(self.device)
+                if not idx:
+                    labels.fill_(IGNORE_INDEX)
+                with self._autocast():
+                    logits = self.model(batch["input_ids"].to(self.device))
+                totals += eval_counts(logits, labels)
         loss, ntok, correct, nseq = self._reduce(totals).tolist()
         return {"eval_loss": loss / max(ntok, 1), "eval_accuracy": correct / max(nseq, 1)}
 
-    def _pipeline_evaluate(self, batches: list[list[int]]) -> dict:
+    def _pipeline_eval_counts(self, batches: list[list[int]]) -> torch.Tensor:
         """Evaluation through the schedule: rounds of exactly n_microbatches full-size micro-batches, the
         gaps filled with rows whose labels are all ignored."""
         n, mb = self.sampler.accum_steps, self.cfg.train.micro_batch_size
@@ -164,8 +170,7 @@ class Trainer:
                 batch["labels"][len(idx):] = IGNORE_INDEX
                 micro.append(batch)
             totals += self.pipeline.evaluate(micro, self.device)
-        loss, ntok, correct, nseq = self._reduce(totals).tolist()
-        return {"eval_loss": loss / max(ntok, 1), "eval_accuracy": correct / max(nseq, 1)}
+        return totals
 
     def save(self) -> None:
         meta = {"scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
