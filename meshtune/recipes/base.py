@@ -5,7 +5,8 @@ A recipe is a model transform plus hooks on the one trainer, never a copy of the
     recipes = build_recipes(cfg.recipe)            # "lora+qat" -> [LoRARecipe, QATRecipe], in that order
     model = apply_recipes(model, recipes)          # module swaps, then requires_grad from every recipe
     model = parallelize(model, mesh, cfg.parallel) # recipe parameters are sharded like their base layers
-    ... each step: loss + sum(extra_loss), backward, optimizer step, after_optimizer_step(model)
+    ... each micro-batch: loss = r.loss(loss, logits, batch) for r in recipes; backward
+    ... each step: optimizer step, then r.after_optimizer_step(model) for r in recipes
     adapter = export_state(full_state_dict, recipes)   # plain tensors in, plain tensors out
 
 Which parameters train is decided by all recipes together (`is_trainable`), so stacked PEFT recipes do not
@@ -71,9 +72,14 @@ class Recipe:
         """True: the parameter is this recipe's and trains; False: this recipe freezes it; None: no opinion."""
         return None
 
-    def extra_loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor | None:
-        """A term added to the training loss (distillation, regularisers); None = nothing."""
-        return None
+    def loss(self, task_loss: torch.Tensor, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The micro-batch's training loss given its task loss (distillation, regularisers): default unchanged.
+
+        `task_loss` is the cross-entropy SUMMED over the micro-batch's valid tokens (the trainer scales it by
+        dp / global tokens afterwards), so a returned loss must be a per-token sum too. `logits` are the model's
+        outputs for `batch["input_ids"]` (on the device), `batch` holds input_ids and labels. Recipes chain:
+        each gets the previous one's result. The logged loss stays the task loss."""
+        return task_loss
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Runs after every optimizer step (re-apply pruning masks, update quantisation ranges...)."""

@@ -129,7 +129,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     metrics = Metrics(cfg.metrics, cfg.run_dir, env.is_main, cfg.train.steps, config_dict=to_dict(cfg),
                       start_step=step)
     return Trainer(cfg, mesh, env.device, model, optimizer, scheduler, train_ds, eval_ds, sampler,
-                   checkpointer, metrics, step=step, pipeline=pipeline)
+                   checkpointer, metrics, step=step, pipeline=pipeline, recipes=recipes)
 
 
 def build_pipeline(model, cfg: Config, mesh: ParallelMesh, n_microbatches: int, device, param_dtype, pp_mesh):

@@ -2,9 +2,9 @@
 
 Each optimizer step:
     micro-batches of this rank (StepSampler)  -> count valid tokens over dp (one all-reduce)
-    for each micro-batch: forward -> summed token loss * dp / global tokens -> backward
+    for each micro-batch: forward -> summed token loss (recipes may reshape it) * dp / global tokens -> backward
         (the data-parallel gradient reduction runs only on the last micro-batch)
-    clip the global gradient norm -> AdamW step -> LR schedule step
+    clip the global gradient norm -> AdamW step -> recipes' after_optimizer_step -> LR schedule step
 Every `train.eval_every` steps: loss and exact-match accuracy on the evaluation split; every
 `checkpoint.every` steps: an atomic distributed checkpoint; every `train.log_every` steps: a metrics line.
 """
@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
-from meshtune.config import Config
+from meshtune.config import Config, ConfigError
 from meshtune.data import StepSampler, collate, eval_batches
+from meshtune.recipes.base import Recipe
 from meshtune.runtime.checkpoint import Checkpointer
 from meshtune.runtime.grads import (
     IGNORE_INDEX,
@@ -54,13 +56,19 @@ class Trainer:
 
     def __init__(self, cfg: Config, mesh: ParallelMesh, device: torch.device, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler, train_ds, eval_ds, sampler: StepSampler,
-                 checkpointer: Checkpointer, metrics: Metrics, step: int = 0, pipeline: Pipeline | None = None):
+                 checkpointer: Checkpointer, metrics: Metrics, step: int = 0, pipeline: Pipeline | None = None,
+                 recipes: Sequence[Recipe] = ()):
         self.cfg, self.mesh, self.device = cfg, mesh, device
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_ds, self.eval_ds, self.sampler = train_ds, eval_ds, sampler
         self.checkpointer, self.metrics = checkpointer, metrics
         self.step = step
         self.pipeline = pipeline
+        self.recipes = list(recipes)
+        loss_hooks = [r.name for r in self.recipes if type(r).loss is not Recipe.loss]
+        if pipeline is not None and loss_hooks:
+            raise ConfigError(f"recipe.name: {'+'.join(loss_hooks)} changes the training loss, which the pipeline "
+                              "schedule computes on its last stage only; set parallel.pp=1")
         dp, pp = mesh.get("dp"), mesh.get("pp")
         self.dp_group = dp.get_group() if dp is not None else None
         self.pp_group = pp.get_group() if pp is not None else None
@@ -101,7 +109,10 @@ class Trainer:
                 with self._autocast():
                     logits = self.model(mb["input_ids"].to(self.device, non_blocking=True))
                 loss = summed_loss(logits, labels)
-                (loss * scale).backward()
+                total = loss
+                for recipe in self.recipes:
+                    total = recipe.loss(total, logits, mb)
+                (total * scale).backward()
             loss_sum += loss.detach()
         return loss_sum, tokens
 
@@ -110,6 +121,8 @@ class Trainer:
         loss_sum, tokens = self.forward_backward(micro_batches)
         norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip, self.pp_group)
         self.optimizer.step()
+        for recipe in self.recipes:
+            recipe.after_optimizer_step(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

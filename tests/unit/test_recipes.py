@@ -507,3 +507,40 @@ def test_stacked_recipes_train_each_others_parameters():
     assert changed_params(before, model) == own
     exported = export_state(model.state_dict(), recipes)
     assert exported.keys() == own
+
+
+def test_trainer_runs_recipe_loss_and_step_hooks(tmp_path):
+    """The trainer backpropagates the recipes' chained loss and calls after_optimizer_step once per step."""
+    from meshtune.recipes.base import Recipe
+    from meshtune.runtime.env import DistEnv
+    from meshtune.runtime.run import build_trainer
+    from tests.distributed.cases import full_grads, step_losses, tiny_config
+
+    class Scale(Recipe):
+        name = "scale"
+
+        def __init__(self, factor):
+            self.factor, self.steps = factor, 0
+
+        def loss(self, task_loss, logits, batch):
+            assert logits.shape[:2] == batch["input_ids"].shape
+            return task_loss * self.factor
+
+        def after_optimizer_step(self, model):
+            self.steps += 1
+
+    def grads(recipes):
+        trainer = build_trainer(tiny_config(str(tmp_path), "parallel.dp_shard=1"), DistEnv())
+        trainer.recipes = recipes
+        loss_sum, tokens = trainer.forward_backward(trainer.next_micro_batches())
+        return trainer, full_grads(trainer.model), loss_sum
+
+    _, plain, plain_loss = grads([])
+    hooks = [Scale(2.0), Scale(1.5)]
+    trainer, scaled, scaled_loss = grads(hooks)
+    assert torch.equal(plain_loss, scaled_loss)  # the logged loss stays the task loss
+    for k in plain:
+        torch.testing.assert_close(scaled[k], 3.0 * plain[k])
+    trainer.optimizer.zero_grad()
+    step_losses(trainer, 2)
+    assert [h.steps for h in hooks] == [2, 2]
