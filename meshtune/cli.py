@@ -7,6 +7,7 @@
     meshtune slurm submit CONFIG --nodes N --gpus-per-node G [k=v]    an sbatch job; slurm status|logs|cancel JOB
     meshtune validate CONFIG --world-size W [k=v]      check a config and its layout without training
     meshtune export RUN_DIR --format merged|adapter|peft [--out DIR] [--step N]   a run's weights as files
+    meshtune report RUN_DIR [RUN_DIR ...] [--out DIR]   PNG plots and a Markdown table of runs, overlaid
     meshtune demo                                      the end-to-end demo on 2 CPU ranks
 A config error prints one line naming the key and the fix, and exits with code 2.
 """
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(Hugging Face PEFT dir; LoRA only)")
     exp.add_argument("--out", help="output directory (default: the run dir; for peft: RUN_DIR/peft)")
     exp.add_argument("--step", help="export this checkpoint step (default: the newest complete one)")
+    rep = sub.add_parser("report", help="PNG plots (loss, eval accuracy, lr, tokens/s) and a Markdown summary of "
+                         "one or more runs, overlaid")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding metrics.jsonl and config.yaml")
+    rep.add_argument("--out", help="output directory (default: the first RUN_DIR's report/)")
     demo = sub.add_parser("demo", help="run the bundled end-to-end demo on 2 CPU ranks")
     demo.add_argument("--run-dir", default="runs/demo", help="where the demo's runs go")
     demo.add_argument("--nproc-per-node", type=int, default=2, help="ranks to use")
@@ -152,6 +157,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "export":
         return _export(args)
+    if args.command == "report":
+        from meshtune.report import write_report
+
+        write_report(args.run_dirs, args.out)
+        return 0
 
     overrides = _split_overrides(args)
     cfg = C.load_config(args.config, overrides)  # errors surface here, before any process starts

@@ -17,7 +17,7 @@ import torch
 from meshtune.config import Config, ConfigError, dump_yaml, to_dict
 from meshtune.data import StepSampler, build_datasets, build_tokenizer
 from meshtune.models import build_model
-from meshtune.recipes import apply_recipes, build_recipes
+from meshtune.recipes import apply_recipes, build_recipes, count_parameters
 from meshtune.runtime.checkpoint import Checkpointer, load_model_weights
 from meshtune.runtime.data_parallel import unwrap
 from meshtune.runtime.env import DistEnv
@@ -95,6 +95,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     check_tp_recipes(cfg, mesh.dims.tp)
     model = build_model(cfg.model, vocab, device="meta" if meta else env.device)
     model = apply_recipes(model, recipes)  # module swaps before parallelize: adapters shard with their layers
+    trainable, total = count_parameters(model)  # the whole model, before sharding or pipeline cuts
     param_dtype = torch.bfloat16 if use_bf16(cfg.train.dtype, env.device) else None
     pipeline = None
     if (pp_mesh := mesh.get("pp")) is not None:
@@ -128,6 +129,9 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
         (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))
     metrics = Metrics(cfg.metrics, cfg.run_dir, env.is_main, cfg.train.steps, config_dict=to_dict(cfg),
                       start_step=step)
+    # one line per start (a resume adds another): `meshtune report` reads the counts and wall time from it
+    metrics.log({"step": step, "event": "start", "trainable_params": trainable, "total_params": total,
+                 "world_size": env.world_size})
     return Trainer(cfg, mesh, env.device, model, optimizer, scheduler, train_ds, eval_ds, sampler,
                    checkpointer, metrics, step=step, pipeline=pipeline, recipes=recipes)
 
