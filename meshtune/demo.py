@@ -10,6 +10,9 @@ Stage 4 fine-tunes it on a task it has not seen, descending sort (`rsort`, writt
 ways with the bundled configs: full fine-tuning, LoRA, bottleneck adapters and prefix tuning, each a short
 2-rank run followed by an export (merged weights for full fine-tuning, the adapter file for the others). The
 table shows trainable parameters, exported file size, median step time and task accuracy side by side.
+
+It ends with `meshtune report` over all five runs: <run_dir>/report/report.md and PNG plots of loss, accuracy,
+learning rate and throughput, the runs overlaid.
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ def run_demo(run_root: str = "runs/demo", nproc: int = 2) -> int:
     if code != 0:
         return code
     code = finetune_stages(root, sort_dir, nproc)
+    if code == 0:
+        from meshtune.report import write_report
+
+        runs = [sort_dir, *(root / f"ft-{name}" for name, _ in FINETUNE)]
+        print(f"\n$ meshtune report {' '.join(map(str, runs))} --out {root / 'report'}", flush=True)
+        report = write_report(runs, root / "report")
+        print(f"report: {report} (plots beside it)")
     print(f"\n{time.time() - t0:.0f} s in all")
     if code == 0:
         print("demo passed: the base learned and resumed across layouts; every recipe lowered the loss on the new task")

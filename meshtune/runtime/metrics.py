@@ -3,9 +3,9 @@
 metrics.jsonl holds one JSON object per line: training lines (step, loss, lr, grad_norm, tokens_per_s,
 step_time_s, mem_gb), evaluation lines (step, eval_loss, eval_accuracy) and event lines (`"event": "start"` with
 trainable_params, total_params, world_size when a run starts or resumes; `"stopped"`); each has a unix `time`.
-It is appended to, so a resumed run continues the same file.
-wandb runs offline when no API key is configured; the run id is stored in the
-run directory so a resumed job continues the same wandb run (one run per job, never one per rank).
+It is appended to, so a resumed run continues the same file. wandb runs offline when no API key is configured;
+the run id is stored in the run directory so a resumed job continues the same wandb run (one run per job, never
+one per rank).
 """
 
 from __future__ import annotations
