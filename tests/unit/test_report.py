@@ -151,3 +151,18 @@ def test_sharded_run_records_unsharded_counts(rank_pool, tmp_path):
     start, (trainable, total) = rank_pool(2).run(count_case, str(tmp_path))[0]
     assert (start["trainable_params"], start["total_params"], start["world_size"]) == (trainable, total, 2)
     assert 0 < trainable < total
+
+
+def test_report_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    lines = [{"time": 1.0, "step": 0, "event": "start"}, {"time": 2.0, "step": 1, "loss": 2.0, "lr": 1e-3}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    code = (f"import sys\nfrom meshtune.cli import main\nassert main(['report', {str(tmp_path)!r}]) == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "report" / "loss.png").is_file() and not (tmp_path / "report" / "eval_accuracy.png").exists()
+    assert "No run logged `eval_accuracy`" in (tmp_path / "report" / "report.md").read_text()
