@@ -3,6 +3,7 @@
     meshtune export runs/tiny --format merged                  # runs/tiny/model.safetensors
     meshtune export runs/lora --format adapter --step 40       # runs/lora/adapter.safetensors
     meshtune export runs/lora --format peft --out my_adapter   # my_adapter/adapter_config.json, adapter_model.*
+    meshtune export runs/hf-lora --format hf                   # runs/hf-lora/hf/config.json, model.safetensors
 
 One process (world size 1) reads the run's resolved `config.yaml`, builds the model with its recipes applied
 on CPU and loads the "model" entry of
@@ -21,6 +22,10 @@ Formats:
              step as JSON in the safetensors metadata.
     peft     adapter_config.json + adapter_model.safetensors in Hugging Face PEFT's layout for HF Llama
              (LoRA only), loadable with `peft.PeftModel.from_pretrained(hf_llama, dir)`.
+    hf       a Hugging Face Llama checkpoint directory (config.json + model.safetensors, LoRA folded in as for
+             `merged`) that `transformers.LlamaForCausalLM.from_pretrained(dir)` loads with the same logits. The
+             tokenizer files of the run's `data.tokenizer` folder, or else of its `init_from` HF directory,
+             are copied alongside.
 Every user error is a one-line ConfigError naming the thing and the fix (the CLI exits with code 2).
 """
 
@@ -34,9 +39,10 @@ from pathlib import Path
 
 from meshtune.config import Config, ConfigError, config_from_dict, read_yaml
 
-FORMATS = ("merged", "adapter", "peft")
+FORMATS = ("merged", "adapter", "peft", "hf")
 FILES = {"merged": "model.safetensors", "adapter": "adapter.safetensors"}
 PEFT_DIR = "peft"  # the default --out of --format peft, inside the run dir
+HF_DIR = "hf"  # and of --format hf
 
 
 @dataclass
@@ -123,10 +129,10 @@ def check_format(fmt: str, cfg: Config) -> None:
     if fmt == "peft" and name != "lora":
         has = f"recipe.name={name}; use --format adapter" if name else "no recipe; use --format merged"
         raise ConfigError(f"--format peft: Hugging Face PEFT export covers recipe.name=lora only, this run has {has}")
-    if fmt == "merged":
+    if fmt in ("merged", "hf"):
         for recipe in build_recipes(cfg.recipe):
             if type(recipe).merge_state is Recipe.merge_state:  # the base class: not mergeable
-                raise ConfigError(f"--format merged: recipe {recipe.name!r} adds modules that cannot be folded "
+                raise ConfigError(f"--format {fmt}: recipe {recipe.name!r} adds modules that cannot be folded "
                                   "into the base weights; use --format adapter (and load it on top of the base)")
 
 
@@ -243,14 +249,42 @@ def peft_files(run: LoadedRun) -> tuple[dict, dict]:
     return tensors, adapter_config(run.cfg.recipe.lora, tensors)
 
 
+def tokenizer_source(run_dir: str | Path) -> Path | None:
+    """The folder whose tokenizer files an HF export copies: the run's `data.tokenizer` file's folder (the
+    tokenizer it trained with), else its `init_from` when that is an HF directory; None for the byte tokenizer."""
+    from meshtune.models.hf import TOKENIZER_FILES, is_hf_dir
+
+    raw = read_yaml(Path(run_dir) / "config.yaml")
+    tokenizer = (raw.get("data") or {}).get("tokenizer") or "byte"
+    init_from = raw.get("init_from") or ""
+    for folder in [Path(tokenizer).parent if tokenizer != "byte" else None,
+                   Path(init_from) if init_from and is_hf_dir(init_from) else None]:
+        if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
+            return folder
+    return None
+
+
+def hf_export(run: LoadedRun, run_dir: str | Path, out: Path, quiet: bool = False) -> list[Path]:
+    """Write the merged model as an HF Llama directory in `out`, with the run's tokenizer files; returns the files."""
+    from meshtune.models.hf import INDEX_FILE, TOKENIZER_FILES, save_hf_checkpoint
+
+    source = tokenizer_source(run_dir)
+    save_hf_checkpoint(merged_state(run), run.cfg.model, run.vocab_size, out, tokenizer_dir=source)
+    if source is None and not quiet:
+        print("meshtune export: no tokenizer files copied (the run used the byte tokenizer, or its tokenizer "
+              "folder is gone); transformers loads the weights, give it a tokenizer yourself")
+    names = ["config.json", *sorted(p.name for p in out.glob("model*.safetensors")), INDEX_FILE, *TOKENIZER_FILES]
+    return [out / n for n in names if (out / n).is_file()]
+
+
 def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: int | None = None,
            quiet: bool = False) -> list[Path]:
-    """Export a run's checkpoint in `fmt` (merged, adapter or peft) and print each file with its size.
+    """Export a run's checkpoint in `fmt` (merged, adapter, peft or hf) and print each file with its size.
 
     Args:
         run_dir: the training run's run_dir (holds config.yaml and checkpoints/).
         fmt: `merged`, `adapter` or `peft` (see the module docstring).
-        out: output directory; default: the run dir (merged, adapter) or run_dir/peft (peft).
+        out: output directory; default: the run dir (merged, adapter), run_dir/peft or run_dir/hf.
         step: export this checkpoint step instead of the newest complete one.
         quiet: do not print.
 
@@ -262,12 +296,14 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
     """
     check_format(fmt, run_config(run_dir))  # cheap checks first: no weights are read for a bad request
     run = load_run(run_dir, step)
-    out = Path(out) if out is not None else Path(run_dir) / (PEFT_DIR if fmt == "peft" else "")
+    out = Path(out) if out is not None else Path(run_dir) / {"peft": PEFT_DIR, "hf": HF_DIR}.get(fmt, "")
     meta = metadata(run, fmt)
     if fmt == "merged":
         written = [save_safetensors(merged_state(run), out / FILES["merged"], meta)]
     elif fmt == "adapter":
         written = [save_safetensors(adapter_state(run), out / FILES["adapter"], meta)]
+    elif fmt == "hf":
+        written = hf_export(run, run_dir, out, quiet)
     else:
         from meshtune.models.hf import is_hf_dir
 

@@ -129,6 +129,18 @@ def test_peft_export_loads_onto_hf_llama(lora_run, capsys):
         torch.testing.assert_close(hf(r["tokens"]).logits, r["logits"], atol=1e-4, rtol=1e-4)
 
 
+def test_hf_export_loads_in_transformers(lora_run, capsys):
+    """--format hf of the FSDP2 LoRA run: LoRA folded in, default out RUN_DIR/hf, the trained model's logits."""
+    transformers = pytest.importorskip("transformers")
+    run_dir, r = lora_run
+    code, out, _ = run_cli(capsys, run_dir, "--format", "hf")
+    assert code == 0 and "no tokenizer files copied" in out  # the run used the byte tokenizer
+    assert {p.name for p in (run_dir / "hf").iterdir()} == {"config.json", "model.safetensors"}
+    hf = transformers.LlamaForCausalLM.from_pretrained(run_dir / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(r["tokens"]).logits, r["logits"], atol=1e-4, rtol=1e-4)
+
+
 def test_export_newest_and_named_step(lora_run, tmp_path, capsys):
     run_dir, _ = lora_run
     code, out, _ = run_cli(capsys, run_dir, "--format", "merged", "--out", tmp_path, "--step", STEPS)
@@ -156,12 +168,13 @@ def fake_run(tmp_path, lora_run, recipe: str | None = None, checkpoint: bool = T
     ("missing run dir", "no such run directory"),
     ("no config.yaml", "config.yaml: not found"),
     ("no checkpoint", "no complete checkpoint to export"),
-    ("bad format", "--format: 'onnx' is not one of merged, adapter, peft"),
+    ("bad format", "--format: 'onnx' is not one of merged, adapter, peft, hf"),
     ("missing format", "--format: missing"),
     ("unsaved step", "--step 99: no complete checkpoint"),
     ("bad step", "--step: 'last' is not a step number"),
     ("peft of adapters", "--format peft: Hugging Face PEFT export covers recipe.name=lora only"),
     ("merged of prefix", "--format merged: recipe 'prefix' adds modules that cannot be folded"),
+    ("hf of adapters", "--format hf: recipe 'adapters' adds modules that cannot be folded"),
     ("adapter of full training", "--format adapter: this run has no recipe"),
 ])
 def test_cli_errors_are_one_line(lora_run, tmp_path, capsys, case, expected):
@@ -176,6 +189,7 @@ def test_cli_errors_are_one_line(lora_run, tmp_path, capsys, case, expected):
         "bad step": lambda: [run_dir, "--format", "adapter", "--step", "last"],
         "peft of adapters": lambda: [fake_run(tmp_path, lora_run, "adapters"), "--format", "peft"],
         "merged of prefix": lambda: [fake_run(tmp_path, lora_run, "prefix"), "--format", "merged"],
+        "hf of adapters": lambda: [fake_run(tmp_path, lora_run, "adapters"), "--format", "hf"],
         "adapter of full training": lambda: [fake_run(tmp_path, lora_run, ""), "--format", "adapter"],
     }[case]()
     code, out, err = run_cli(capsys, *argv)

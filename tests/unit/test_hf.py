@@ -10,6 +10,7 @@ import torch
 from meshtune.config import ConfigError, ModelConfig
 from meshtune.models import build_model
 from meshtune.models.hf import (
+    TOKENIZER_FILES,
     check_matches_hf,
     is_hf_dir,
     load_hf_state_dict,
@@ -209,3 +210,74 @@ def test_init_from_an_hf_directory_trains_with_lora(tmp_path):
     assert (ours - theirs).abs().max() < 1e-4
     step_losses(trainer, 2)
     assert all(("lora_" in n) == p.requires_grad for n, p in trainer.model.named_parameters())
+
+
+def save_tokenizer(path):
+    """A real byte-level BPE tokenizer, saved by transformers (tokenizer.json, tokenizer_config.json, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["reverse: abc\ncba", "reverse: hello\nolleh"] * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.mark.parametrize("shard,recipe", [(None, ""), ("60KB", "lora")], ids=["single-full", "sharded-lora"])
+def test_fine_tune_an_hf_dir_and_export_it_back(tmp_path, monkeypatch, shard, recipe):
+    """HF dir (single file or sharded index) -> `init_from` -> meshtune training -> `export --format hf` ->
+    transformers loads it with meshtune's logits; the tokenizer files come along."""
+    from meshtune.export import export
+    from meshtune.runtime.data_parallel import unwrap
+    from meshtune.runtime.env import DistEnv
+    from meshtune.runtime.run import build_trainer
+    from tests.distributed.cases import tiny_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src, run_dir, out = tmp_path / "src", tmp_path / "run", tmp_path / "out"
+    source_tok = save_tokenizer(src)
+    vocab = 280
+    assert len(source_tok) <= vocab
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(src, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
+    if shard:
+        assert (src / "model.safetensors.index.json").is_file() and len(list(src.glob("model-*.safetensors"))) > 1
+    if not (src / "special_tokens_map.json").exists():  # transformers 4.x writes it, 5.x does not
+        (src / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok_files = [f for f in TOKENIZER_FILES if (src / f).exists()]
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= set(tok_files)
+
+    cfg = tiny_config(str(run_dir), "parallel.dp_shard=1", f"init_from={src}",
+                      f"data.tokenizer={src / 'tokenizer.json'}", f"model.vocab_size={vocab}", "model.ffn_dim=96",
+                      "model.rope_theta=10000.0", "train.steps=3",
+                      "checkpoint.save_final=true", f"recipe.name={recipe}")
+    trainer = build_trainer(cfg, DistEnv())
+    x = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model(x), hf_logits(hf, x), atol=1e-4, rtol=0)  # loaded right
+    trainer.fit()
+    ours = unwrap(trainer.model).eval()
+
+    written = export(run_dir, "hf", out, quiet=True)
+    assert {p.name for p in written} >= {"config.json", "model.safetensors", *tok_files}
+    for f in tok_files:
+        assert (out / f).read_bytes() == (src / f).read_bytes()
+    back = transformers.LlamaForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
+    assert not any("lora" in k for k in back.state_dict())
+    with torch.no_grad():
+        gap = (ours(x) - hf_logits(back, x)).abs().max().item()
+        print(f"\nmax |logits(meshtune) - logits(transformers, exported)| = {gap:.2e}")
+        assert gap < 1e-4
+        assert (hf_logits(back, x) - hf_logits(hf, x)).abs().max() > 1e-3  # training changed the model
+    text = "reverse: hello\nolleh"
+    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == source_tok(text)["input_ids"]
+
