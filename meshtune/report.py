@@ -138,11 +138,15 @@ def plot(runs: list[RunData], stem: str, out: Path) -> Path | None:
         values += ys
         if stem == "loss":
             steps, ys = run.series("eval_loss")
-            ax.plot(steps, ys, color=color, linestyle="--", marker="o", markersize=3, label=f"{run.name} (eval)")
+            ax.plot(steps, ys, color=color, linestyle="--", marker="o", markersize=3)  # no legend entry: same color
             values += ys
     positive = [v for v in values if v > 0]
     if stem in ("loss", "lr") and positive and max(positive) / min(positive) > 20:
-        ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")  # ticks as 0.2, 0.5, 1 rather than 2 x 10^-1
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
