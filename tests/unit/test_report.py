@@ -73,7 +73,7 @@ def test_report_of_one_run(runs, tmp_path, capsys):
     assert cells[:8] == [run_dir.name, "none", f"{trainable:,}", "100.00", f"{train[-1]['loss']:.4f}",
                          f"{last_eval['eval_loss']:.4f}", f"{last_eval['eval_accuracy']:.3f}", "4"]
     start = next(r for r in recs if r.get("event") == "start")
-    assert float(cells[8]) == pytest.approx(train[-1]["time"] - start["time"], abs=0.06) and float(cells[8]) > 0
+    assert float(cells[8]) == pytest.approx(recs[-1]["time"] - start["time"], abs=0.06) and float(cells[8]) > 0
     for stem in PLOTS:
         assert f"]({stem}.png)" in text
     assert "report.md" in capsys.readouterr().out
