@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 TOOLS = ["ip", "nsenter", "unshare", "mount"]
@@ -42,7 +43,7 @@ class NetnsHosts:
     def __init__(self, root: Path, nodes: int = 2):
         self.root = Path(root)
         self.nodes = nodes
-        tag = os.getpid() % 100000
+        tag = os.getpid() % 10000 * 100 + zlib.crc32(str(self.root).encode()) % 100  # per process and root
         self.prefix = f"mt{tag}"
         self.subnet = f"10.{200 + tag % 50}.{tag % 250}"
         self.hub = f"{self.prefix}hub"
