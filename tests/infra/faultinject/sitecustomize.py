@@ -3,7 +3,8 @@
     MESHTUNE_FAULT=save:meta:STEP     rank 0 sleeps inside Checkpointer.save of STEP, shards written, no meta.json yet
     MESHTUNE_FAULT=save:rename:STEP   ... meta.json written, just before step_N.tmp is renamed to step_N
     MESHTUNE_FAULT=hang:RANK:STEP     RANK sleeps before the loss all-reduce after step STEP (a stuck rank)
-    MESHTUNE_FAULT_MARK=PATH          touched when the fault starts (so a test knows when to kill)
+    MESHTUNE_FAULT_MARK=PATH          touched when the fault starts (so a test knows when to kill); a fault
+                                      whose mark exists does not fire again (after a restart)
 
 Nothing here changes meshtune: save faults wrap pathlib (which Checkpointer.save uses), the hang wraps
 Trainer.mean_loss when meshtune.runtime.trainer is imported. Without MESHTUNE_FAULT this file does nothing.
@@ -21,8 +22,12 @@ def _mark() -> None:
 
 
 def _sleep() -> None:
+    """Sleep as the fault, once per MESHTUNE_FAULT_MARK: a restarted rank finds the mark and runs on."""
     import time
 
+    path = os.environ.get("MESHTUNE_FAULT_MARK")
+    if path and os.path.exists(path):
+        return
     _mark()
     time.sleep(float(os.environ.get("MESHTUNE_FAULT_SLEEP_S", "600")))
 
