@@ -187,16 +187,23 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         from meshtune.runtime.run import build_trainer
+        from meshtune.runtime.watchdog import describe_failure, start_watchdog
 
         trainer = build_trainer(cfg)
         _stop_on_signals(trainer)
+        watchdog = start_watchdog(lambda: trainer.step, cfg.parallel.timeout_s)  # a stuck rank: named, exits
         try:
             summary = trainer.fit()
         except Exception as e:  # name the rank and step: torchrun's summary names neither the cause nor them
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            print(f"meshtune: rank {os.environ.get('RANK', '0')} failed at step {trainer.step}: "
+            print(f"meshtune: rank {os.environ.get('RANK', '0')} failed at step {trainer.step}{describe_failure(e)}: "
                   f"{type(e).__name__}: {first}", file=sys.stderr, flush=True)
+            if watchdog is not None:
+                watchdog.after_failure(e)  # a broken collective: names the silent peers and exits right away
             raise
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
         if summary["stopped"]:
             _after_stop(trainer, cfg)
         import torch.distributed as dist

@@ -134,7 +134,8 @@ class ParallelConfig:
     compile: bool = False
     """Compile each block with torch.compile."""
     timeout_s: float = 600.0
-    """Seconds a collective may wait before the run fails naming the rank and operation."""
+    """Seconds a collective (or any call) may block before the run fails, naming the rank, the operation
+    and the ranks that stopped answering (runtime/watchdog.py)."""
 
 
 @dataclass

@@ -1,0 +1,224 @@
+"""Hang detection: a thread per rank that names the rank, the operation and the step of a stuck run.
+
+A rank is stuck when its main thread has sat in the same call (the same Python frame at the same
+instruction) for `timeout_s`: a collective waiting for a peer that died, was stopped (SIGSTOP) or is itself
+stuck elsewhere, or any other call that never returns. The watchdog then prints
+
+    meshtune: rank 1 stuck in all_reduce at step 5 for 30.2 s (meshtune/runtime/trainer.py:151 in _reduce)
+    meshtune: no heartbeat from rank(s) 3 for 2.0 s: stopped, dead or unreachable
+
+and exits the process (exit code EXIT_STUCK), so torchrun stops the job (or restarts it, with
+--max-restarts) instead of hanging silently. The second line comes from heartbeats every rank's watchdog
+adds to the job's TCPStore: a rank whose counter stands still is the one that stopped answering; a rank that
+is alive but stuck outside a collective reports itself. A collective's own timeout (the process group's,
+also `parallel.timeout_s`) may fire first: `describe_failure` names the operation of that error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from types import FrameType, TracebackType
+
+EXIT_STUCK = 3
+_DIST = os.sep + os.path.join("torch", "distributed") + os.sep
+_C10D = os.path.join("distributed", "distributed_c10d.py")
+
+
+def _op_and_site(frames: list[traceback.FrameSummary]) -> tuple[str, str]:
+    """(operation, meshtune call site) of a stack, outermost frame first.
+
+    The operation is the innermost public collective of torch.distributed (all_reduce, barrier, ...), else
+    the innermost torch.distributed function (e.g. FSDP's wait_for_unshard), else the innermost function."""
+    public = [f for f in frames if f.filename.endswith(_C10D) and not f.name.startswith("_") and f.name != "wrapper"]
+    dist = [f for f in frames if _DIST in f.filename]
+    op = (public or dist or frames or [None])[-1]
+    ours = [f for f in frames if f"{os.sep}meshtune{os.sep}" in f.filename and "watchdog" not in f.filename]
+    site = ""
+    if ours:
+        f = ours[-1]
+        site = f"{os.sep.join(f.filename.split(os.sep)[-3:])}:{f.lineno} in {f.name}"
+    return (op.name if op is not None else "?"), site
+
+
+def describe_failure(exc: BaseException) -> str:
+    """`in <op> (<meshtune site>)` for an exception raised inside a collective, else ''."""
+    tb: TracebackType | None = exc.__traceback__
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    if not any(_DIST in f.filename for f in frames):
+        return ""
+    op, site = _op_and_site(list(frames))
+    return f" in {op}" + (f" ({site})" if site else "")
+
+
+class Heartbeats:
+    """Every rank adds 1 to its own counter in the job's TCPStore at each watchdog tick; a counter that stands
+    still belongs to a rank that stopped answering (SIGSTOP, a hung interpreter, a dead host). The store is
+    the process group's (MASTER_ADDR:MASTER_PORT; with torchrun's settings here, rank 0's process hosts it).
+    Ranks also publish host and pid, so a failing rank can SIGKILL a frozen peer on its own node: torchrun
+    would only do that 30 s after it noticed the failure, and a stopped process ignores its SIGTERM."""
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float = 2.0, environ=None):
+        import torch.distributed as dist
+
+        env = os.environ if environ is None else environ
+        self.rank, self.world_size = rank, world_size
+        self.host = env.get("MASTER_ADDR", "127.0.0.1")
+        store = dist.TCPStore(self.host, int(env["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        # a restarted group (torchrun --max-restarts) must not read the previous round's counters
+        self.store = dist.PrefixStore(f"meshtune/alive/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        self.store.set(f"pid{rank}", f"{_machine()} {os.getpid()}")
+        self.where: dict[int, tuple[str, int]] = {}  # rank -> (host, pid), filled while the store answers
+
+    def beat(self) -> None:
+        self.store.add(str(self.rank), 1)
+        if len(self.where) < self.world_size:
+            keys = [f"pid{r}" for r in range(self.world_size)]
+            if self.store.check(keys):
+                for r, value in enumerate(self.store.multi_get(keys)):
+                    host, pid = value.decode().split()
+                    self.where[r] = (host, int(pid))
+
+    def counts(self) -> list[int]:
+        return [self.store.add(str(r), 0) for r in range(self.world_size)]
+
+    def silent(self, wait_s: float) -> str:
+        """A line naming the ranks whose heartbeat did not move in `wait_s`; those on this node are killed."""
+        try:
+            before = self.counts()
+            time.sleep(wait_s)
+            after = self.counts()
+            quiet = [r for r in range(self.world_size) if after[r] == before[r] and r != self.rank]
+            what = f"no heartbeat from rank(s) {', '.join(map(str, quiet))} for {wait_s:.1f} s"
+        except Exception:  # the store itself is gone: its host process (rank 0 with torchrun) is stopped or dead
+            quiet = [0] if self.rank != 0 else []
+            what = f"the job's store at {self.host} does not answer: the process hosting it (rank 0) is frozen or dead"
+        if not quiet:
+            return "meshtune: every rank still beats: look for the rank reported stuck outside a collective"
+        here = _machine()
+        killed = [r for r in quiet if self.where.get(r, ("", 0))[0] == here and _kill(self.where[r][1])]
+        return f"meshtune: {what}" + (f"; killed frozen rank(s) {', '.join(map(str, killed))} on this node"
+                                      if killed else "")
+
+
+def _machine() -> str:
+    """This machine (and pid namespace): hostname plus the kernel's boot id, so equal hostnames never match."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _kill(pid: int) -> bool:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+class Watchdog:
+    """Watches the thread that creates it; see the module docstring.
+
+    Args:
+        rank: this process's global rank (for the message).
+        timeout_s: seconds one call may block before the rank counts as stuck.
+        step: returns the current training step (for the message).
+        heartbeats: optional Heartbeats to beat and to consult when stuck.
+        on_stuck: called with the message instead of exiting (tests); default prints it and exits.
+    """
+
+    def __init__(self, rank: int, timeout_s: float, step: Callable[[], int], heartbeats: Heartbeats | None = None,
+                 on_stuck: Callable[[str], None] | None = None):
+        self.rank, self.timeout_s, self.step = rank, timeout_s, step
+        self.heartbeats = heartbeats
+        self.on_stuck = on_stuck or self._exit
+        self.poll_s = min(1.0, timeout_s / 10)
+        self.ident = threading.get_ident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meshtune-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def __enter__(self) -> Watchdog:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        frame: FrameType | None = None
+        lasti, since = -1, time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            if self.heartbeats is not None:
+                try:
+                    self.heartbeats.beat()
+                except Exception:
+                    pass  # the store may be gone with a dead rank 0; reported when stuck
+            now = sys._current_frames().get(self.ident)
+            if now is None:
+                return  # the watched thread ended
+            if now is not frame or now.f_lasti != lasti:
+                frame, lasti, since = now, now.f_lasti, time.monotonic()
+                continue
+            stuck_for = time.monotonic() - since
+            if stuck_for >= self.timeout_s:
+                op, site = _op_and_site(traceback.extract_stack(frame))
+                frame = None  # drop the reference before reporting
+                lines = [f"meshtune: rank {self.rank} stuck in {op} at step {self.step()} for {stuck_for:.1f} s"
+                         + (f" ({site})" if site else "")]
+                if self.heartbeats is not None:
+                    lines.append(self.heartbeats.silent(max(2 * self.poll_s, 1.0)))
+                self.on_stuck("\n".join(lines))
+                return
+
+    def after_failure(self, exc: BaseException) -> None:
+        """After this rank's training raised: if it came from a collective, the process group is broken;
+        name the silent peers (killing frozen ones on this node), print the traceback and exit at once
+        (tearing the group down would wait out the timeout again for every pending operation)."""
+        self.stop()
+        if not describe_failure(exc):
+            return
+        if self.heartbeats is not None:
+            print(self.heartbeats.silent(max(2 * self.poll_s, 1.0)), file=sys.stderr, flush=True)
+        traceback.print_exception(exc, file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+
+    @staticmethod
+    def _exit(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+        os._exit(EXIT_STUCK)
+
+
+def start_watchdog(step: Callable[[], int], timeout_s: float) -> Watchdog | None:
+    """A started Watchdog for this rank's main thread when it is one of several ranks, else None.
+
+    Heartbeats need the torchrun/env:// store (MASTER_ADDR/MASTER_PORT); without it the watchdog still
+    names the stuck rank and operation."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        heartbeats = Heartbeats(rank, world) if "MASTER_PORT" in os.environ else None
+    except Exception:  # no reachable store: run without heartbeats
+        heartbeats = None
+    return Watchdog(rank, timeout_s, step, heartbeats).start()
