@@ -206,7 +206,7 @@ class PruneRecipe(Recipe):
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
-        step_buf = getattr(model, STEP)
+        step_buf = next(m._buffers[STEP] for m in model.modules() if STEP in m._buffers)  # under DDP: .module
         step_buf += 1
         step = int(step_buf.item())
         found = self.targets(model)

@@ -16,7 +16,7 @@ def prune_vs_reference(run_dir, method, parallel):
     from meshtune.runtime.run import build_trainer
     from tests.distributed.test_tensor_parallel import tp_layout
 
-    dims = layout(1, 2, 4) if parallel == "fsdp2" else tp_layout(1, 2, 4, False)
+    dims = {"fsdp2": layout(1, 2, 4), "ddp": layout(2, 1, 4)}.get(parallel) or tp_layout(1, 2, 4, False)
     extra = ["model.n_kv_heads=4", "recipe.prune.sparsity=0.5"] if method == "structured" else []
     cfg = tiny_config(run_dir, *dims, *SCHEDULE, f"recipe.prune.method={method}", *extra)
     ref, trainer = reference_trainer(cfg), build_trainer(cfg)
@@ -24,9 +24,10 @@ def prune_vs_reference(run_dir, method, parallel):
     model = unwrap(trainer.model)
     masks = {n: m.weight_mask for n, m in model.named_modules() if hasattr(m, "weight_mask")}
     ref_masks = {n: m.weight_mask for n, m in unwrap(ref.model).named_modules() if hasattr(m, "weight_mask")}
-    sharded = all(isinstance(m, DTensor) and m.placements == model.get_submodule(n).weight.placements
-                  and m.to_local().shape == model.get_submodule(n).weight.to_local().shape for n, m in masks.items())
-    zeros = {n: int((full(model.get_submodule(n).weight) == 0).sum()) for n in masks}
+    weights = {n: model.get_submodule(n).weight for n in masks}
+    sharded = parallel == "ddp" or all(isinstance(m, DTensor) and m.placements == weights[n].placements
+                                       and m.to_local().shape == weights[n].to_local().shape for n, m in masks.items())
+    zeros = {n: int((full(w) == 0).sum()) for n, w in weights.items()}
     return {"losses": losses, "ref_losses": ref_losses, "param_diff": max_diff(full_params(model),
                                                                                 full_params(ref.model)),
             "masks_equal": masks.keys() == ref_masks.keys() and all(
@@ -35,11 +36,32 @@ def prune_vs_reference(run_dir, method, parallel):
 
 
 @pytest.mark.parametrize("method,parallel", [("magnitude", "fsdp2"), ("semi_structured", "fsdp2"),
-                                             ("magnitude", "tp2"), ("structured", "tp2")],
-                         ids=["magnitude-fsdp2", "2of4-fsdp2", "magnitude-tp2", "structured-tp2"])
+                                             ("magnitude", "tp2"), ("structured", "tp2"), ("structured", "ddp")],
+                         ids=["magnitude-fsdp2", "2of4-fsdp2", "magnitude-tp2", "structured-tp2", "structured-ddp"])
 def test_prune_masks_match_single_process(rank_pool, tmp_path, method, parallel):
     for r in rank_pool(2).run(prune_vs_reference, str(tmp_path), method, parallel):
         assert r["masks_equal"] and r["sharded"], r
         assert r["zeros"] >= r["pruned"] // 2  # 50% of the pruned weights (structured: of whole rows/columns)
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
+        assert r["param_diff"] < TOL, r
+
+
+def resume_vs_reference(run_dir):
+    from meshtune.runtime.data_parallel import unwrap
+    from meshtune.runtime.run import build_trainer
+
+    common = [*layout(1, 2, 4), *SCHEDULE, "train.steps=6", "checkpoint.every=3", "checkpoint.save_final=false"]
+    build_trainer(tiny_config(run_dir, *common, "train.stop_after=3")).fit()  # saves sharded masks at step 3
+    resumed = build_trainer(tiny_config(run_dir, *common, "checkpoint.resume=auto"))
+    step, prune_step = resumed.step, int(unwrap(resumed.model).prune_step)
+    resumed.fit()
+    ref = reference_trainer(tiny_config(run_dir + "-ref", *common))
+    step_losses(ref, 6)
+    return {"step": step, "prune_step": prune_step,
+            "param_diff": max_diff(full_params(resumed.model), full_params(ref.model))}
+
+
+def test_prune_resumes_under_fsdp2(rank_pool, tmp_path):
+    for r in rank_pool(2).run(resume_vs_reference, str(tmp_path / "run")):
+        assert (r["step"], r["prune_step"]) == (3, 3), r
         assert r["param_diff"] < TOL, r
