@@ -263,7 +263,7 @@ class RecipeConfig:
     """Fine-tuning and compression recipes applied to the model before it is parallelised."""
 
     name: str = ""
-    """Recipe to apply (`lora`, `adapters`, `prefix`), or several joined by `+` to stack them in that order;
+    """Recipe to apply (`lora`, `adapters`, `prefix`, `prune`), or several joined by `+` to stack them in that order;
     empty = plain training of every parameter."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Settings of the `lora` recipe."""

@@ -202,7 +202,9 @@ class PruneRecipe(Recipe):
     def init_weights(self, model: nn.Module) -> None:
         for lin in self.targets(model).values():
             getattr(lin, MASK).fill_(True)
-        getattr(model, STEP).zero_()
+        for m in model.modules():
+            if STEP in m._buffers:
+                m._buffers[STEP].zero_()
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
