@@ -6,7 +6,7 @@
         [--nnodes N|MIN:MAX --rdzv-endpoint HOST:PORT [--node-rank R]]    ... or on each node of a cluster
     meshtune slurm submit CONFIG --nodes N --gpus-per-node G [k=v]    an sbatch job; slurm status|logs|cancel JOB
     meshtune validate CONFIG --world-size W [k=v]      check a config and its layout without training
-    meshtune export RUN_DIR --format merged|adapter|peft|hf [--out DIR] [--step N]   a run's weights as files
+    meshtune export RUN_DIR --format merged|adapter|peft|hf|sparse|shrunk|program [--out DIR] [--step N]
     meshtune report RUN_DIR [RUN_DIR ...] [--out DIR]   PNG plots and a Markdown table of runs, overlaid
     meshtune demo                                      the end-to-end demo on 2 CPU ranks
 A config error prints one line naming the key and the fix, and exits with code 2.
@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "a PEFT or an HF dir")
     exp.add_argument("run_dir", help="the run_dir of a training run (it holds config.yaml and checkpoints/)")
     exp.add_argument("--format", dest="fmt", metavar="FORMAT",
-                     help="merged (full weights, LoRA folded in), adapter (only the recipe's tensors) or peft "
-                          "(Hugging Face PEFT dir; LoRA only) or hf (Hugging Face Llama dir for transformers, "
-                          "LoRA folded in, tokenizer files copied)")
+                     help="merged (full weights, LoRA folded in), adapter (only the recipe's tensors), peft "
+                          "(Hugging Face PEFT dir; LoRA only), hf (Hugging Face Llama dir for transformers, LoRA "
+                          "folded in, tokenizer files copied), sparse / shrunk (pruned runs) or program "
+                          "(torch.export .pt2)")
     exp.add_argument("--out", help="output directory (default: the run dir; for peft: RUN_DIR/peft, hf: RUN_DIR/hf)")
     exp.add_argument("--step", help="export this checkpoint step (default: the newest complete one)")
     rep = sub.add_parser("report", help="PNG plots (loss, eval accuracy, lr, tokens/s) and a Markdown summary of "

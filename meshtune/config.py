@@ -56,6 +56,9 @@ class ModelConfig:
     """`auto` builds and initialises the full model on the training device, then shards it (the same values
     as a single-process run from the same seed); `meta` allocates nothing until the model is sharded and then
     initialises each shard (for models one device cannot hold; values differ from an unsharded init)."""
+    head_dim: int = 0
+    """Width of one attention head; 0 = model.dim / model.n_heads. Structured pruning sets it when it removes
+    heads (fewer heads of the same width), so the shrunk model keeps its weights."""
 
 
 @dataclass
@@ -192,7 +195,7 @@ class MetricsConfig:
     """wandb project name."""
 
 
-RECIPE_NAMES = ("lora", "adapters", "prefix")
+RECIPE_NAMES = ("lora", "adapters", "prefix", "prune")
 """Recipes `recipe.name` may name; meshtune.recipes registers exactly these (a test keeps them equal)."""
 
 
@@ -233,11 +236,35 @@ class PrefixConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Sparse pruning: magnitude (Zhu & Gupta 2017), semi-structured 2:4, or structured (heads, MLP channels)."""
+
+    method: Literal["magnitude", "semi_structured", "structured"] = "magnitude"
+    """`magnitude`: zero the smallest weights (unstructured); `semi_structured`: 2:4 sparsity, in every 4
+    consecutive input weights keep the 2 largest; `structured`: remove whole attention heads (key/value
+    groups) and MLP channels by importance (the same number per layer; export --format shrunk cuts them out)."""
+    scope: Literal["global", "layer"] = "global"
+    """Magnitude pruning ranks all target weights together (`global`) or each layer on its own (`layer`)."""
+    sparsity: float = 0.5
+    """Final fraction pruned, in [0, 1): of the target weights (magnitude), of the heads and of the MLP channels
+    of every layer (structured); semi_structured (2:4) is always 0.5."""
+    start_step: int = 0
+    """Optimizer step at which the ramp starts (sparsity 0 there; one-shot pruning computes its masks then)."""
+    end_step: int = 0
+    """Step at which the cubic ramp reaches recipe.prune.sparsity; <= start_step = one shot at start_step."""
+    frequency: int = 10
+    """Masks are recomputed every this many steps between start_step and end_step (and re-applied after
+    every optimizer step)."""
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    """Linear layers to prune (magnitude, 2:4): patterns matched against the end of module names (fnmatch)."""
+
+
+@dataclass
 class RecipeConfig:
     """Fine-tuning and compression recipes applied to the model before it is parallelised."""
 
     name: str = ""
-    """Recipe to apply (`lora`, `adapters`, `prefix`), or several joined by `+` to stack them in that order;
+    """Recipe to apply (`lora`, `adapters`, `prefix`, `prune`), or several joined by `+` to stack them in that order;
     empty = plain training of every parameter."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Settings of the `lora` recipe."""
@@ -245,6 +272,8 @@ class RecipeConfig:
     """Settings of the `adapters` recipe."""
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     """Settings of the `prefix` recipe."""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Settings of the `prune` recipe."""
 
 
 @dataclass
@@ -443,9 +472,11 @@ def validate(cfg: Config) -> None:
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     need(0 <= o.beta1 < 1, f"optim.beta1: must be in [0, 1), got {o.beta1}")
     need(0 <= o.beta2 < 1, f"optim.beta2: must be in [0, 1), got {o.beta2}")
-    need(m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}")
-    need((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads must be even for rotary embeddings, got "
-         f"{m.dim // m.n_heads}; change model.dim or model.n_heads")
+    need(m.head_dim >= 0 and m.head_dim % 2 == 0, f"model.head_dim: must be 0 or even, got {m.head_dim}")
+    if not m.head_dim:
+        need(m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}")
+        need((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads must be even for rotary embeddings, got "
+             f"{m.dim // m.n_heads}; change model.dim or model.n_heads")
     kv = m.n_kv_heads or m.n_heads
     need(m.n_heads % kv == 0, f"model.n_kv_heads: {kv} does not divide model.n_heads={m.n_heads}")
     need(d.seq_len <= m.max_seq_len, f"data.seq_len: {d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
@@ -486,6 +517,10 @@ def validate(cfg: Config) -> None:
     need(r.prefix.length <= m.max_seq_len, f"recipe.prefix.length: {r.prefix.length} exceeds model.max_seq_len="
          f"{m.max_seq_len}; use a shorter prefix")
     need(r.prefix.reparam_hidden >= 0, f"recipe.prefix.reparam_hidden: must be >= 0, got {r.prefix.reparam_hidden}")
+    if "prune" in names:
+        from meshtune.recipes.prune import check_prune  # lazy: the recipe module imports this one
+
+        check_prune(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,6 +26,13 @@ Formats:
              `merged`) that `transformers.LlamaForCausalLM.from_pretrained(dir)` loads with the same logits. The
              tokenizer files of the run's `data.tokenizer` folder, or else of its `init_from` HF directory,
              are copied alongside.
+    sparse   sparse.safetensors (recipe prune, magnitude or semi_structured): each pruned weight as CSR or
+             the packed 2:4 layout where that is smaller than dense (meshtune.recipes.prune_export), the
+             layouts in the metadata; `load_sparse` gives the dense state dict back.
+    shrunk   shrunk/model.safetensors + shrunk/config.yaml (recipe prune, structured): pruned heads and MLP
+             channels cut out, a smaller dense model whose model.* sizes say so; `load_model` runs it.
+    program  model.pt2: `torch.export` of the merged (or shrunk) model, tokens (1, T) -> logits, loadable with
+             `torch.export.load(path).module()` where meshtune is not installed.
 Every user error is a one-line ConfigError naming the thing and the fix (the CLI exits with code 2).
 """
 
@@ -39,8 +46,9 @@ from pathlib import Path
 
 from meshtune.config import Config, ConfigError, config_from_dict, read_yaml
 
-FORMATS = ("merged", "adapter", "peft", "hf")
-FILES = {"merged": "model.safetensors", "adapter": "adapter.safetensors"}
+FORMATS = ("merged", "adapter", "peft", "hf", "sparse", "shrunk", "program")
+FILES = {"merged": "model.safetensors", "adapter": "adapter.safetensors", "sparse": "sparse.safetensors",
+         "shrunk": "shrunk/model.safetensors", "program": "model.pt2"}
 PEFT_DIR = "peft"  # the default --out of --format peft, inside the run dir
 HF_DIR = "hf"  # and of --format hf
 
@@ -129,7 +137,15 @@ def check_format(fmt: str, cfg: Config) -> None:
     if fmt == "peft" and name != "lora":
         has = f"recipe.name={name}; use --format adapter" if name else "no recipe; use --format merged"
         raise ConfigError(f"--format peft: Hugging Face PEFT export covers recipe.name=lora only, this run has {has}")
-    if fmt in ("merged", "hf"):
+    if fmt in ("sparse", "shrunk"):
+        structured = "prune" in name.split("+") and cfg.recipe.prune.method == "structured"
+        if "prune" not in name.split("+") or structured != (fmt == "shrunk"):
+            fix = "--format shrunk" if structured else "--format sparse" if "prune" in name.split("+") else \
+                "--format merged"
+            raise ConfigError(f"--format {fmt}: needs recipe prune with method "
+                              f"{'structured' if fmt == 'shrunk' else 'magnitude or semi_structured'}; "
+                              f"this run has recipe.name={name or 'none'!r}, use {fix}")
+    if fmt in ("merged", "hf", "sparse", "shrunk"):
         for recipe in build_recipes(cfg.recipe):
             if type(recipe).merge_state is Recipe.merge_state:  # the base class: not mergeable
                 raise ConfigError(f"--format {fmt}: recipe {recipe.name!r} adds modules that cannot be folded "
@@ -279,11 +295,11 @@ def hf_export(run: LoadedRun, run_dir: str | Path, out: Path, quiet: bool = Fals
 
 def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: int | None = None,
            quiet: bool = False) -> list[Path]:
-    """Export a run's checkpoint in `fmt` (merged, adapter, peft or hf) and print each file with its size.
+    """Export a run's checkpoint in `fmt` (one of FORMATS) and print each file with its size.
 
     Args:
         run_dir: the training run's run_dir (holds config.yaml and checkpoints/).
-        fmt: `merged`, `adapter` or `peft` (see the module docstring).
+        fmt: one of FORMATS (see the module docstring).
         out: output directory; default: the run dir (merged, adapter), run_dir/peft or run_dir/hf.
         step: export this checkpoint step instead of the newest complete one.
         quiet: do not print.
@@ -300,6 +316,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
     meta = metadata(run, fmt)
     if fmt == "merged":
         written = [save_safetensors(merged_state(run), out / FILES["merged"], meta)]
+    elif fmt in ("sparse", "shrunk", "program"):
+        written = _export_compressed(run, fmt, out, meta, quiet)
     elif fmt == "adapter":
         written = [save_safetensors(adapter_state(run), out / FILES["adapter"], meta)]
     elif fmt == "hf":
@@ -320,6 +338,94 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
         for path in written:
             print(f"  wrote {path} ({human_size(path.stat().st_size)})")
     return written
+
+
+def _export_compressed(run: LoadedRun, fmt: str, out: Path, meta: dict, quiet: bool) -> list[Path]:
+    """The sparse, shrunk and program formats (see the module docstring)."""
+    import torch
+
+    from meshtune.recipes import prune_export as pe
+
+    if fmt == "sparse":
+        merged = merged_state(run)
+        pruned = [k[: -len("_mask")] for k in run.state if k.endswith(".weight_mask")]
+        layout = "2:4" if run.cfg.recipe.prune.method == "semi_structured" else "csr"
+        tensors, layouts = pe.sparse_tensors(merged, pruned, layout)
+        path = save_safetensors(tensors, out / FILES["sparse"], {**meta, "meshtune.sparse": json.dumps(layouts)})
+        if not quiet:
+            dense = sum(t.numel() * t.element_size() for t in merged.values())
+            print(f"  sparse: {len(layouts)} of {len(pruned)} pruned weights stored sparse ({layout}); "
+                  f"{path.stat().st_size} bytes on disk vs {dense} bytes of dense tensors "
+                  f"({path.stat().st_size / dense:.2f}x)")
+        return [path]
+    state, model_cfg = compressed_state(run)
+    if fmt == "shrunk":
+        path = save_safetensors(state, out / FILES["shrunk"], {
+            **meta, "meshtune.model": json.dumps({**dataclasses.asdict(model_cfg), "vocab_size": run.vocab_size})})
+        raw = {k: v for k, v in read_yaml(run.checkpoint.parent.parent / "config.yaml").items() if k != "recipe"}
+        raw.update(model={**dataclasses.asdict(model_cfg), "vocab_size": run.vocab_size}, init_from=str(path))
+        import yaml
+
+        (path.parent / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        return [path, path.parent / "config.yaml"]
+    data = read_yaml(run.checkpoint.parent.parent / "config.yaml").get("data") or {}
+    seq_len = min(int(data.get("seq_len") or model_cfg.max_seq_len), model_cfg.max_seq_len)
+    model = run.model if state is None else build_plain(model_cfg, run.vocab_size, state)
+    with torch.no_grad():
+        return [pe.export_program(model, seq_len, out / FILES["program"])]
+
+
+def compressed_state(run: LoadedRun):
+    """(merged state dict, model config) of the smallest dense model the run's recipes give: structured
+    pruning shrunk, otherwise merged; (None, config) when a recipe cannot be merged (the program then
+    exports the model with its recipe modules)."""
+    from meshtune.recipes import Recipe
+    from meshtune.recipes.prune_export import shrink_state
+
+    if any(type(r).merge_state is Recipe.merge_state for r in run.recipes):
+        return None, run.cfg.model
+    state = merged_state(run)
+    if "prune" in run.cfg.recipe.name.split("+") and run.cfg.recipe.prune.method == "structured":
+        try:
+            return shrink_state(state, run.cfg.model)
+        except ValueError as e:
+            raise ConfigError(f"--format shrunk: {e}") from None
+    return state, run.cfg.model
+
+
+def build_plain(model_cfg, vocab_size: int, state: dict):
+    """A plain meshtune decoder (no recipes) of `model_cfg` holding `state`, in eval mode."""
+    from meshtune.models import build_model
+
+    model = build_model(model_cfg, vocab_size)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_model(path: str | Path):
+    """The meshtune decoder saved by `--format merged` or `shrunk` (sizes from the file's metadata), in eval
+    mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from meshtune.config import ModelConfig
+
+    with safe_open(str(path), "pt") as f:
+        model_meta = json.loads(f.metadata()["meshtune.model"])
+    vocab = model_meta.pop("vocab_size")
+    return build_plain(ModelConfig(**model_meta), vocab, load_file(str(path)))
+
+
+def load_sparse(path: str | Path) -> dict:
+    """The dense state dict of a `--format sparse` file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from meshtune.recipes.prune_export import dense_from_sparse
+
+    with safe_open(str(path), "pt") as f:
+        layouts = json.loads(f.metadata()["meshtune.sparse"])
+    return dense_from_sparse(load_file(str(path)), layouts)
 
 
 def human_size(n: int) -> str:

@@ -32,6 +32,11 @@ def ffn_hidden_dim(cfg: ModelConfig) -> int:
     return 32 * math.ceil(hidden / 32)
 
 
+def head_dim(cfg: ModelConfig) -> int:
+    """Width of one attention head: `cfg.head_dim`, or dim / n_heads."""
+    return cfg.head_dim or cfg.dim // cfg.n_heads
+
+
 def validate_model_config(cfg: ModelConfig, vocab_size: int) -> None:
     """Check that the shapes in `cfg` fit together.
 
@@ -45,14 +50,14 @@ def validate_model_config(cfg: ModelConfig, vocab_size: int) -> None:
             raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)}")
     if cfg.n_kv_heads < 0 or cfg.ffn_dim < 0:
         raise ConfigError("model.n_kv_heads and model.ffn_dim must be >= 0 (0 = default)")
-    if cfg.dim % cfg.n_heads:
+    if not cfg.head_dim and cfg.dim % cfg.n_heads:
         raise ConfigError(f"model.dim ({cfg.dim}) must be divisible by model.n_heads ({cfg.n_heads})")
     n_kv = cfg.n_kv_heads or cfg.n_heads
     if cfg.n_heads % n_kv:
         raise ConfigError(f"model.n_heads ({cfg.n_heads}) must be divisible by model.n_kv_heads ({n_kv})")
-    if (cfg.dim // cfg.n_heads) % 2:
+    if head_dim(cfg) % 2:
         raise ConfigError(
-            f"head dim model.dim / model.n_heads = {cfg.dim // cfg.n_heads} must be even for rotary "
+            f"head dim model.dim / model.n_heads = {head_dim(cfg)} must be even for rotary "
             "embeddings; change model.dim or model.n_heads"
         )
 
@@ -102,7 +107,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.head_dim = head_dim(cfg)
         self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -183,7 +188,7 @@ class Transformer(nn.Module):
         self.output: nn.Linear | None = nn.Linear(cfg.dim, vocab_size, bias=False)
         self._tie_weights()
         # non-persistent: derived from the config, so checkpoints hold only parameters
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -1,0 +1,260 @@
+"""Sparse pruning (`recipe.name: prune`): magnitude, semi-structured 2:4 and structured (heads, MLP channels).
+
+    recipe: {name: prune, prune: {method: magnitude, scope: global, sparsity: 0.5, start_step: 0,
+                                  end_step: 100, frequency: 10}}
+
+Masks are recomputed on a cubic schedule (Zhu & Gupta 2017: s_t = s_f (1 - (1 - (t - t0) / (t1 - t0))^3)) at
+steps t0, t0 + frequency, ... and t1, and multiplied into the weights after EVERY optimizer step, so pruned
+weights stay exactly zero. Each pruned linear layer holds its mask as a persistent bool buffer `weight_mask`
+(torch.nn.utils.prune's name) and the model a step counter `prune_step`: both are in the model's state dict,
+so DCP checkpoints them and a resumed run continues with the same masks and schedule.
+
+Distributed: masks are computed from FULL weights (`DTensor.full_tensor()`, identical on every rank, so global
+magnitude ranking and head importance see the whole model and match a single process) and then stored as a
+DTensor with the weight's mesh and placements, so under FSDP2 or tensor parallelism each rank keeps and
+applies only its shard of the mask. Magnitude masks use torch.nn.utils.prune.L1Unstructured (global: over the
+concatenated weights); 2:4 keeps the 2 largest of every 4 consecutive input weights (the masks of
+torch.ao.pruning.WeightNormSparsifier((1, 4), zeros_per_block=2), which cannot handle DTensors).
+
+Structured pruning removes, in every block, the same number of key/value head groups (a kv head with its
+query heads) and of MLP hidden channels, the least important by the squared norm of all weights that read or
+write them; `meshtune.recipes.prune_export.shrink_state` then cuts them out into a smaller dense model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+from meshtune.config import Config, ConfigError, PruneConfig
+from meshtune.recipes.base import Recipe, register
+
+MASK = "weight_mask"
+STEP = "prune_step"
+ATTN = ("wq", "wk", "wv", "wo")
+MLP = ("w1", "w3", "w2")
+
+
+def cubic_sparsity(step: int, p: PruneConfig) -> float:
+    """The scheduled sparsity after `step` optimizer steps: 0 before start_step, the cubic ramp, then final."""
+    if step < p.start_step:
+        return 0.0
+    if p.end_step <= p.start_step or step >= p.end_step:
+        return p.sparsity
+    return p.sparsity * (1 - (1 - (step - p.start_step) / (p.end_step - p.start_step)) ** 3)
+
+
+def is_update_step(step: int, p: PruneConfig) -> bool:
+    """Whether masks are recomputed after optimizer step `step` (1-based): start_step, every frequency steps,
+    and end_step (one shot at max(start_step, 1) when end_step <= start_step)."""
+    last = max(p.start_step, p.end_step, 1)
+    if step == last:
+        return True
+    return max(p.start_step, 1) <= step < last and (step - p.start_step) % p.frequency == 0
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """A module name matches a pattern equal to its end (`wq`, `attention.wq`) or an fnmatch glob of it."""
+    return any(name == pat or name.endswith("." + pat) or fnmatch.fnmatch(name, pat)
+               or fnmatch.fnmatch(name, "*." + pat) for pat in patterns)
+
+
+def check_prune(cfg: Config) -> None:
+    """Config checks for `recipe.prune.*` against the model and tensor-parallel sizes.
+
+    Raises:
+        ConfigError: naming the field: sparsity outside [0, 1), a bad schedule, 2:4 on an input size not
+            divisible by 4, or structured pruning removing every head / leaving sizes tp does not divide.
+    """
+    from meshtune.models.llama import ffn_hidden_dim, head_dim
+
+    p, m, tp = cfg.recipe.prune, cfg.model, max(cfg.parallel.tp, 1)
+    if not 0 <= p.sparsity < 1:
+        raise ConfigError(f"recipe.prune.sparsity: must be in [0, 1), got {p.sparsity}")
+    if p.start_step < 0 or p.end_step < 0:
+        raise ConfigError("recipe.prune.start_step / end_step: must be >= 0")
+    if p.frequency < 1:
+        raise ConfigError(f"recipe.prune.frequency: must be >= 1, got {p.frequency}")
+    if p.method != "structured" and not p.targets:
+        raise ConfigError("recipe.prune.targets: empty; name at least one linear layer, e.g. [w1, w2, w3]")
+    hidden, kv = ffn_hidden_dim(m), m.n_kv_heads or m.n_heads
+    if p.method == "semi_structured":
+        inputs = {"wq": m.dim, "wk": m.dim, "wv": m.dim, "w1": m.dim, "w3": m.dim, "wo": m.n_heads * head_dim(m),
+                  "w2": hidden}
+        for name, size in inputs.items():
+            if matches(name, p.targets) and size % 4:
+                raise ConfigError(f"recipe.prune.method: 2:4 needs the input size of {name} ({size}) divisible by 4; "
+                                  f"drop {name} from recipe.prune.targets or use method magnitude")
+    if p.method == "structured":
+        keep_kv, keep_ffn = kv - round(p.sparsity * kv), hidden - round(p.sparsity * hidden)
+        if keep_kv < 1:
+            raise ConfigError(f"recipe.prune.sparsity: {p.sparsity} would remove all {kv} key/value heads of each "
+                              "layer; lower it")
+        if keep_kv % tp or keep_ffn % tp:
+            raise ConfigError(f"recipe.prune.sparsity: structured pruning keeps {keep_kv} kv heads and {keep_ffn} "
+                              f"MLP channels per layer, not divisible by parallel.tp={tp}; pick a sparsity "
+                              "whose kept sizes tp divides")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`mask` (full, the same on every rank) laid out like `weight`: a DTensor with its mesh and placements."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(weight, DTensor) and not isinstance(mask, DTensor):
+        # every rank holds the same full mask: each keeps its own shard, no communication
+        return distribute_tensor(mask.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None)
+    return mask
+
+
+def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+    """Bool masks zeroing exactly round(sparsity * n) of the smallest |w|: over all weights together (global)
+    or round(sparsity * n_i) within each (layer), with torch.nn.utils.prune.L1Unstructured."""
+    from torch.nn.utils.prune import L1Unstructured
+
+    if scope == "layer":
+        return {k: L1Unstructured(amount=sparsity).compute_mask(w, torch.ones_like(w)).bool()
+                for k, w in weights.items()}
+    flat = torch.cat([w.detach().reshape(-1) for w in weights.values()])
+    k = round(sparsity * flat.numel())
+    mask = L1Unstructured(amount=k).compute_mask(flat, torch.ones_like(flat)).bool()
+    out, i = {}, 0
+    for name, w in weights.items():
+        out[name] = mask[i:i + w.numel()].view(w.shape)
+        i += w.numel()
+    return out
+
+
+def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Keep the n largest |w| of every m consecutive input weights (rows of `w` split into groups of m)."""
+    groups = w.detach().abs().reshape(w.shape[0], -1, m)
+    keep = groups.topk(n, dim=-1).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True).view(w.shape)
+
+
+def _keep_top(importance: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Bool (len,) keeping the n_keep largest (ties: lower index first)."""
+    order = torch.sort(-importance, stable=True).indices
+    keep = torch.zeros_like(importance, dtype=torch.bool)
+    keep[order[:n_keep]] = True
+    return keep
+
+
+def structured_masks(block: dict[str, torch.Tensor], n_kv: int, head_dim: int, sparsity: float) -> dict:
+    """Masks of one block's wq/wk/wv/wo/w1/w3/w2 (full weights) removing round(sparsity * n_kv) key/value
+    head groups and round(sparsity * hidden) MLP channels of least squared-norm importance."""
+    out = {}
+    if all(k in block for k in ATTN):
+        wq, wk, wv, wo = (block[k].detach().float() for k in ATTN)
+        q_group = wq.shape[0] // n_kv  # rows of the query heads reading one kv head
+        imp = (wq.pow(2).sum(1).view(n_kv, -1).sum(1) + wk.pow(2).sum(1).view(n_kv, -1).sum(1)
+               + wv.pow(2).sum(1).view(n_kv, -1).sum(1) + wo.pow(2).sum(0).view(n_kv, -1).sum(1))
+        keep = _keep_top(imp, n_kv - round(sparsity * n_kv))
+        q_rows, kv_rows = keep.repeat_interleave(q_group), keep.repeat_interleave(head_dim)
+        out.update(wq=q_rows[:, None].expand(wq.shape), wk=kv_rows[:, None].expand(wk.shape),
+                   wv=kv_rows[:, None].expand(wv.shape), wo=q_rows[None, :].expand(wo.shape))
+    if all(k in block for k in MLP):
+        w1, w3, w2 = (block[k].detach().float() for k in MLP)
+        hidden = w1.shape[0]
+        keep = _keep_top(w1.pow(2).sum(1) + w3.pow(2).sum(1) + w2.pow(2).sum(0), hidden - round(sparsity * hidden))
+        out.update(w1=keep[:, None].expand(w1.shape), w3=keep[:, None].expand(w3.shape),
+                   w2=keep[None, :].expand(w2.shape))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+@register("prune")
+class PruneRecipe(Recipe):
+    """Masks chosen linear weights and keeps them masked after every optimizer step; trains every parameter."""
+
+    def targets(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The linear layers this recipe prunes, by module name."""
+        p = self.cfg.prune
+        names = ATTN + MLP if p.method == "structured" else None
+        found = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear) or ".layers." not in f".{name}":
+                continue  # block linears only: never the embedding or the output head
+            if (names is not None and name.rsplit(".", 1)[-1] in names) or (names is None and matches(name, p.targets)):
+                found[name] = module
+        return found
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        found = self.targets(model)
+        if not found:
+            raise ConfigError(f"recipe.prune.targets: {self.cfg.prune.targets} match no linear layer of the blocks")
+        if self.cfg.prune.method == "semi_structured":
+            for name, lin in found.items():
+                if lin.in_features % 4:
+                    raise ConfigError(f"recipe.prune.method: 2:4 needs the input size of {name} "
+                                      f"({lin.in_features}) divisible by 4; drop it from recipe.prune.targets")
+        for lin in found.values():
+            lin.register_buffer(MASK, torch.ones_like(lin.weight, dtype=torch.bool))
+        model.register_buffer(STEP, torch.zeros((), dtype=torch.int64, device=next(model.parameters()).device))
+        return model
+
+    def init_weights(self, model: nn.Module) -> None:
+        for lin in self.targets(model).values():
+            getattr(lin, MASK).fill_(True)
+        for m in model.modules():
+            if STEP in m._buffers:
+                m._buffers[STEP].zero_()
+
+    @torch.no_grad()
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        step_buf = next(m._buffers[STEP] for m in model.modules() if STEP in m._buffers)  # under DDP: .module
+        step_buf += 1
+        step = int(step_buf.item())
+        found = self.targets(model)
+        if is_update_step(step, self.cfg.prune):
+            self.update_masks(model, found, cubic_sparsity(step, self.cfg.prune))
+        for lin in found.values():
+            mask = _like(getattr(lin, MASK), lin.weight)  # a resumed run loads plain full masks: shard them once
+            lin._buffers[MASK] = mask
+            lin.weight.mul_(mask)
+
+    def update_masks(self, model: nn.Module, found: dict[str, nn.Linear], sparsity: float) -> None:
+        """Recompute every mask at `sparsity` from the full weights and store it sharded like its weight."""
+        p = self.cfg.prune
+        weights = {name: _full(lin.weight.detach()) for name, lin in found.items()}
+        if p.method == "magnitude":
+            masks = magnitude_masks(weights, sparsity, p.scope)
+        elif p.method == "semi_structured":
+            masks = {name: nm_mask(w) for name, w in weights.items()}
+        else:
+            blocks: dict[str, dict[str, torch.Tensor]] = {}
+            for name, w in weights.items():
+                parent, leaf = name.rsplit(".", 1)
+                blocks.setdefault(parent, {})[leaf] = w
+            masks = {}
+            for parent, block in blocks.items():
+                owner = model.get_submodule(parent)  # Attention keeps its full sizes also when TP splits it
+                n_kv, hd = getattr(owner, "n_kv_heads", 0), getattr(owner, "head_dim", 0)
+                for leaf, mask in structured_masks(block, n_kv, hd, sparsity).items():
+                    masks[f"{parent}.{leaf}"] = mask
+        for name, lin in found.items():
+            lin._buffers[MASK] = _like(masks[name].to(lin.weight.device), lin.weight)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Multiply the masks in and drop the buffers: a plain model with zeros where it was pruned."""
+        with torch.no_grad():
+            for lin in self.targets(model).values():
+                if MASK in lin._buffers:
+                    lin.weight.mul_(lin._buffers.pop(MASK))
+        model._buffers.pop(STEP, None)
+        return model
+
+    def merge_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in state.items():
+            if key.endswith("." + MASK) or key == STEP or key.endswith("." + STEP):
+                continue
+            mask = state.get(key[: -len("weight")] + MASK) if key.endswith(".weight") else None
+            out[key] = value * mask if mask is not None else value
+        return out
