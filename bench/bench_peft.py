@@ -14,8 +14,8 @@ each recipe's share on the llama-1b shape (pretrain/llama-1b, counted on the met
 Part 1 (quality). The base is the tiny decoder (pretrain/tiny) trained on `sort` in this process, or --base,
 exported with meshtune.export (`--format merged`). From it, each variant fine-tunes on the new task with its
 bundled config (finetune/full, finetune/lora, finetune/adapters, finetune/prefix: lr and recipe settings from
-there) on a descending sort (`rsort`, written to a JSONL file, see meshtune.demo.write_rsort_task): full fine-
-tuning needs ~600 steps for 0.8 accuracy on the bundled `reverse` (`add`: more), too long here. One process,
+there) on the bundled descending sort (`data.task=rsort`; the demo writes the same task as a JSONL file): full
+fine-tuning needs ~600 steps for 0.8 accuracy on the bundled `reverse` (`add`: more), too long here. One process,
 world size 1; the four trainers step in turn (one step of each, the order rotating), so machine load hits all
 alike; the step time excludes collation. Accuracy is the trainer's teacher-forced exact match on held-out
 examples.
@@ -51,13 +51,14 @@ HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # Part 1: recipes against full fine-tuning.
 
 
-def variant_config(name: str, args, base: Path, task_file: Path, run_root: Path):
+def variant_config(name: str, args, base: Path, run_root: Path):
     from meshtune.config import load_config
 
     return load_config(f"finetune/{name}", [
-        f"run_dir={run_root / name}", f"init_from={base}", "data.task=", f"data.train_path={task_file}",
-        f"data.num_eval={args.num_eval}", f"train.steps={args.steps}", "train.eval_every=0", "train.eval_batches=0",
-        "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=never", "metrics.progress=false",
+        f"run_dir={run_root / name}", f"init_from={base}", "data.task=rsort", "data.train_path=",
+        "data.num_train=8192", f"data.num_eval={args.num_eval}", f"train.steps={args.steps}", "train.eval_every=0",
+        "train.eval_batches=0", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=never",
+        "metrics.progress=false",
         *args.set])
 
 
@@ -126,14 +127,12 @@ def share_at_scale(name: str) -> float:
 def part1(args, tmp: Path) -> dict:
     import torch
 
-    from meshtune.demo import write_rsort_task
     from meshtune.recipes import count_parameters
     from meshtune.runtime.env import DistEnv
     from meshtune.runtime.run import build_trainer
 
     base, base_acc = (Path(args.base), None) if args.base else pretrain_base(args, tmp)
-    task_file = write_rsort_task(tmp / "rsort.jsonl", 8192 + args.num_eval, seed=0)
-    trainers = {n: build_trainer(variant_config(n, args, base, task_file, tmp / "ft"), DistEnv())
+    trainers = {n: build_trainer(variant_config(n, args, base, tmp / "ft"), DistEnv())
                 for n in args.variants}
     names = list(trainers)
     times = {n: [] for n in names}

@@ -34,23 +34,16 @@ NUM_TRAIN, NUM_EVAL = 8192, 128
 
 
 def write_rsort_task(path: str | Path, n: int, seed: int = 0) -> Path:
-    """Write `n` examples of descending sort (`rsort: 3ab0` -> `ba30`) as prompt/response JSONL.
+    """Write `n` examples of the bundled descending sort (`rsort: 3ab0` -> `ba30`) as prompt/response JSONL.
 
-    The fine-tuning task of the demo and of bench/bench_peft.py: new to a model pretrained on `sort` (the
-    opposite order and a new prompt word) yet close enough to learn in a short run, which the bundled
-    `reverse` and `add` are not (~1000 steps of the tiny model). Same alphabet and lengths as `sort`."""
-    import json
-    import random
-    import string
+    The demo's fine-tuning task, read back as a user's own data file would be: new to a model pretrained on
+    `sort` (the opposite order and a new prompt word) yet close enough to learn in a short run, which the
+    bundled `reverse` and `add` are not (~1000 steps of the tiny model). Same alphabet and lengths as `sort`."""
+    from meshtune.data.tasks import generate
 
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        s = "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(rng.randint(4, 12)))
-        lines.append(json.dumps({"prompt": f"rsort: {s}\n", "response": "".join(sorted(s, reverse=True))}))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("".join(json.dumps(e) + "\n" for e in generate("rsort", n, seed)))
     return path
 
 

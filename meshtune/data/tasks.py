@@ -4,7 +4,7 @@
     # [{"prompt": "add: 12+345\n", "response": "357"}, ...]
 
 Every task is short enough that `[bos] + prompt + response + [eos]` fits `data.seq_len=48` with the byte
-tokenizer (the longest, `reverse`/`sort` with 12 characters, is 36 tokens). Each task also has a `solve`
+tokenizer (the longest, `reverse` with 12 characters, is 36 tokens). Each task also has a `solve`
 function that computes the answer from the prompt alone: tests use it to prove the generated answers are
 right, and evaluation code can use it to score free-running generations.
 """
@@ -66,6 +66,16 @@ def _make_sort(rng: random.Random) -> tuple[str, str]:
     return prompt, _solve_sort(prompt)
 
 
+def _solve_rsort(prompt: str) -> str:
+    # Descending code-point order: the fine-tuning task of `meshtune demo` for a base trained on `sort`.
+    return "".join(sorted(_payload(prompt, "rsort"), reverse=True))
+
+
+def _make_rsort(rng: random.Random) -> tuple[str, str]:
+    prompt = f"rsort: {_random_string(rng, string.ascii_lowercase + string.digits)}\n"
+    return prompt, _solve_rsort(prompt)
+
+
 def _solve_add(prompt: str) -> str:
     a, b = _payload(prompt, "add").split("+")
     return str(int(a) + int(b))
@@ -79,6 +89,7 @@ def _make_add(rng: random.Random) -> tuple[str, str]:
 TASKS: dict[str, Task] = {
     "reverse": Task("reverse", _make_reverse, _solve_reverse),
     "sort": Task("sort", _make_sort, _solve_sort),
+    "rsort": Task("rsort", _make_rsort, _solve_rsort),
     "add": Task("add", _make_add, _solve_add),
 }
 """The bundled tasks by name (the values `data.task` accepts)."""

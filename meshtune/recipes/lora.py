@@ -33,6 +33,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from meshtune.config import ConfigError, LoRAConfig
 from meshtune.models.hf import permute_rope_rows, unpermute_rope_rows  # noqa: F401 (re-exported)
@@ -72,10 +73,18 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
         if self.merged:  # B A is already inside W
-            return out
-        # scale the rank-sized tensor and add in place: linear's backward does not need its output
+            return F.linear(x, self.weight, self.bias)
+        w, a, b = self.weight, self.lora_a.weight, self.lora_b.weight
+        if (self.bias is None and not (self.training and isinstance(self.lora_dropout, nn.Dropout))
+                and not any(isinstance(t, DTensor) for t in (x, w, a, b))):
+            if torch.is_autocast_enabled(x.device.type):  # one dtype throughout, as autocast would compute
+                dt = torch.get_autocast_dtype(x.device.type)
+                x, w, a, b = x.to(dt), w.to(dt), a.to(dt), b.to(dt)
+            return _LoRAFn.apply(x, w, a, b, self.scaling)
+        # the general path (bias, active dropout, tensor-parallel DTensors): the same sum through the
+        # children, whose parallel styles shard A and B; the rank-r tensor is scaled, then added in place
+        out = F.linear(x, w, self.bias)
         return out.add_(self.lora_b(self.lora_a(self.lora_dropout(x)) * self.scaling))
 
     def delta_weight(self) -> torch.Tensor:
@@ -98,6 +107,38 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+class _LoRAFn(torch.autograd.Function):
+    """y = x W^T + s (x A^T) B^T with the fewest kernels and buffers: forward is two GEMMs and one addmm into
+    the base output; backward computes only the gradients needed (W frozen: none for it) and adds the LoRA
+    path's input gradient into the base one in place. Saves x, x A^T and the three weights."""
+
+    @staticmethod
+    def forward(ctx, x, w, a, b, scaling: float):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xa = x2 @ a.t()  # (N, r)
+        out = torch.addmm(x2 @ w.t(), xa, b.t(), alpha=scaling)  # (N, out), beta=1: in the GEMM, not after
+        ctx.save_for_backward(x2, xa, w, a, b)
+        ctx.scaling, ctx.in_shape = scaling, x.shape
+        return out.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, xa, w, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gxa = (g2 @ b).mul_(s)  # (N, r): the gradient reaching x A^T
+        gx = gw = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.addmm(g2 @ w, gxa, a).view(ctx.in_shape)  # (N, in): both paths in one buffer
+        if ctx.needs_input_grad[1]:
+            gw = g2.t() @ x2
+        if ctx.needs_input_grad[2]:
+            ga = gxa.t() @ x2  # (r, in)
+        if ctx.needs_input_grad[3]:
+            gb = (g2.t() @ xa).mul_(s)  # (out, r)
+        return gx, gw, ga, gb, None
 
 
 def matches(name: str, pattern: str) -> bool:

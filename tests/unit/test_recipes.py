@@ -245,6 +245,26 @@ def test_lora_dropout_only_on_lora_path():
     assert torch.equal(lin(x), F.linear(x, lin.weight))  # the frozen path never sees dropout
 
 
+def test_lora_fused_path_matches_children_path():
+    """The plain-tensor autograd Function gives the same output and gradients as W x + s B(A(x))."""
+    torch.manual_seed(0)
+    lin = LoRALinear.from_linear(torch.nn.Linear(8, 6, bias=False), rank=2, alpha=4.0)
+    torch.nn.init.normal_(lin.lora_b.weight)
+    lin.weight.requires_grad_(False)  # frozen, as the recipe leaves it
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    g = torch.randn(3, 5, 6)
+    lin(x).backward(g)
+    fused = [t.grad.clone() for t in (x, lin.lora_a.weight, lin.lora_b.weight)]
+    assert lin.weight.grad is None  # the frozen base gets no gradient
+    for t in (x, lin.lora_a.weight, lin.lora_b.weight):
+        t.grad = None
+    ref = F.linear(x, lin.weight) + lin.lora_b(lin.lora_a(x)) * lin.scaling
+    torch.testing.assert_close(lin(x), ref, atol=1e-6, rtol=1e-6)
+    ref.backward(g)
+    for a, t in zip(fused, (x, lin.lora_a.weight, lin.lora_b.weight), strict=True):
+        torch.testing.assert_close(a, t.grad, atol=1e-6, rtol=1e-6)
+
+
 def test_lora_export_state():
     _, model, recipes = adapted("lora", lora=LoRAConfig(rank=4))
     out = export_state(model.state_dict(), recipes)
