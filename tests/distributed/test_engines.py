@@ -76,6 +76,8 @@ def test_engine_matches_native_ddp(rank_pool, tmp_path, engine, stage, micro):
 
 
 def lora_zero3_export(run_dir):
+    from dataclasses import replace
+
     import torch.distributed as dist
     from safetensors.torch import load_file
 
@@ -90,7 +92,7 @@ def lora_zero3_export(run_dir):
     if dist.get_rank() != 0:
         dist.barrier()
         return None
-    ref = reference_trainer(cfg)
+    ref = reference_trainer(replace(cfg, parallel=replace(cfg.parallel, engine="native")))
     ref_losses = step_losses(ref, 3)
     expected = export_state(unwrap(ref.model).state_dict(), ref.recipes)
     got = load_file(str(export(run_dir, "adapter", quiet=True)[0]))
