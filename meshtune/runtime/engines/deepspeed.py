@@ -107,6 +107,13 @@ class DeepSpeedEngine:
         # the shared-memory comm op is JIT-compiled on first use (~40 s): keep it in a cache CI can keep
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
         deepspeed = import_engine("deepspeed")
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # one process: DeepSpeed needs a group (else it looks for MPI) and the
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # launcher's variables
+                os.environ.setdefault(key, value)
+            dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(), rank=0,
+                                    world_size=1)
         self.config = build_config(cfg, mesh.dp_size, accum_steps, device)
         self.stage = self.config["zero_optimization"]["stage"]
         self.model, self.ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
