@@ -139,6 +139,22 @@ class ParallelConfig:
     timeout_s: float = 600.0
     """Seconds a collective (or any call) may block before the run fails, naming the rank, the operation
     and the ranks that stopped answering (runtime/watchdog.py)."""
+    engine: Literal["native", "deepspeed", "fairscale"] = "native"
+    """Data-parallel engine: `native` = PyTorch DDP/FSDP2 on the device mesh (the default: every layout,
+    DCP checkpoints); `deepspeed` = ZeRO (parallel.zero_stage) through deepspeed.initialize, its config generated
+    from this one (pip install meshtune[deepspeed]); `fairscale` = FairScale OSS optimizer-state sharding with
+    torch DDP (pip install meshtune[fairscale]). The engines run data parallelism only (tp = pp = 1)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (1: optimizer state, 2: + gradients, 3: + parameters sharded over the ranks)."""
+    deepspeed_config: str = ""
+    """Optional DeepSpeed JSON merged into the generated config (e.g. communication or offload tuning); a key
+    that contradicts a value meshtune generates is an error."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """DeepSpeed: offload optimizer state (zero_optimization.offload_optimizer.device)."""
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    """DeepSpeed ZeRO-3: offload parameters (zero_optimization.offload_param.device)."""
+    nvme_path: str = ""
+    """DeepSpeed: directory for nvme offload (required when an offload device is nvme)."""
 
 
 @dataclass
@@ -493,6 +509,19 @@ def validate(cfg: Config) -> None:
             need(heads % p.tp == 0, f"{key}: {heads} heads cannot be split over parallel.tp={p.tp}; choose a tp "
                  f"that divides {heads}")
     need(p.timeout_s > 0, f"parallel.timeout_s: must be positive, got {p.timeout_s}")
+    need(p.zero_stage in (1, 2, 3), f"parallel.zero_stage: {p.zero_stage} is not a ZeRO stage; pick 1, 2 or 3")
+    need(not p.deepspeed_config or Path(p.deepspeed_config).is_file(), f"parallel.deepspeed_config: file "
+         f"{p.deepspeed_config} not found; give the path of a DeepSpeed JSON file")
+    need(p.offload_param == "none" or p.zero_stage == 3, "parallel.offload_param: parameter offload needs "
+         "parallel.zero_stage=3")
+    need("nvme" not in (p.offload_optimizer, p.offload_param) or bool(p.nvme_path), "parallel.nvme_path: "
+         "nvme offload needs a directory; set parallel.nvme_path")
+    if p.engine != "native":
+        need(p.tp == 1 and p.pp == 1, f"parallel.engine: {p.engine} runs data parallelism only, got parallel.tp="
+             f"{p.tp} pp={p.pp}; set parallel.engine=native for tensor or pipeline parallelism")
+    need(p.engine != "fairscale" or p.dp_shard in (-1, 1), f"parallel.dp_shard: {p.dp_shard} asks for sharded "
+         "parameters, and FairScale's FSDP needs CUDA streams (it now lives in PyTorch as FSDP2); use "
+         "parallel.engine=native for FSDP2, or dp_shard=1 for FairScale OSS + DDP")
     if c.resume not in ("auto", "never"):
         need(Path(c.resume).exists(), f"checkpoint.resume: {c.resume} does not exist; give auto, never or a "
              "checkpoint directory")

@@ -166,7 +166,8 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
 
     cfg = run_config(run_dir)
     path = find_checkpoint(run_dir, step)
-    vocab = _vocab_size(path)
+    ds_state = _deepspeed_state(path)  # None for DCP checkpoints (native and fairscale engines)
+    vocab = _vocab_size(path) if ds_state is None else int(ds_state["tok_embeddings.weight"].shape[0])
     model = build_model(cfg.model, vocab, device="meta")
     recipes = build_recipes(cfg.recipe)
     model = apply_recipes(model, recipes)
@@ -174,9 +175,15 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     model.init_weights()  # the rotary tables (buffers, not in checkpoints); every parameter is then loaded
     state = model.state_dict()
     try:
-        with warnings.catch_warnings():  # DCP warns that there is no process group: one process is the point
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": state}, checkpoint_id=str(path))
+        if ds_state is not None:
+            missing = sorted({n for n, _ in model.named_parameters()} - ds_state.keys())
+            if missing:
+                raise ValueError(f"no weights for {missing[0]} and {len(missing) - 1} more")
+            model.load_state_dict({k: v for k, v in ds_state.items() if k in state}, strict=False)
+        else:
+            with warnings.catch_warnings():  # DCP warns that there is no process group: one process is the point
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({"model": state}, checkpoint_id=str(path))
     except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
         raise ConfigError(f"{path}: does not fit the model in {Path(run_dir) / 'config.yaml'} "
                           f"({_first_line(e)}); export with the config the run was trained with") from None
@@ -185,6 +192,13 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
         state = {k: v.detach() for k, v in model.state_dict().items()}
     meta = json.loads((path / "meta.json").read_text())
     return LoadedRun(cfg, path, int(meta["step"]), vocab, model, recipes, state)
+
+
+def _deepspeed_state(path: Path) -> dict | None:
+    """Full weights of a DeepSpeed-engine checkpoint (any ZeRO stage, consolidated), else None."""
+    from meshtune.runtime.engines.deepspeed import consolidated_state, is_deepspeed_checkpoint
+
+    return consolidated_state(path) if is_deepspeed_checkpoint(path) else None
 
 
 def _vocab_size(path: Path) -> int:

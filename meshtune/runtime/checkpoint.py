@@ -83,16 +83,22 @@ class Checkpointer:
         done = complete_checkpoints(self.root)
         return done[-1] if done else None
 
-    def save(self, step: int, model, optimizer, meta: dict) -> Path:
-        """Write a checkpoint of `model`, `optimizer` and the JSON-able `meta` for `step`, atomically."""
+    def save(self, step: int, model, optimizer, meta: dict, write=None) -> Path:
+        """Write a checkpoint of `model`, `optimizer` and the JSON-able `meta` for `step`, atomically.
+
+        `write(tmp_dir)`, when given, writes the model and optimizer state instead of DCP (an engine's own
+        format, see meshtune.runtime.engines); RNG states, meta.json and the atomic rename stay the same."""
         final = self.root / f"step_{step:06d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        if write is not None:
+            write(tmp)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
         _barrier()

@@ -8,6 +8,7 @@ implicit prefetch). The last block and the root are not resharded after forward:
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 from torch import nn
@@ -52,5 +53,8 @@ def apply_ddp(model: nn.Module, mesh, device: torch.device) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The decoder inside a DDP wrapper (FSDP2 modifies the module in place, so it needs no unwrapping)."""
+    """The decoder inside a DDP or DeepSpeed engine wrapper (FSDP2 modifies the module in place)."""
+    deepspeed = sys.modules.get("deepspeed")  # not imported: no model is a DeepSpeedEngine
+    if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine):
+        return model.module
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

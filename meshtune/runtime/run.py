@@ -20,6 +20,7 @@ from meshtune.models import build_model
 from meshtune.recipes import apply_recipes, build_recipes, count_parameters
 from meshtune.runtime.checkpoint import Checkpointer, load_model_weights
 from meshtune.runtime.data_parallel import unwrap
+from meshtune.runtime.engines import build_engine, engine_layout
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.mesh import ParallelDims, ParallelMesh
 from meshtune.runtime.metrics import Metrics
@@ -43,6 +44,7 @@ def build_mesh(cfg: Config, env: DistEnv) -> ParallelMesh:
         dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp).resolve(env.world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    dims = engine_layout(cfg, dims)  # deepspeed / fairscale: every rank a replica, the engine shards state
     return ParallelMesh(dims, env.device.type, env.rank)
 
 
@@ -101,7 +103,8 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     if (pp_mesh := mesh.get("pp")) is not None:
         model, pipeline = build_pipeline(model, cfg, mesh, sampler.accum_steps, env.device, param_dtype, pp_mesh)
     else:
-        model = parallelize(model, mesh, cfg.parallel, env.device, param_dtype)
+        model = parallelize(model, mesh, cfg.parallel, env.device, param_dtype,
+                            wrap_ddp=cfg.parallel.engine != "deepspeed")  # DeepSpeed wraps the model itself
     if meta:
         for part in pipeline.parts if pipeline else [model]:
             part = unwrap(part)
@@ -112,13 +115,16 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     if cfg.init_from:  # base weights; the recipes' own parameters are not in them
         load_model_weights(model, cfg.init_from, strict=not recipes, model_cfg=cfg.model, vocab_size=vocab)
     optimizer, scheduler = build_optimizer(model, cfg)
+    model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, sampler.accum_steps)
+    if optimizer is not scheduler.optimizer:  # fairscale's OSS replaces the AdamW: the schedule drives OSS
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
 
     checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last)
     resume = cfg.checkpoint.resume
     path = checkpointer.latest() if resume == "auto" else None if resume == "never" else Path(resume)
     step = 0
     if path is not None:
-        state = checkpointer.load(path, model, optimizer)
+        state = engine.load(checkpointer, path)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
@@ -133,7 +139,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     metrics.log({"step": step, "event": "start", "trainable_params": trainable, "total_params": total,
                  "world_size": env.world_size})
     return Trainer(cfg, mesh, env.device, model, optimizer, scheduler, train_ds, eval_ds, sampler,
-                   checkpointer, metrics, step=step, pipeline=pipeline, recipes=recipes)
+                   checkpointer, metrics, step=step, pipeline=pipeline, recipes=recipes, engine=engine)
 
 
 def build_pipeline(model, cfg: Config, mesh: ParallelMesh, n_microbatches: int, device, param_dtype, pp_mesh):

@@ -25,10 +25,8 @@ from meshtune.recipes.base import Recipe
 from meshtune.runtime.checkpoint import Checkpointer
 from meshtune.runtime.grads import (
     IGNORE_INDEX,
-    clip_grad_norm_,
     count_tokens,
     eval_counts,
-    maybe_no_sync,
     summed_loss,
 )
 from meshtune.runtime.mesh import ParallelMesh
@@ -57,7 +55,7 @@ class Trainer:
     def __init__(self, cfg: Config, mesh: ParallelMesh, device: torch.device, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler, train_ds, eval_ds, sampler: StepSampler,
                  checkpointer: Checkpointer, metrics: Metrics, step: int = 0, pipeline: Pipeline | None = None,
-                 recipes: Sequence[Recipe] = ()):
+                 recipes: Sequence[Recipe] = (), engine=None):
         self.cfg, self.mesh, self.device = cfg, mesh, device
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_ds, self.eval_ds, self.sampler = train_ds, eval_ds, sampler
@@ -73,8 +71,13 @@ class Trainer:
         self.dp_group = dp.get_group() if dp is not None else None
         self.pp_group = pp.get_group() if pp is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # FSDP2 casts parameters itself (MixedPrecisionPolicy); everything else uses autocast
-        self.autocast = use_bf16(cfg.train.dtype, device) and not mesh.uses_fsdp
+        if engine is None:
+            from meshtune.runtime.engines import NativeEngine
+
+            engine = NativeEngine(model, optimizer, cfg.optim.grad_clip, self.pp_group)
+        self.engine = engine  # backward, no-sync, clip + optimizer step, checkpoints (runtime/engines)
+        # FSDP2 casts parameters itself (MixedPrecisionPolicy), so do engines that own precision; else autocast
+        self.autocast = use_bf16(cfg.train.dtype, device) and not mesh.uses_fsdp and not engine.owns_precision
         self.history: list[dict] = []
         self.stop_signal: int | None = None  # set from a signal handler: save and stop after this step
 
@@ -105,26 +108,25 @@ class Trainer:
         for i, mb in enumerate(micro_batches):
             labels = mb["labels"].to(self.device, non_blocking=True)
             # DDP's no_sync must cover forward and backward; autocast only the forward
-            with maybe_no_sync(self.model, skip_sync=i < len(micro_batches) - 1):
+            with self.engine.accumulate(last=i == len(micro_batches) - 1):
                 with self._autocast():
                     logits = self.model(mb["input_ids"].to(self.device, non_blocking=True))
                 loss = summed_loss(logits, labels)
                 total = loss
                 for recipe in self.recipes:
                     total = recipe.loss(total, logits, mb)
-                (total * scale).backward()
+                self.engine.backward(total * scale)
             loss_sum += loss.detach()
         return loss_sum, tokens
 
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over this rank's micro-batches; returns (loss sum, global tokens, grad norm)."""
         loss_sum, tokens = self.forward_backward(micro_batches)
-        norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip, self.pp_group)
-        self.optimizer.step()
+        norm = self.engine.step()  # clip the global gradient norm, optimizer step
         for recipe in self.recipes:
             recipe.after_optimizer_step(self.model)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         self.step += 1
         return loss_sum, tokens, norm
 
@@ -188,7 +190,7 @@ class Trainer:
     def save(self) -> None:
         meta = {"scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "layout": self.mesh.describe()}
-        self.checkpointer.save(self.step, self.model, self.optimizer, meta)
+        self.engine.save(self.checkpointer, self.step, meta)
 
     def fit(self) -> dict:
         """Train to `train.steps` (or `train.stop_after`), evaluating, logging and checkpointing on schedule.

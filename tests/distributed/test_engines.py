@@ -1,0 +1,156 @@
+"""DeepSpeed ZeRO-1/2/3 and FairScale OSS + DDP behind the one Trainer, on 2 gloo ranks, against native DDP
+(and a single process) from the same seed and data. The first DeepSpeed case JIT-compiles DeepSpeed's
+shared-memory comm op (~40 s cold, cached in TORCH_EXTENSIONS_DIR)."""
+
+import pytest
+
+from tests.distributed.cases import layout, max_diff, reference_trainer, step_losses, tiny_config
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("fairscale")
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deepspeed_ops():
+    """Compile (or load from TORCH_EXTENSIONS_DIR) DeepSpeed's comm op here, outside the ranks' case timeout."""
+    import os
+
+    from meshtune.runtime.engines.deepspeed import EXTENSIONS_DIR
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))  # inherited by the ranks' forkserver
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load()
+CLIP = 0.5  # below the tiny model's early gradient norms: clipping is active in every compared step
+
+
+def engine_args(engine: str, stage: int = 2) -> list[str]:
+    return [f"parallel.engine={engine}"] + ([f"parallel.zero_stage={stage}"] if engine == "deepspeed" else [])
+
+
+def engine_params(trainer) -> dict:
+    """Full parameters of any engine's model (ZeRO-3 partitions are gathered)."""
+    from meshtune.runtime.data_parallel import unwrap
+
+    model = unwrap(trainer.model)
+    params = list(model.parameters())
+    if hasattr(params[0], "ds_id"):  # ZeRO-3: every rank holds a partition
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def engine_vs_ddp(run_dir, engine, stage, micro, steps=4):
+    from meshtune.runtime.run import build_trainer
+
+    base = [*layout(2, 1, micro), f"optim.grad_clip={CLIP}"]
+    ddp = build_trainer(tiny_config(f"{run_dir}/ddp", *base))
+    other = build_trainer(tiny_config(f"{run_dir}/{engine}", *base, *engine_args(engine, stage)))
+    out = {"losses": [], "ref": [], "norms": [], "ref_norms": []}
+    for _ in range(steps):
+        for t, losses, norms in ((ddp, "ref", "ref_norms"), (other, "losses", "norms")):
+            loss_sum, tokens, norm = t.train_step(t.next_micro_batches())
+            out[losses].append(t.mean_loss(loss_sum, tokens))
+            out[norms].append(norm)
+    out["param_diff"] = max_diff(engine_params(other), engine_params(ddp))
+    out["accum"] = other.sampler.accum_steps
+    out["lr"] = (other.scheduler.get_last_lr()[0], ddp.scheduler.get_last_lr()[0])
+    return out
+
+
+@pytest.mark.parametrize("engine,stage,micro", [("deepspeed", 1, 2), ("deepspeed", 2, 2), ("deepspeed", 3, 2),
+                                                ("deepspeed", 2, 4), ("fairscale", 0, 2)],
+                         ids=["zero1-accum2", "zero2-accum2", "zero3-accum2", "zero2-noaccum", "fairscale-accum2"])
+def test_engine_matches_native_ddp(rank_pool, tmp_path, engine, stage, micro):
+    for r in rank_pool(2).run(engine_vs_ddp, str(tmp_path), engine, stage, micro):
+        assert r["accum"] == 8 // (2 * micro)
+        assert min(r["ref_norms"]) > CLIP  # the clip is active in every step
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref"], strict=True)) < TOL, r
+        assert max(abs(a - b) / b for a, b in zip(r["norms"], r["ref_norms"], strict=True)) < 1e-4, r
+        assert r["param_diff"] < 1e-5, r
+        assert r["lr"][0] == pytest.approx(r["lr"][1])
+
+
+def lora_zero3_export(run_dir):
+    from dataclasses import replace
+
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from meshtune.export import export
+    from meshtune.recipes import export_state
+    from meshtune.runtime.data_parallel import unwrap
+    from meshtune.runtime.run import build_trainer
+
+    cfg = tiny_config(run_dir, *layout(2, 1, 2), *engine_args("deepspeed", 3), "recipe.name=lora", "train.steps=3",
+                      "checkpoint.save_final=true")
+    losses = [r["loss"] for r in build_trainer(cfg).fit()["history"] if "loss" in r]
+    if dist.get_rank() != 0:
+        dist.barrier()
+        return None
+    ref = reference_trainer(replace(cfg, parallel=replace(cfg.parallel, engine="native")))
+    ref_losses = step_losses(ref, 3)
+    expected = export_state(unwrap(ref.model).state_dict(), ref.recipes)
+    got = load_file(str(export(run_dir, "adapter", quiet=True)[0]))
+    merged = load_file(str(export(run_dir, "merged", quiet=True)[0]))
+    peft = export(run_dir, "peft", quiet=True)
+    dist.barrier()
+    return {"losses": losses, "ref_losses": ref_losses, "keys": (sorted(got), sorted(expected)),
+            "shapes": all(got[k].shape == expected[k].shape for k in expected),
+            "numel": min(t.numel() for t in got.values()), "diff": max_diff(got, dict(expected)),
+            "merged_keys": len(merged), "peft_files": [p.name for p in peft]}
+
+
+def test_lora_under_zero3_exports_full_adapter(rank_pool, tmp_path):
+    r = rank_pool(2).run(lora_zero3_export, str(tmp_path))[0]
+    assert r["keys"][0] == r["keys"][1] and r["keys"][0]
+    assert r["shapes"] and r["numel"] > 0  # full-size, never a ZeRO-3 partition or an empty tensor
+    assert r["diff"] < 1e-4, r
+    assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
+    assert r["merged_keys"] > 0 and "adapter_model.safetensors" in r["peft_files"]
+
+
+def resume_case(run_dir, engine, stage):
+    from meshtune.runtime.run import build_trainer
+
+    args = [*layout(2, 1, 2), *engine_args(engine, stage), "train.steps=4", "checkpoint.every=2"]
+    whole = build_trainer(tiny_config(f"{run_dir}/whole", *args)).fit()
+    first = build_trainer(tiny_config(f"{run_dir}/parts", *args, "train.stop_after=2")).fit()
+    resumed = build_trainer(tiny_config(f"{run_dir}/parts", *args, "checkpoint.resume=auto"))
+    start = resumed.step
+    rest = resumed.fit()
+
+    def losses(summary):
+        return [(r["step"], r["loss"]) for r in summary["history"] if "loss" in r]
+
+    return {"whole": losses(whole), "parts": losses(first) + losses(rest), "start": start}
+
+
+@pytest.mark.parametrize("engine,stage", [("deepspeed", 3), ("deepspeed", 1), ("fairscale", 0)],
+                         ids=["zero3", "zero1", "fairscale"])
+def test_engine_checkpoint_resume_continues_identically(rank_pool, tmp_path, engine, stage):
+    for r in rank_pool(2).run(resume_case, str(tmp_path), engine, stage):
+        assert r["start"] == 2
+        assert [s for s, _ in r["parts"]] == [1, 2, 3, 4]
+        assert r["parts"] == r["whole"], r  # bitwise: the same steps, optimizer state and data order
+
+
+def wrong_engine_resume(run_dir):
+    from meshtune.config import ConfigError
+    from meshtune.runtime.run import build_trainer
+
+    build_trainer(tiny_config(run_dir, *layout(2, 1, 2), "train.steps=1", "checkpoint.save_final=true")).fit()
+    try:
+        build_trainer(tiny_config(run_dir, *layout(2, 1, 2), *engine_args("deepspeed", 2), "checkpoint.resume=auto"))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_resume_with_another_engine_is_a_config_error(rank_pool, tmp_path):
+    for msg in rank_pool(2).run(wrong_engine_resume, str(tmp_path)):
+        assert msg and "parallel.engine=native" in msg and "\n" not in msg

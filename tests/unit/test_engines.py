@@ -1,0 +1,98 @@
+"""Engine selection and the DeepSpeed config generated from meshtune's (no process group, no DeepSpeed import)."""
+
+import json
+
+import pytest
+
+from meshtune.config import ConfigError, load_config
+
+BASE = ["data.task=sort", "train.global_batch_size=16", "train.micro_batch_size=2", "optim.grad_clip=0.25",
+        "parallel.engine=deepspeed"]
+
+
+def ds_config(*overrides, world=2, accum=4, device="cpu"):
+    import torch
+
+    from meshtune.runtime.engines.deepspeed import build_config
+
+    return build_config(load_config(None, [*BASE, *overrides]), world, accum, torch.device(device))
+
+
+def test_generated_config_says_what_meshtune_says():
+    ds = ds_config("parallel.zero_stage=3")
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.25  # not DeepSpeed's default 1.0
+    assert ds["zero_optimization"] == {"stage": 3}
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}  # auto on CPU = fp32
+    assert ds["zero_allow_untested_optimizer"] is True  # meshtune's torch AdamW, no fused_adam compile
+    assert "optimizer" not in ds and "scheduler" not in ds
+    assert ds_config("train.dtype=bf16")["bf16"] == {"enabled": True}
+    assert ds_config("optim.grad_clip=0")["gradient_clipping"] == 0.0
+
+
+def test_offload_options_pass_through(tmp_path):
+    ds = ds_config("parallel.zero_stage=3", "parallel.offload_optimizer=cpu", "parallel.offload_param=nvme",
+                   f"parallel.nvme_path={tmp_path}")
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                       "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}
+    with pytest.raises(ConfigError, match="parallel.offload_param"):
+        load_config(None, [*BASE, "parallel.zero_stage=2", "parallel.offload_param=cpu"])
+    with pytest.raises(ConfigError, match="parallel.nvme_path"):
+        load_config(None, [*BASE, "parallel.offload_optimizer=nvme"])
+
+
+def test_user_json_merges_and_conflicts_are_one_line_errors(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000},
+                                "gradient_clipping": 0.25, "communication_data_type": "fp32"}))
+    ds = ds_config("parallel.zero_stage=2", f"parallel.deepspeed_config={path}")
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}  # added next to meshtune's
+    assert ds["communication_data_type"] == "fp32"
+    for user, key, values in [({"gradient_clipping": 1.0}, "gradient_clipping", ("1.0", "0.25")),
+                              ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage", ("3", "2")),
+                              ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu", ("4", "2")),
+                              ({"optimizer": {"type": "AdamW"}}, "optimizer", ())]:
+        path.write_text(json.dumps(user))
+        with pytest.raises(ConfigError) as e:
+            ds_config("parallel.zero_stage=2", f"parallel.deepspeed_config={path}")
+        msg = str(e.value)
+        assert "\n" not in msg and "parallel.deepspeed_config" in msg and repr(key) in msg
+        assert all(v in msg for v in values), msg
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="no JSON object"):
+        ds_config(f"parallel.deepspeed_config={path}")
+    with pytest.raises(ConfigError, match="parallel.deepspeed_config: file"):
+        load_config(None, [*BASE, f"parallel.deepspeed_config={tmp_path / 'missing.json'}"])
+
+
+def test_batch_sizes_that_do_not_multiply_are_refused():
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        ds_config(world=2, accum=3)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["parallel.engine=torchy"], "parallel.engine"),
+    (["parallel.engine=fairscale", "parallel.dp_shard=2"], "parallel.dp_shard"),
+    (["parallel.engine=deepspeed", "parallel.tp=2", "parallel.dp_shard=1"], "parallel.engine"),
+    (["parallel.engine=fairscale", "parallel.pp=2", "parallel.dp_shard=1"], "parallel.engine"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage"),
+])
+def test_engine_config_errors(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.task=sort", *overrides])
+    msg = str(e.value)
+    assert msg.startswith(key) and "\n" not in msg
+    if "fairscale" in overrides[0] and "dp_shard" in key:
+        assert "parallel.engine=native" in msg and "FSDP2" in msg
+
+
+def test_engine_layout_makes_every_rank_a_replica():
+    from meshtune.runtime.engines import engine_layout
+    from meshtune.runtime.mesh import ParallelDims
+
+    dims = ParallelDims(1, -1, 1, 1).resolve(4)
+    for engine, want in [("native", (1, 4)), ("deepspeed", (4, 1)), ("fairscale", (4, 1))]:
+        cfg = load_config(None, ["data.task=sort", f"parallel.engine={engine}"])
+        got = engine_layout(cfg, dims)
+        assert (got.dp_replicate, got.dp_shard) == want and got.world_size == 4
