@@ -191,7 +191,7 @@ class MetricsConfig:
     """wandb project name."""
 
 
-RECIPE_NAMES = ("lora", "adapters", "prefix")
+RECIPE_NAMES = ("lora", "adapters", "prefix", "distill")
 """Recipes `recipe.name` may name; meshtune.recipes registers exactly these (a test keeps them equal)."""
 
 
@@ -232,18 +232,44 @@ class PrefixConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015) from a frozen teacher that runs beside the student."""
+
+    teacher: str = ""
+    """The teacher: a meshtune run dir (its config.yaml and newest checkpoint), a step_N checkpoint folder, a
+    .safetensors file from `meshtune export --format merged`, or a Hugging Face Llama directory. Its
+    vocabulary must equal the student's."""
+    alpha: float = 0.5
+    """Weight of the task loss; the distillation term gets 1 - alpha (alpha=1: plain training)."""
+    temperature: float = 2.0
+    """Softmax temperature T of both distributions; the KL term is scaled by T^2 (Hinton et al.)."""
+    kl: Literal["forward", "reverse"] = "forward"
+    """`forward` = KL(teacher || student) (mean-seeking, Hinton); `reverse` = KL(student || teacher)
+    (mode-seeking, MiniLLM)."""
+    hidden: float = 0.0
+    """Weight of hidden-state matching: squared error between the teacher's final hidden state and the
+    student's, mapped to the teacher's width by a learned projection (trained, not exported); 0 = off."""
+    teacher_shard: Literal["auto", "replicate", "fsdp"] = "auto"
+    """How the teacher is laid out: `replicate` = a full copy per rank; `fsdp` = FSDP2-sharded over the
+    data-parallel ranks (gathered block by block in its forward); `auto` = fsdp when the student is sharded
+    (parallel.dp_shard > 1)."""
+
+
+@dataclass
 class RecipeConfig:
     """Fine-tuning and compression recipes applied to the model before it is parallelised."""
 
     name: str = ""
-    """Recipe to apply (`lora`, `adapters`, `prefix`), or several joined by `+` to stack them in that order;
-    empty = plain training of every parameter."""
+    """Recipe to apply (`lora`, `adapters`, `prefix`, `distill`), or several joined by `+` to stack them in
+    that order; empty = plain training of every parameter."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Settings of the `lora` recipe."""
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     """Settings of the `adapters` recipe."""
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     """Settings of the `prefix` recipe."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Settings of the `distill` recipe."""
 
 
 @dataclass
@@ -485,6 +511,13 @@ def validate(cfg: Config) -> None:
     need(r.prefix.length <= m.max_seq_len, f"recipe.prefix.length: {r.prefix.length} exceeds model.max_seq_len="
          f"{m.max_seq_len}; use a shorter prefix")
     need(r.prefix.reparam_hidden >= 0, f"recipe.prefix.reparam_hidden: must be >= 0, got {r.prefix.reparam_hidden}")
+    if "distill" in names:
+        kd = r.distill
+        need(bool(kd.teacher), "recipe.distill.teacher: empty; give the teacher's run dir, checkpoint, "
+             ".safetensors file or Hugging Face directory")
+        need(0 <= kd.alpha <= 1, f"recipe.distill.alpha: must be in [0, 1], got {kd.alpha}")
+        need(kd.temperature > 0, f"recipe.distill.temperature: must be positive, got {kd.temperature}")
+        need(kd.hidden >= 0, f"recipe.distill.hidden: must be >= 0, got {kd.hidden}")
 
 
 # ---------------------------------------------------------------------------------------------------------
