@@ -251,8 +251,8 @@ class DistillConfig:
     student's, mapped to the teacher's width by a learned projection (trained, not exported); 0 = off."""
     teacher_shard: Literal["auto", "replicate", "fsdp"] = "auto"
     """How the teacher is laid out: `replicate` = a full copy per rank; `fsdp` = FSDP2-sharded over the
-    data-parallel ranks (gathered block by block in its forward); `auto` = fsdp when the student is sharded
-    (parallel.dp_shard > 1)."""
+    data-parallel ranks (gathered block by block in its forward; a full copy when there is one dp rank);
+    `auto` = fsdp when the student is sharded (parallel.dp_shard > 1)."""
 
 
 @dataclass

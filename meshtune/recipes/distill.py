@@ -21,6 +21,8 @@ that saves memory). Every dp rank runs the same number of micro-batches, so the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,7 +67,12 @@ class DistillRecipe(Recipe):
         return self.source
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Check the teacher's vocabulary against the student's; add the hidden-state projection if asked."""
+        """Check the teacher's vocabulary against the student's; add the hidden-state projection if asked.
+
+        A teacher that no longer exists is reported by `setup` (training), not here: exporting a finished
+        student needs no teacher (the projection is not exported)."""
+        if not Path(self.kd.teacher).exists():
+            return model
         src = self._teacher_source()
         if src.vocab_size != model.vocab_size:
             raise ConfigError(f"recipe.distill.teacher: {self.kd.teacher} has a vocabulary of {src.vocab_size} "
@@ -120,7 +127,9 @@ class DistillRecipe(Recipe):
         if self.teacher is None:
             raise RuntimeError("DistillRecipe.loss before setup(): build the trainer with build_trainer")
         mask = batch["labels"].to(logits.device) != IGNORE_INDEX
-        with torch.no_grad():
+        # the teacher computes in the student's precision (bf16 when the trainer autocasts the student)
+        autocast = torch.autocast(self.device.type, dtype=logits.dtype, enabled=logits.dtype == torch.bfloat16)
+        with torch.no_grad(), autocast:
             teacher_logits = self.teacher(batch["input_ids"].to(self.device))
         kd = self.kd
         total = kd.alpha * task_loss

@@ -153,8 +153,9 @@ def test_hidden_matching_trains_a_projection_that_export_drops(teacher_run, tmp_
     from meshtune.export import export
 
     run = tmp_path / "student"
-    cfg = student_cfg(run, teacher_run["merged"], "recipe.distill.hidden=0.5", "checkpoint.save_final=true",
-                      "train.steps=3")
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(teacher_run["merged"].read_bytes())
+    cfg = student_cfg(run, teacher, "recipe.distill.hidden=0.5", "checkpoint.save_final=true", "train.steps=3")
     trainer = build_trainer(cfg, DistEnv())
     proj = getattr(trainer.model, PROJ)
     assert proj.weight.shape == (64, 32) and proj.weight.requires_grad
@@ -163,6 +164,7 @@ def test_hidden_matching_trains_a_projection_that_export_drops(teacher_run, tmp_
     summary = trainer.fit()
     assert all(math.isfinite(r["loss"]) for r in summary["history"] if "loss" in r)
     assert not torch.equal(before, proj.weight)  # the projection learned
+    teacher.unlink()  # exporting the student needs no teacher
     (merged,) = export(run, "merged", out=tmp_path / "out", quiet=True)
     from safetensors.torch import load_file
 
@@ -206,3 +208,15 @@ def test_generate_batched_equals_one_by_one(teacher_run):
     assert all(c.completion_tokens <= 6 for c in batched)
     sampled = [generate(model, tok, prompts, max_tokens=6, temperature=1.0, seed=3) for _ in range(2)]
     assert [c.text for c in sampled[0]] == [c.text for c in sampled[1]]  # seeded sampling repeats
+
+
+def test_stacks_with_other_recipes(teacher_run, tmp_path):
+    """`lora+distill`: LoRA freezes the base, the distillation projection still trains, the loss is KD's."""
+    cfg = tiny_config(str(tmp_path), "recipe.name=lora+distill", f"recipe.distill.teacher={teacher_run['run']}",
+                      "recipe.distill.hidden=1", "recipe.distill.alpha=0.5")
+    trainer = build_trainer(cfg, DistEnv())
+    assert [r.name for r in trainer.recipes] == ["lora", "distill"]
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert f"{PROJ}.weight" in trainable and all("lora_" in n or PROJ in n for n in trainable)
+    task, total, _, _ = micro_batch_losses(trainer)
+    assert not torch.equal(task, total)
