@@ -9,6 +9,8 @@
     meshtune export RUN_DIR --format merged|adapter|peft|hf|sparse|shrunk|program [--out DIR] [--step N]
     meshtune report RUN_DIR [RUN_DIR ...] [--out DIR]   PNG plots and a Markdown table of runs, overlaid
     meshtune demo                                      the end-to-end demo on 2 CPU ranks
+    meshtune serve CHECKPOINT [--port P]               an OpenAI-compatible /v1/completions endpoint on loopback
+    meshtune distill-data --prompts F --out O --url U|--teacher CKPT    a teacher's responses as training JSONL
 A config error prints one line naming the key and the fix, and exits with code 2.
 """
 
@@ -87,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the bundled end-to-end demo on 2 CPU ranks")
     demo.add_argument("--run-dir", default="runs/demo", help="where the demo's runs go")
     demo.add_argument("--nproc-per-node", type=int, default=2, help="ranks to use")
+    from meshtune import distill_data, serve
+
+    serve.add_cli(sub)
+    distill_data.add_cli(sub)
     return parser
 
 
@@ -165,6 +171,10 @@ def _run(args: argparse.Namespace) -> int:
 
         write_report(args.run_dirs, args.out)
         return 0
+    if args.command in ("serve", "distill-data"):
+        from meshtune import distill_data, serve
+
+        return (serve if args.command == "serve" else distill_data).run_cli(args)
 
     overrides = _split_overrides(args)
     cfg = C.load_config(args.config, overrides)  # errors surface here, before any process starts

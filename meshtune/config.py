@@ -211,7 +211,7 @@ class MetricsConfig:
     """wandb project name."""
 
 
-RECIPE_NAMES = ("lora", "adapters", "prefix", "prune")
+RECIPE_NAMES = ("lora", "adapters", "prefix", "prune", "distill")
 """Recipes `recipe.name` may name; meshtune.recipes registers exactly these (a test keeps them equal)."""
 
 
@@ -276,12 +276,36 @@ class PruneConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015) from a frozen teacher that runs beside the student."""
+
+    teacher: str = ""
+    """The teacher: a meshtune run dir (its config.yaml and newest checkpoint), a step_N checkpoint folder, a
+    .safetensors file from `meshtune export --format merged`, or a Hugging Face Llama directory. Its
+    vocabulary must equal the student's."""
+    alpha: float = 0.5
+    """Weight of the task loss; the distillation term gets 1 - alpha (alpha=1: plain training)."""
+    temperature: float = 2.0
+    """Softmax temperature T of both distributions; the KL term is scaled by T^2 (Hinton et al.)."""
+    kl: Literal["forward", "reverse"] = "forward"
+    """`forward` = KL(teacher || student) (mean-seeking, Hinton); `reverse` = KL(student || teacher)
+    (mode-seeking, MiniLLM)."""
+    hidden: float = 0.0
+    """Weight of hidden-state matching: squared error between the teacher's final hidden state and the
+    student's, mapped to the teacher's width by a learned projection (trained, not exported); 0 = off."""
+    teacher_shard: Literal["auto", "replicate", "fsdp"] = "auto"
+    """How the teacher is laid out: `replicate` = a full copy per rank; `fsdp` = FSDP2-sharded over the
+    data-parallel ranks (gathered block by block in its forward; a full copy when there is one dp rank);
+    `auto` = fsdp when the student is sharded (parallel.dp_shard > 1)."""
+
+
+@dataclass
 class RecipeConfig:
     """Fine-tuning and compression recipes applied to the model before it is parallelised."""
 
     name: str = ""
-    """Recipe to apply (`lora`, `adapters`, `prefix`, `prune`), or several joined by `+` to stack them in that order;
-    empty = plain training of every parameter."""
+    """Recipe to apply (`lora`, `adapters`, `prefix`, `prune`, `distill`), or several joined by `+` to stack
+    them in that order; empty = plain training of every parameter."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Settings of the `lora` recipe."""
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
@@ -290,6 +314,8 @@ class RecipeConfig:
     """Settings of the `prefix` recipe."""
     prune: PruneConfig = field(default_factory=PruneConfig)
     """Settings of the `prune` recipe."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Settings of the `distill` recipe."""
 
 
 @dataclass
@@ -550,6 +576,13 @@ def validate(cfg: Config) -> None:
         from meshtune.recipes.prune import check_prune  # lazy: the recipe module imports this one
 
         check_prune(cfg)
+    if "distill" in names:
+        kd = r.distill
+        need(bool(kd.teacher), "recipe.distill.teacher: empty; give the teacher's run dir, checkpoint, "
+             ".safetensors file or Hugging Face directory")
+        need(0 <= kd.alpha <= 1, f"recipe.distill.alpha: must be in [0, 1], got {kd.alpha}")
+        need(kd.temperature > 0, f"recipe.distill.temperature: must be positive, got {kd.temperature}")
+        need(kd.hidden >= 0, f"recipe.distill.hidden: must be >= 0, got {kd.hidden}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -68,6 +68,10 @@ class Recipe:
     def init_weights(self, model: nn.Module) -> None:
         """(Re)initialise this recipe's own parameters, e.g. after `to_empty` on a model built on meta."""
 
+    def setup(self, mesh, device: torch.device) -> None:
+        """Called by build_trainer after `apply`, before parallelize, with the run's ParallelMesh and this
+        rank's device: for state a recipe keeps beside the model (a distillation teacher). Default: nothing."""
+
     def trainable(self, name: str, param: nn.Parameter) -> bool | None:
         """True: the parameter is this recipe's and trains; False: this recipe freezes it; None: no opinion."""
         return None

@@ -97,6 +97,8 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     check_tp_recipes(cfg, mesh.dims.tp)
     model = build_model(cfg.model, vocab, device="meta" if meta else env.device)
     model = apply_recipes(model, recipes)  # module swaps before parallelize: adapters shard with their layers
+    for recipe in recipes:
+        recipe.setup(mesh, env.device)  # state beside the model, e.g. a distillation teacher
     trainable, total = count_parameters(model)  # the whole model, before sharding or pipeline cuts
     param_dtype = torch.bfloat16 if use_bf16(cfg.train.dtype, env.device) else None
     pipeline = None
