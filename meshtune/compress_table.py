@@ -1,0 +1,187 @@
+"""The demo's compression stage: the trained base (the teacher) and its compressed versions in one table.
+
+    code, runs = compression_stage(root, sort_dir, base_file, nproc)   # from meshtune.demo
+
+Each compressed model is trained from the demo's base on the base's own task (`sort`) with a bundled config,
+a short 2-rank run through `meshtune launch`, and exported with `meshtune export` in the format that makes it
+small: the distilled student (compress/distill, <= 1/4 of the parameters) as merged weights, 50% magnitude and
+2:4 pruning (compress/prune) as sparse files, structured pruning as the shrunk dense model.
+
+Every row is then measured the same way, on the exported artifact loaded back with meshtune's own loaders
+(`export.load_model`, `export.load_sparse`): parameters (and how many are nonzero), size on disk, CPU latency
+of a batched forward (median of a few runs, the models timed in turn so machine load hits all alike) and
+exact-match accuracy on the held-out split, teacher-forced like the trainer's evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+STUDENT_STEPS, PRUNE_STEPS = 200, 80
+# (row, run dir under the demo root, bundled config, overrides, export format); magnitude and structured
+# pruning ramp over the first 60% / 50% of the steps and then recover, 2:4 is one shot after the first step
+VARIANTS = [
+    ("distilled student", "compress-distill", "compress/distill", [], "merged"),
+    ("pruned 50%", "compress-prune50", "compress/prune",
+     [f"recipe.prune.end_step={int(0.6 * PRUNE_STEPS)}", "recipe.prune.frequency=8"], "sparse"),
+    ("pruned 2:4", "compress-prune24", "compress/prune",
+     ["recipe.prune.method=semi_structured", "recipe.prune.end_step=0"], "sparse"),
+    ("structured 40%", "compress-structured", "compress/prune",
+     ["recipe.prune.method=structured", "recipe.prune.sparsity=0.4", f"recipe.prune.end_step={PRUNE_STEPS // 2}",
+      "recipe.prune.frequency=8"], "shrunk"),
+]
+
+
+@dataclass
+class Row:
+    """One measured artifact: the model loaded back from `path` (written by `meshtune export --format fmt`)."""
+
+    name: str
+    path: Path
+    fmt: str
+    params: int = 0
+    nonzero: int = 0
+    size: int = 0
+    latency_s: float = float("nan")
+    accuracy: float = float("nan")
+    eval_loss: float = float("nan")
+
+
+def load_artifact(path: str | Path, fmt: str) -> nn.Module:
+    """The runnable model of an exported file: merged / shrunk (`load_model`) or sparse (`load_sparse`)."""
+    from meshtune.export import build_plain, load_model, load_sparse
+
+    if fmt in ("merged", "shrunk"):
+        return load_model(path)
+    if fmt == "sparse":
+        from safetensors import safe_open
+
+        from meshtune.config import ModelConfig
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["meshtune.model"])
+        vocab = meta.pop("vocab_size")
+        return build_plain(ModelConfig(**meta), vocab, load_sparse(path))
+    raise ValueError(f"no loader for exported format {fmt!r}")
+
+
+def eval_split(cfg):
+    """The held-out dataset of a run's config (the same split the trainer evaluates on)."""
+    from meshtune.data import build_datasets, build_tokenizer
+
+    return build_datasets(cfg.data, build_tokenizer(cfg.data.tokenizer), cfg.train.seed)[1]
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, eval_ds, batch: int = 32) -> tuple[float, float]:
+    """(exact-match accuracy, mean token loss) of `model` on `eval_ds`, teacher-forced as in Trainer.evaluate."""
+    from meshtune.data.datasets import collate
+    from meshtune.runtime.grads import eval_counts
+
+    totals = torch.zeros(4, dtype=torch.float64)
+    for start in range(0, len(eval_ds), batch):
+        b = collate([eval_ds[i] for i in range(start, min(start + batch, len(eval_ds)))])
+        totals += eval_counts(model(b["input_ids"]), b["labels"])
+    loss, ntok, correct, nseq = totals.tolist()
+    return correct / max(nseq, 1), loss / max(ntok, 1)
+
+
+@torch.inference_mode()
+def latencies(models: dict[str, nn.Module], tokens: torch.Tensor, reps: int = 5) -> dict[str, float]:
+    """Median seconds of one forward of `tokens` per model; the models take turns (order reversed every other
+    round) after one warm-up each, so load on the machine hits all of them alike."""
+    times: dict[str, list[float]] = {n: [] for n in models}
+    for m in models.values():
+        m(tokens)
+    for i in range(reps):
+        for n in (list(models) if i % 2 == 0 else list(models)[::-1]):
+            start = time.perf_counter()
+            models[n](tokens)
+            times[n].append(time.perf_counter() - start)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def _counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters, nonzero parameters); quantized tensor subclasses count as nonzero."""
+    total = nonzero = 0
+    for p in model.parameters():
+        t = p.detach()
+        total += t.numel()
+        nonzero += int(torch.count_nonzero(t)) if type(t) is torch.Tensor else t.numel()
+    return total, nonzero
+
+
+def measure(rows: list[Row], eval_ds, seq_len: int, batch: int = 32, reps: int = 5, loader=load_artifact
+            ) -> list[Row]:
+    """Fill in every row's counts, file size, accuracy, loss and latency (in place; returns `rows`)."""
+    models = {r.name: loader(r.path, r.fmt) for r in rows}
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(m.vocab_size for m in models.values())
+    tokens = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    for r in rows:
+        r.params, r.nonzero = _counts(models[r.name])
+        r.size = r.path.stat().st_size
+        r.accuracy, r.eval_loss = evaluate(models[r.name], eval_ds, batch)
+    for name, t in latencies(models, tokens, reps).items():
+        next(r for r in rows if r.name == name).latency_s = t
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """The rows as a text table, ratios against the first row (the teacher)."""
+    from meshtune.export import human_size
+
+    ref = rows[0]
+    head = (f"{'model':<20}{'params':>10}{'nonzero':>10}{'x':>6}  {'artifact':<26}{'size':>10}{'x':>6}"
+            f"{'ms/fwd':>8}{'speedup':>8}{'accuracy':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        art = f"{r.path.parent.name}/{r.path.name}"
+        lines.append(f"{r.name:<20}{r.params:>10,}{r.nonzero:>10,}{r.nonzero / ref.nonzero:>6.2f}  {art:<26}"
+                     f"{human_size(r.size):>10}{r.size / ref.size:>6.2f}{r.latency_s * 1e3:>8.1f}"
+                     f"{ref.latency_s / r.latency_s:>7.2f}x{r.accuracy:>9.3f}")
+    return "\n".join(lines)
+
+
+def compression_stage(root: Path, sort_dir: Path, base: Path, nproc: int, num_eval: int = 128
+                      ) -> tuple[int, list[Path]]:
+    """Train, export and measure every variant from the demo's base; (exit code, run dirs for the report)."""
+    from meshtune.config import bundled_configs_dir, load_config
+    from meshtune.export import export
+    from meshtune.launch.torchrun import launch
+
+    print(f"\n== stage 5 compress the base ({base}) on its own task, sort: a distilled student "
+          f"({STUDENT_STEPS} steps), 50% / 2:4 / structured pruning ({PRUNE_STEPS} steps each) on {nproc} ranks",
+          flush=True)
+    rows, runs = [Row("teacher (base)", base, "merged")], []
+    for name, sub, config, extra, fmt in VARIANTS:
+        run_dir = root / sub
+        shutil.rmtree(run_dir, ignore_errors=True)
+        steps = STUDENT_STEPS if config == "compress/distill" else PRUNE_STEPS
+        source = [f"recipe.distill.teacher={base}"] if config == "compress/distill" else [f"init_from={base}"]
+        overrides = [f"run_dir={run_dir}", *source, f"data.num_eval={num_eval}", f"train.steps={steps}",
+                     f"train.eval_every={steps}", "checkpoint.every=0", "metrics.progress=false",
+                     "parallel.dp_shard=-1", *extra]
+        print(f"\n$ meshtune launch {config} --nproc-per-node {nproc} {' '.join(overrides)}", flush=True)
+        code = launch(str(bundled_configs_dir() / f"{config}.yaml"), overrides, nproc)
+        if code != 0:
+            print(f"meshtune demo: compression run {name} failed with exit code {code}")
+            return code, runs
+        print(f"$ meshtune export {run_dir} --format {fmt}")
+        (path, *_) = export(run_dir, fmt)
+        rows.append(Row(name, path, fmt))
+        runs.append(run_dir)
+    cfg = load_config(sort_dir / "config.yaml", [f"data.num_eval={num_eval}"])
+    measure(rows, eval_split(cfg), cfg.data.seq_len)
+    print(f"\ncompressed from {base}; accuracy = exact match on {num_eval} held-out sort examples; ms/fwd = median "
+          f"CPU forward of a (32, {cfg.data.seq_len}) batch of the exported model loaded back; x = vs the teacher")
+    print(format_table(rows))
+    return 0, runs
