@@ -11,7 +11,12 @@ ways with the bundled configs: full fine-tuning, LoRA, bottleneck adapters and p
 2-rank run followed by an export (merged weights for full fine-tuning, the adapter file for the others). The
 table shows trainable parameters, exported file size, median step time and task accuracy side by side.
 
-It ends with `meshtune report` over all five runs: <run_dir>/report/report.md and PNG plots of loss, accuracy,
+Stage 5 compresses the base on its own task (meshtune.compress_table): a distilled student of under a quarter
+of its parameters, 50% magnitude, 2:4 and structured pruning, each a short 2-rank run with a bundled
+compress/* config and an export (merged, sparse, shrunk); one table compares the exported artifacts: parameters,
+size on disk, CPU forward latency and accuracy.
+
+It ends with `meshtune report` over all the runs: <run_dir>/report/report.md and PNG plots of loss, accuracy,
 learning rate and throughput, the runs overlaid.
 """
 
@@ -59,10 +64,15 @@ def run_demo(run_root: str = "runs/demo", nproc: int = 2) -> int:
     if code != 0:
         return code
     code = finetune_stages(root, sort_dir, nproc)
+    compressed = []
+    if code == 0:
+        from meshtune.compress_table import compression_stage
+
+        code, compressed = compression_stage(root, sort_dir, root / "base" / "model.safetensors", nproc, NUM_EVAL)
     if code == 0:
         from meshtune.report import write_report
 
-        runs = [sort_dir, *(root / f"ft-{name}" for name, _ in FINETUNE)]
+        runs = [sort_dir, *(root / f"ft-{name}" for name, _ in FINETUNE), *compressed]
         print(f"\n$ meshtune report {' '.join(map(str, runs))} --out {root / 'report'}", flush=True)
         report = write_report(runs, root / "report")
         print(f"report: {report} (plots beside it)")
