@@ -6,7 +6,7 @@
         [--nnodes N|MIN:MAX --rdzv-endpoint HOST:PORT [--node-rank R]]    ... or on each node of a cluster
     meshtune slurm submit CONFIG --nodes N --gpus-per-node G [k=v]    an sbatch job; slurm status|logs|cancel JOB
     meshtune validate CONFIG --world-size W [k=v]      check a config and its layout without training
-    meshtune export RUN_DIR --format merged|adapter|peft [--out DIR] [--step N]   a run's weights as files
+    meshtune export RUN_DIR --format merged|adapter|peft|quantized [--out DIR] [--step N]   a run's weights as files
     meshtune demo                                      the end-to-end demo on 2 CPU ranks
 A config error prints one line naming the key and the fix, and exits with code 2.
 """
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(Hugging Face PEFT dir; LoRA only)")
     exp.add_argument("--out", help="output directory (default: the run dir; for peft: RUN_DIR/peft)")
     exp.add_argument("--step", help="export this checkpoint step (default: the newest complete one)")
+    exp.add_argument("--scheme", choices=("int8-int4", "int8-int8"),
+                     help="--format quantized: weight scheme (default: the run's recipe.qat.scheme)")
     demo = sub.add_parser("demo", help="run the bundled end-to-end demo on 2 CPU ranks")
     demo.add_argument("--run-dir", default="runs/demo", help="where the demo's runs go")
     demo.add_argument("--nproc-per-node", type=int, default=2, help="ranks to use")
@@ -212,5 +214,5 @@ def _export(args: argparse.Namespace) -> int:
         step = int(args.step)
     from meshtune.export import export
 
-    export(args.run_dir, args.fmt, args.out, step)
+    export(args.run_dir, args.fmt, args.out, step, scheme=args.scheme)
     return 0

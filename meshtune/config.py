@@ -191,7 +191,7 @@ class MetricsConfig:
     """wandb project name."""
 
 
-RECIPE_NAMES = ("lora", "adapters", "prefix")
+RECIPE_NAMES = ("lora", "adapters", "prefix", "qat")
 """Recipes `recipe.name` may name; meshtune.recipes registers exactly these (a test keeps them equal)."""
 
 
@@ -232,11 +232,26 @@ class PrefixConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Quantization-aware training (torchao QAT): fake-quantized linear layers in training, real int8/int4 at export."""
+
+    scheme: Literal["int8-int4", "int8-int8"] = "int8-int4"
+    """int8-int4 = int8 dynamic per-token activations + int4 symmetric weights; int8-int8 = the same with int8
+    weights (torchao Int8DynamicActivationIntxWeightConfig). Also the scheme of `meshtune export --format quantized`."""
+    group_size: int = 32
+    """Weights share one scale per group of this many input features; must divide every targeted layer's
+    in_features; 0 = one scale per output channel."""
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    """Linear layers to quantize: patterns matched against the end of module names like recipe.lora.targets
+    (default: every transformer-block linear; add `output` for the head). Embeddings are not quantized."""
+
+
+@dataclass
 class RecipeConfig:
     """Fine-tuning and compression recipes applied to the model before it is parallelised."""
 
     name: str = ""
-    """Recipe to apply (`lora`, `adapters`, `prefix`), or several joined by `+` to stack them in that order;
+    """Recipe to apply (`lora`, `adapters`, `prefix`, `qat`), or several joined by `+` to stack them in that order;
     empty = plain training of every parameter."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Settings of the `lora` recipe."""
@@ -244,6 +259,8 @@ class RecipeConfig:
     """Settings of the `adapters` recipe."""
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     """Settings of the `prefix` recipe."""
+    qat: QuantConfig = field(default_factory=QuantConfig)
+    """Settings of the `qat` recipe (and of quantized exports)."""
 
 
 @dataclass
@@ -485,6 +502,10 @@ def validate(cfg: Config) -> None:
     need(r.prefix.length <= m.max_seq_len, f"recipe.prefix.length: {r.prefix.length} exceeds model.max_seq_len="
          f"{m.max_seq_len}; use a shorter prefix")
     need(r.prefix.reparam_hidden >= 0, f"recipe.prefix.reparam_hidden: must be >= 0, got {r.prefix.reparam_hidden}")
+    need(r.qat.group_size >= 0, f"recipe.qat.group_size: must be >= 0 (0 = per output channel), got {r.qat.group_size}")
+    need(bool(r.qat.targets), "recipe.qat.targets: empty; name at least one linear layer, e.g. [wq, w1]")
+    need("qat" not in names or p.tp == 1, "recipe.name: qat fake-quantizes whole weights, not tensor-parallel "
+         "shards; set parallel.tp=1 (DDP and FSDP are supported)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ Formats:
              step as JSON in the safetensors metadata.
     peft     adapter_config.json + adapter_model.safetensors in Hugging Face PEFT's layout for HF Llama
              (LoRA only), loadable with `peft.PeftModel.from_pretrained(hf_llama, dir)`.
+    quantized  model_quantized.pt: real int8 / int4 weights (torchao), converted from a `qat` run, else
+             post-training quantization with the run's recipe.qat settings (`--scheme` to pick another);
+             prints its size against fp32. See meshtune/quantized.py.
 Every user error is a one-line ConfigError naming the thing and the fix (the CLI exits with code 2).
 """
 
@@ -34,8 +37,8 @@ from pathlib import Path
 
 from meshtune.config import Config, ConfigError, config_from_dict, read_yaml
 
-FORMATS = ("merged", "adapter", "peft")
-FILES = {"merged": "model.safetensors", "adapter": "adapter.safetensors"}
+FORMATS = ("merged", "adapter", "peft", "quantized")
+FILES = {"merged": "model.safetensors", "adapter": "adapter.safetensors", "quantized": "model_quantized.pt"}
 PEFT_DIR = "peft"  # the default --out of --format peft, inside the run dir
 
 
@@ -123,10 +126,10 @@ def check_format(fmt: str, cfg: Config) -> None:
     if fmt == "peft" and name != "lora":
         has = f"recipe.name={name}; use --format adapter" if name else "no recipe; use --format merged"
         raise ConfigError(f"--format peft: Hugging Face PEFT export covers recipe.name=lora only, this run has {has}")
-    if fmt == "merged":
+    if fmt in ("merged", "quantized"):
         for recipe in build_recipes(cfg.recipe):
             if type(recipe).merge_state is Recipe.merge_state:  # the base class: not mergeable
-                raise ConfigError(f"--format merged: recipe {recipe.name!r} adds modules that cannot be folded "
+                raise ConfigError(f"--format {fmt}: recipe {recipe.name!r} adds modules that cannot be folded "
                                   "into the base weights; use --format adapter (and load it on top of the base)")
 
 
@@ -244,7 +247,7 @@ def peft_files(run: LoadedRun) -> tuple[dict, dict]:
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: int | None = None,
-           quiet: bool = False) -> list[Path]:
+           quiet: bool = False, scheme: str | None = None) -> list[Path]:
     """Export a run's checkpoint in `fmt` (merged, adapter or peft) and print each file with its size.
 
     Args:
@@ -253,6 +256,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
         out: output directory; default: the run dir (merged, adapter) or run_dir/peft (peft).
         step: export this checkpoint step instead of the newest complete one.
         quiet: do not print.
+        scheme: for `quantized`: int8-int4 or int8-int8 instead of the run's recipe.qat.scheme.
 
     Returns:
         The written files.
@@ -268,6 +272,16 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
         written = [save_safetensors(merged_state(run), out / FILES["merged"], meta)]
     elif fmt == "adapter":
         written = [save_safetensors(adapter_state(run), out / FILES["adapter"], meta)]
+    elif fmt == "quantized":
+        from meshtune.quantized import fp32_bytes, quantize_loaded, save_quantized
+
+        fp32 = fp32_bytes(merged_state(run))
+        model, qcfg, how = quantize_loaded(run, scheme)
+        written = [save_quantized(model, out / FILES["quantized"], run.cfg.model, run.vocab_size, qcfg, how)]
+        if not quiet:
+            size = written[0].stat().st_size
+            print(f"meshtune export: {how.upper()} {qcfg.scheme} group_size={qcfg.group_size}: "
+                  f"{human_size(size)} on disk vs {human_size(fp32)} of fp32 weights ({fp32 / size:.2f}x smaller)")
     else:
         from meshtune.models.hf import is_hf_dir
 

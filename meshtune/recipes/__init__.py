@@ -1,9 +1,9 @@
 """Fine-tuning and compression recipes: model transforms plus trainer hooks, built by name from `recipe.name`.
 
-Importing this package registers the built-in recipes: lora, adapters, prefix.
+Importing this package registers the built-in recipes: lora, adapters, prefix, qat.
 """
 
-from meshtune.recipes import adapters, lora, prefix_tuning  # noqa: F401  (importing registers them)
+from meshtune.recipes import adapters, lora, prefix_tuning, qat  # noqa: F401  (importing registers them)
 from meshtune.recipes.base import (
     PeftRecipe,
     Recipe,
