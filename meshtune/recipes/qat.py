@@ -14,7 +14,8 @@ The cache holds the fake-quantized weight and torchao's straight-through mask (1
 not clamped); `_CachedFakeQuant` returns the cached weight and passes the gradient through the mask to the
 real weight, exactly what autograd through torchao's fake quantizer gives. `after_optimizer_step` drops the
 caches; a cache also stops matching when the weight changes in place (its version counter moves). Activations
-are dynamic and are fake-quantized by torchao's quantizer in every forward.
+are dynamic: torchao's quantizer runs in every forward, once per input tensor (wq, wk and wv share theirs),
+and backward keeps the quantized input and a 1-byte mask rather than torchao's float intermediates.
 Under FSDP2 the forward sees the gathered full weight; a cache would keep a full-size copy of every layer on
 every rank, so layers whose parameter is a DTensor between steps are not cached (torchao's per-forward path).
 
@@ -28,6 +29,8 @@ model with the same base config (post-training quantization, the baseline QAT mu
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +86,7 @@ def qat_targets(model: nn.Module, c: QuantConfig) -> list[str]:
 
 
 class _CachedFakeQuant(torch.autograd.Function):
-    """Forward: the cached fake-quantized weight; backward: the gradient through torchao's STE mask."""
+    """Forward: precomputed fake-quantized values; backward: the gradient through torchao's STE mask."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, fq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,14 +99,43 @@ class _CachedFakeQuant(torch.autograd.Function):
         return grad * mask, None, None
 
 
+def _fake_quant_with_mask(quantizer: nn.Module, t: torch.Tensor, need_grad: bool) -> tuple:
+    """(torchao's fake quantization of t, its straight-through mask or None): the mask is where the gradient
+    of torchao's fake quantizer is nonzero (rounded values that were not clamped), taken from autograd."""
+    with torch.enable_grad():
+        td = t.detach().requires_grad_(need_grad)
+        out = quantizer(td)
+        mask = torch.autograd.grad(out, td, torch.ones_like(out))[0] != 0 if need_grad else None
+    return out.detach(), mask
+
+
+class _SharedInput:
+    """The fake-quantized last input, shared by the layers of one model that read the same tensor (wq, wk
+    and wv; w1 and w3): autograd then keeps one quantized copy, and a 1-byte mask instead of torchao's
+    float intermediates, for backward."""
+
+    def __init__(self):
+        self.ref, self.key, self.value = None, None, None
+
+    def __call__(self, quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        need_grad = x.requires_grad and torch.is_grad_enabled()
+        key = (x._version, need_grad, quantizer.config)
+        if self.ref is None or self.ref() is not x or self.key != key:
+            self.value = _fake_quant_with_mask(quantizer, x, need_grad)
+            self.ref, self.key = weakref.ref(x), key
+        fq, mask = self.value
+        return _CachedFakeQuant.apply(x, fq, mask) if need_grad else fq
+
+
 class _WeightCache:
     """Mixin for linear layers with torchao fake quantizers: fake-quantize the weight once per step."""
 
     activation_fake_quantizer: nn.Module | None
     weight_fake_quantizer: nn.Module | None
 
-    def _init_cache(self, act_fq: nn.Module | None, weight_fq: nn.Module | None) -> None:
+    def _init_cache(self, act_fq: nn.Module | None, weight_fq: nn.Module | None, shared: _SharedInput) -> None:
         self.activation_fake_quantizer, self.weight_fake_quantizer = act_fq, weight_fq
+        self._shared_input = shared
         self.cache_weight = True  # switched off for FSDP-sharded weights (see the module docstring)
         self._fq_cache: tuple | None = None
 
@@ -111,7 +143,9 @@ class _WeightCache:
         self._fq_cache = None
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation_fake_quantizer(x) if self.activation_fake_quantizer is not None else x
+        if self.activation_fake_quantizer is None:
+            return x
+        return self._shared_input(self.activation_fake_quantizer, x)
 
     def fake_quantized_weight(self) -> torch.Tensor:
         """torchao's fake quantization of the current weight, from the cache when the weight is unchanged."""
@@ -123,11 +157,7 @@ class _WeightCache:
         need_grad = w.requires_grad and torch.is_grad_enabled()
         key = (w.data_ptr(), w._version, w.shape)
         if self._fq_cache is None or self._fq_cache[0] != key or (need_grad and self._fq_cache[2] is None):
-            with torch.enable_grad():
-                wd = w.detach().requires_grad_(need_grad)
-                out = fq(wd)
-                mask = torch.autograd.grad(out, wd, torch.ones_like(out))[0] != 0 if need_grad else None
-            self._fq_cache = (key, out.detach(), mask)
+            self._fq_cache = (key, *_fake_quant_with_mask(fq, w, need_grad))
         _, out, mask = self._fq_cache
         return _CachedFakeQuant.apply(w, out, mask) if need_grad else out
 
@@ -138,10 +168,10 @@ class QATLinear(nn.Linear, _WeightCache):
     (An nn.Linear subclass so that importing meshtune.recipes does not import torchao, ~5 s.)"""
 
     @classmethod
-    def from_linear(cls, m: nn.Linear, act_fq, weight_fq) -> QATLinear:
+    def from_linear(cls, m: nn.Linear, act_fq, weight_fq, shared: _SharedInput) -> QATLinear:
         new = cls(m.in_features, m.out_features, m.bias is not None, device="meta", dtype=m.weight.dtype)
         new.weight, new.bias = m.weight, m.bias  # the same Parameters: names and sharding unchanged
-        new._init_cache(act_fq, weight_fq)
+        new._init_cache(act_fq, weight_fq, shared)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,9 +193,9 @@ class QATLoRALinear(LoRALinear, _WeightCache):
     """LoRALinear whose frozen base path is fake-quantized; the LoRA path B A x stays in full precision."""
 
     @classmethod
-    def from_lora(cls, m: LoRALinear, act_fq, weight_fq) -> QATLoRALinear:
+    def from_lora(cls, m: LoRALinear, act_fq, weight_fq, shared: _SharedInput) -> QATLoRALinear:
         m.__class__ = cls  # the same module object: LoRA parameters, names and hooks stay as they are
-        m._init_cache(act_fq, weight_fq)
+        m._init_cache(act_fq, weight_fq, shared)
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +207,8 @@ class QATLoRALinear(LoRALinear, _WeightCache):
     def to_qat_linear(self) -> QATLinear:
         """Merge B A into the weight and drop the LoRA layers: a QATLinear torchao's convert step understands."""
         self.merge()
-        return QATLinear.from_linear(self, self.activation_fake_quantizer, self.weight_fake_quantizer)
+        return QATLinear.from_linear(self, self.activation_fake_quantizer, self.weight_fake_quantizer,
+                                     self._shared_input)
 
 
 def fake_quantizers(linear: nn.Linear, c: QuantConfig) -> tuple[nn.Module | None, nn.Module | None]:
@@ -200,6 +231,7 @@ def qat_modules(model: nn.Module) -> list[tuple[str, _WeightCache]]:
 
 def prepare(model: nn.Module, c: QuantConfig) -> nn.Module:
     """Swap the targeted linears for fake-quantized ones (QATLinear / QATLoRALinear), in place."""
+    shared = _SharedInput()
     for name in qat_targets(model, c):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -208,9 +240,9 @@ def prepare(model: nn.Module, c: QuantConfig) -> nn.Module:
             continue
         act_fq, weight_fq = fake_quantizers(old, c)
         if isinstance(old, LoRALinear):
-            QATLoRALinear.from_lora(old, act_fq, weight_fq)
+            QATLoRALinear.from_lora(old, act_fq, weight_fq, shared)
         else:
-            setattr(parent, child, QATLinear.from_linear(old, act_fq, weight_fq))
+            setattr(parent, child, QATLinear.from_linear(old, act_fq, weight_fq, shared))
     return model
 
 
