@@ -248,6 +248,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--overhead-steps", type=int, default=8)
+    p.add_argument("--work-dir", help="keep the runs here (the base: WORK_DIR/base/model.safetensors, for --base)")
     p.add_argument("--no-quality", dest="quality", action="store_false")
     p.add_argument("--no-overhead", dest="overhead", action="store_false")
     args = p.parse_args()
@@ -255,6 +256,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.work_dir or tmp
         if args.quality:
             report1(args, part1(args, Path(tmp)))
         if args.overhead:
