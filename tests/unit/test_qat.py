@@ -107,9 +107,10 @@ def test_straight_through_gradient():
     assert torch.equal(layer.weight.grad, wfq.grad * mask)
 
 
-@pytest.mark.parametrize("scheme", ["int8-int4", "int8-int8"])
-def test_convert_matches_prepared_and_ptq_and_exports(scheme):
-    c = QuantConfig(scheme=scheme, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"])
+@pytest.mark.parametrize("scheme,group_size", [("int8-int4", 32), ("int8-int8", 32), ("int8-int4", 0)])
+def test_convert_matches_prepared_and_ptq_and_exports(scheme, group_size):
+    c = QuantConfig(scheme=scheme, group_size=group_size,
+                    targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"])
     prepared = prepare(base_model(), c)
     x = tokens()
     with torch.no_grad():
