@@ -36,12 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 FAULTS = REPO / "tests" / "infra" / "faultinject"
 
 
-def launch(run_dir: Path, overrides: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def launch(run_dir: Path, overrides: list[str], env: dict[str, str] | None = None,
+           restarts: int = 1) -> subprocess.Popen:
     full = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     full["PYTHONPATH"] = os.pathsep.join([str(FAULTS), str(REPO)])
     full.update(env or {})
     argv = [sys.executable, "-m", "meshtune", "launch", "pretrain/tiny", "--nproc-per-node", "2",
-            "--max-restarts", "1", f"run_dir={run_dir}", "train.log_every=1", "train.eval_every=0",
+            "--max-restarts", str(restarts), f"run_dir={run_dir}", "train.log_every=1", "train.eval_every=0",
             "data.num_train=512", "metrics.progress=false", *overrides]
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115 (the child holds it)
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=full, start_new_session=True)
@@ -78,7 +79,13 @@ def wait(proc: subprocess.Popen, timeout: float) -> int | None:
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
+        ranks = workers(proc.pid)  # torchrun starts them in sessions of their own
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
         return None
 
@@ -155,7 +162,7 @@ def hang(tmp: Path, n: int, timeout_s: float) -> list[tuple[str, float | None, f
             mark = tmp / f"hang{i}.mark"
             env = {"MESHTUNE_FAULT": "hang:1:4", "MESHTUNE_FAULT_MARK": str(mark)} if kind == "sleep" else {}
             proc = launch(run_dir, ["train.steps=100000", "checkpoint.every=0", f"parallel.timeout_s={timeout_s}"],
-                          env)
+                          env, restarts=0)  # the job must fail, not restart
             if kind == "sigstop":
                 until(lambda d=run_dir: max(losses(d), default=0) >= 3, proc, 300)
                 ranks = workers(proc.pid)

@@ -6,7 +6,7 @@
         [--nnodes N|MIN:MAX --rdzv-endpoint HOST:PORT [--node-rank R]]    ... or on each node of a cluster
     meshtune slurm submit CONFIG --nodes N --gpus-per-node G [k=v]    an sbatch job; slurm status|logs|cancel JOB
     meshtune validate CONFIG --world-size W [k=v]      check a config and its layout without training
-    meshtune export RUN_DIR --format merged|adapter|peft|hf|sparse|shrunk|program [--out DIR] [--step N]
+    meshtune export RUN_DIR --format merged|adapter|peft|hf|sparse|shrunk|program|quantized [--out DIR] [--step N]
     meshtune report RUN_DIR [RUN_DIR ...] [--out DIR]   PNG plots and a Markdown table of runs, overlaid
     meshtune demo                                      the end-to-end demo on 2 CPU ranks
     meshtune serve CHECKPOINT [--port P]               an OpenAI-compatible /v1/completions endpoint on loopback
@@ -73,15 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_slurm_cli(sub, _config_args, _ConfigHelp)
     exp = sub.add_parser("export", help="write a run's checkpoint as merged safetensors, an adapter, "
-                         "a PEFT or an HF dir")
+                         "a PEFT or HF dir, a sparse, shrunk or quantized model, or a torch.export program")
     exp.add_argument("run_dir", help="the run_dir of a training run (it holds config.yaml and checkpoints/)")
     exp.add_argument("--format", dest="fmt", metavar="FORMAT",
                      help="merged (full weights, LoRA folded in), adapter (only the recipe's tensors), peft "
                           "(Hugging Face PEFT dir; LoRA only), hf (Hugging Face Llama dir for transformers, LoRA "
-                          "folded in, tokenizer files copied), sparse / shrunk (pruned runs) or program "
-                          "(torch.export .pt2)")
+                          "folded in, tokenizer files copied), sparse / shrunk (pruned runs), program "
+                          "(torch.export .pt2) or quantized (torchao int8/int4; QAT runs converted, others PTQ)")
     exp.add_argument("--out", help="output directory (default: the run dir; for peft: RUN_DIR/peft, hf: RUN_DIR/hf)")
     exp.add_argument("--step", help="export this checkpoint step (default: the newest complete one)")
+    exp.add_argument("--scheme", choices=("int8-int4", "int8-int8"),
+                     help="--format quantized: weight scheme (default: the run's recipe.qat.scheme)")
     rep = sub.add_parser("report", help="PNG plots (loss, eval accuracy, lr, tokens/s) and a Markdown summary of "
                          "one or more runs, overlaid")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs holding metrics.jsonl and config.yaml")
@@ -242,5 +244,5 @@ def _export(args: argparse.Namespace) -> int:
         step = int(args.step)
     from meshtune.export import export
 
-    export(args.run_dir, args.fmt, args.out, step)
+    export(args.run_dir, args.fmt, args.out, step, scheme=args.scheme)
     return 0

@@ -211,7 +211,7 @@ class MetricsConfig:
     """wandb project name."""
 
 
-RECIPE_NAMES = ("lora", "adapters", "prefix", "prune", "distill")
+RECIPE_NAMES = ("lora", "adapters", "prefix", "prune", "distill", "qat")
 """Recipes `recipe.name` may name; meshtune.recipes registers exactly these (a test keeps them equal)."""
 
 
@@ -300,12 +300,27 @@ class DistillConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Quantization-aware training (torchao QAT): fake-quantized linear layers in training, real int8/int4 at export."""
+
+    scheme: Literal["int8-int4", "int8-int8"] = "int8-int4"
+    """int8-int4 = int8 dynamic per-token activations + int4 symmetric weights; int8-int8 = the same with int8
+    weights (torchao Int8DynamicActivationIntxWeightConfig). Also the scheme of `meshtune export --format quantized`."""
+    group_size: int = 32
+    """Weights share one scale per group of this many input features; must divide every targeted layer's
+    in_features; 0 = one scale per output channel."""
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    """Linear layers to quantize: patterns matched against the end of module names like recipe.lora.targets
+    (default: every transformer-block linear; add `output` for the head). Embeddings are not quantized."""
+
+
+@dataclass
 class RecipeConfig:
     """Fine-tuning and compression recipes applied to the model before it is parallelised."""
 
     name: str = ""
-    """Recipe to apply (`lora`, `adapters`, `prefix`, `prune`, `distill`), or several joined by `+` to stack
-    them in that order; empty = plain training of every parameter."""
+    """Recipe to apply (`lora`, `adapters`, `prefix`, `prune`, `distill`, `qat`), or several joined by `+` to
+    stack them in that order; empty = plain training of every parameter."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Settings of the `lora` recipe."""
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
@@ -316,6 +331,8 @@ class RecipeConfig:
     """Settings of the `prune` recipe."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """Settings of the `distill` recipe."""
+    qat: QuantConfig = field(default_factory=QuantConfig)
+    """Settings of the `qat` recipe (and of quantized exports)."""
 
 
 @dataclass
@@ -583,6 +600,10 @@ def validate(cfg: Config) -> None:
         need(0 <= kd.alpha <= 1, f"recipe.distill.alpha: must be in [0, 1], got {kd.alpha}")
         need(kd.temperature > 0, f"recipe.distill.temperature: must be positive, got {kd.temperature}")
         need(kd.hidden >= 0, f"recipe.distill.hidden: must be >= 0, got {kd.hidden}")
+    need(r.qat.group_size >= 0, f"recipe.qat.group_size: must be >= 0 (0 = per output channel), got {r.qat.group_size}")
+    need(bool(r.qat.targets), "recipe.qat.targets: empty; name at least one linear layer, e.g. [wq, w1]")
+    need("qat" not in names or p.tp == 1, "recipe.name: qat fake-quantizes whole weights, not tensor-parallel "
+         "shards; set parallel.tp=1 (DDP and FSDP are supported)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ Formats:
              channels cut out, a smaller dense model whose model.* sizes say so; `load_model` runs it.
     program  model.pt2: `torch.export` of the merged (or shrunk) model, tokens (1, T) -> logits, loadable with
              `torch.export.load(path).module()` where meshtune is not installed.
+    quantized  model_quantized.pt: real int8 / int4 weights (torchao), converted from a `qat` run, else
+             post-training quantization with the run's recipe.qat settings (`--scheme` to pick another);
+             prints its size against fp32. See meshtune/quantized.py.
 Every user error is a one-line ConfigError naming the thing and the fix (the CLI exits with code 2).
 """
 
@@ -46,9 +49,9 @@ from pathlib import Path
 
 from meshtune.config import Config, ConfigError, config_from_dict, read_yaml
 
-FORMATS = ("merged", "adapter", "peft", "hf", "sparse", "shrunk", "program")
+FORMATS = ("merged", "adapter", "peft", "hf", "sparse", "shrunk", "program", "quantized")
 FILES = {"merged": "model.safetensors", "adapter": "adapter.safetensors", "sparse": "sparse.safetensors",
-         "shrunk": "shrunk/model.safetensors", "program": "model.pt2"}
+         "shrunk": "shrunk/model.safetensors", "program": "model.pt2", "quantized": "model_quantized.pt"}
 PEFT_DIR = "peft"  # the default --out of --format peft, inside the run dir
 HF_DIR = "hf"  # and of --format hf
 
@@ -145,7 +148,7 @@ def check_format(fmt: str, cfg: Config) -> None:
             raise ConfigError(f"--format {fmt}: needs recipe prune with method "
                               f"{'structured' if fmt == 'shrunk' else 'magnitude or semi_structured'}; "
                               f"this run has recipe.name={name or 'none'!r}, use {fix}")
-    if fmt in ("merged", "hf", "sparse", "shrunk"):
+    if fmt in ("merged", "hf", "sparse", "shrunk", "quantized"):
         for recipe in build_recipes(cfg.recipe):
             if type(recipe).merge_state is Recipe.merge_state:  # the base class: not mergeable
                 raise ConfigError(f"--format {fmt}: recipe {recipe.name!r} adds modules that cannot be folded "
@@ -308,7 +311,7 @@ def hf_export(run: LoadedRun, run_dir: str | Path, out: Path, quiet: bool = Fals
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: int | None = None,
-           quiet: bool = False) -> list[Path]:
+           quiet: bool = False, scheme: str | None = None) -> list[Path]:
     """Export a run's checkpoint in `fmt` (one of FORMATS) and print each file with its size.
 
     Args:
@@ -317,6 +320,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
         out: output directory; default: the run dir (merged, adapter), run_dir/peft or run_dir/hf.
         step: export this checkpoint step instead of the newest complete one.
         quiet: do not print.
+        scheme: for `quantized`: int8-int4 or int8-int8 instead of the run's recipe.qat.scheme.
 
     Returns:
         The written files.
@@ -336,6 +340,16 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
         written = [save_safetensors(adapter_state(run), out / FILES["adapter"], meta)]
     elif fmt == "hf":
         written = hf_export(run, run_dir, out, quiet)
+    elif fmt == "quantized":
+        from meshtune.quantized import fp32_bytes, quantize_loaded, save_quantized
+
+        fp32 = fp32_bytes(merged_state(run))
+        model, qcfg, how = quantize_loaded(run, scheme)
+        written = [save_quantized(model, out / FILES["quantized"], run.cfg.model, run.vocab_size, qcfg, how)]
+        if not quiet:
+            size = written[0].stat().st_size
+            print(f"meshtune export: {how.upper()} {qcfg.scheme} group_size={qcfg.group_size}: "
+                  f"{human_size(size)} on disk vs {human_size(fp32)} of fp32 weights ({fp32 / size:.2f}x smaller)")
     else:
         from meshtune.models.hf import is_hf_dir
 

@@ -1,9 +1,9 @@
 """Fine-tuning and compression recipes: model transforms plus trainer hooks, built by name from `recipe.name`.
 
-Importing this package registers the built-in recipes: lora, adapters, prefix, prune, distill.
+Importing this package registers the built-in recipes: lora, adapters, prefix, prune, distill, qat.
 """
 
-from meshtune.recipes import adapters, distill, lora, prefix_tuning, prune  # noqa: F401  (importing registers them)
+from meshtune.recipes import adapters, distill, lora, prefix_tuning, prune, qat  # noqa: F401  (importing registers them)
 from meshtune.recipes.base import (
     PeftRecipe,
     Recipe,

@@ -104,9 +104,12 @@ class Heartbeats:
         if not quiet:
             return "meshtune: every rank still beats: look for the rank reported stuck outside a collective"
         here = _machine()
-        killed = [r for r in quiet if self.where.get(r, ("", 0))[0] == here and _kill(self.where[r][1])]
-        return f"meshtune: {what}" + (f"; killed frozen rank(s) {', '.join(map(str, killed))} on this node"
-                                      if killed else "")
+        local = [r for r in quiet if self.where.get(r, ("", 0))[0] == here]
+        exited = [r for r in local if not _running(self.where[r][1])]
+        killed = [r for r in local if r not in exited and _kill(self.where[r][1])]
+        return (f"meshtune: {what}" + "".join(f"; {text} rank(s) {', '.join(map(str, ranks))} on this node"
+                                              for text, ranks in [("already exited:", exited),
+                                                                  ("killed frozen", killed)] if ranks))
 
 
 def _machine() -> str:
@@ -116,6 +119,17 @@ def _machine() -> str:
     except OSError:
         boot = ""
     return f"{socket.gethostname()}/{boot}"
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (Linux /proc; elsewhere: assume it runs)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _kill(pid: int) -> bool:

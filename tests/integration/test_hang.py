@@ -97,3 +97,4 @@ def test_a_rank_stuck_before_a_collective_reports_itself(tmp_path):
     assert code != 0, summary(out)
     assert "meshtune: rank 1 stuck in _sleep at step 3 for " in out, summary(out)
     assert "meshtune/runtime/trainer.py" in out.split("meshtune: rank 1 stuck in")[1].splitlines()[0]
+    assert "killed frozen rank(s) 0" not in out, summary(out)  # rank 0 only exited after its own timeout

@@ -40,7 +40,7 @@ def start_job(hosts: NetnsHosts, run_dir: Path, rdzv_id: str, port: int) -> list
                                                              "MASTER_ADDR")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = ["timeout", "-s", "KILL", "240", sys.executable, "-m", "meshtune", "launch", "pretrain/tiny",
+    argv = ["timeout", "-s", "KILL", "420", sys.executable, "-m", "meshtune", "launch", "pretrain/tiny",
             "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", f"node0:{port}", "--rdzv-id", rdzv_id,
             "--max-restarts", "1", f"run_dir={run_dir}", *TRAIN]
     return [hosts.popen(i, argv, log=run_dir.parent / f"{run_dir.name}.node{i}.log", cwd=REPO, env=env)
@@ -89,7 +89,7 @@ def worker_pids(hosts: NetnsHosts, node: int) -> list[int]:
 def uninterrupted(hosts, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("plain") / "run"
     procs = start_job(hosts, run_dir, "plain", 29511)
-    codes = wait_job(procs, 240)
+    codes = wait_job(procs, 420)
     assert codes == [0, 0], (codes, logs(run_dir))
     return run_dir
 
@@ -109,14 +109,14 @@ def test_two_nodes_train_with_c10d(uninterrupted):
 def test_killed_worker_restarts_and_resumes_with_the_same_loss(hosts, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     procs = start_job(hosts, run_dir, "killed", 29512)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while not (losses(run_dir).get(10) is not None and (run_dir / "checkpoints" / "step_000008").is_dir()):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs(run_dir)
         time.sleep(0.1)
     victims = worker_pids(hosts, 1)
     assert len(victims) == 2, victims
     os.kill(victims[-1], signal.SIGKILL)
-    codes = wait_job(procs, 240)
+    codes = wait_job(procs, 420)
     text = logs(run_dir)
     assert codes == [0, 0], (codes, text)
     assert "resumed from" in text and ("at step 8" in text or "at step 16" in text), text

@@ -39,7 +39,7 @@ def test_two_node_job_trains_across_the_nodes(cluster, tmp_path):
                           "checkpoint.every=12", "train.log_every=4", "data.num_train=512", "data.num_eval=32",
                           "metrics.progress=false"], timeout=180, cwd=REPO, env=env)
     job = submit.stdout.strip()
-    state = cluster.wait_job(job, timeout=300)
+    state = cluster.wait_job(job, timeout=420)
     log = "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(run_dir.glob(f"slurm-{job}.*")))
     assert state.get("JobState") == "COMPLETED" and state.get("ExitCode") == "0:0", (state, log)
     assert "on node[0-1]" in log and "rendezvous at node0:29500" in log, log

@@ -1,0 +1,267 @@
+"""Quantization quality, size and QAT overhead: fp32, PTQ and QAT (int8-int8, int8-int4) of one base, one run.
+
+    python bench/bench_quant.py                       # base 300 steps on sort, then 100 fine-tuning steps x 3
+    python bench/bench_quant.py --base runs/demo/base/model.safetensors --steps 200
+
+Targets (issue 5): int8 QAT within 0.5 points of fp32; int4 QAT recovering >= 90% of the accuracy that PTQ
+loses; QAT step time <= 1.15x and peak memory <= 1.3x of plain training (torchao's own prepared model:
+1.27x and 1.54x).
+
+Part 1 (quality). The base is the tiny decoder (pretrain/tiny) trained on the bundled `sort` task in this
+process (or --base). From it, three trainers run --steps steps each on sort with the same data order:
+fp32 (the control: plain fine-tuning), qat int8-int8 and qat int8-int4 (recipe.name=qat; lr and schedule
+from pretrain/tiny with --lr). They step in turn, one step each. Then every model is evaluated with the
+trainer's teacher-forced exact match on --num-eval held-out examples: the base and the control in fp32, PTQ
+of both (torchao quantize_ with the same Int8DynamicActivationIntxWeightConfig), and each QAT model after
+torchao's convert step (real int8/int4 weights, run on CPU). int4 recovery = (QAT int4 - PTQ int4) /
+(fp32 - PTQ int4), all after the same fine-tuning steps. Sizes: model_quantized.pt (meshtune export format:
+int8 storage, int4 one value per byte, plus scales; embeddings and head stay fp32) vs fp32 safetensors.
+
+Part 2 (overhead). A larger decoder (--dim, --layers; seq 128, micro-batch 8, --accum micro-batches per
+optimizer step, AdamW) trained from the same weights as plain fp32, torchao's prepared model
+(FakeQuantizedLinear: weights fake-quantized in every forward) and meshtune's QAT (weights once per step,
+shared quantized inputs): one step of each in turn, same batches; ms/step median and ratio to plain.
+"peak MB" = parameters + gradients + AdamW state + what autograd saves for backward in one micro-batch
+(unique storages, counted with saved-tensor hooks; includes meshtune's cached quantized weights), i.e. what
+a step holds at its peak; ru_maxrss on CPU cannot resolve it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+SCHEMES = ("int8-int8", "int8-int4")
+
+
+def trainer_for(args, tmp: Path, name: str, base: Path, recipe: str = "", scheme: str = "int8-int4"):
+    from meshtune.config import load_config
+    from meshtune.runtime.env import DistEnv
+    from meshtune.runtime.run import build_trainer
+
+    cfg = load_config("pretrain/tiny", [
+        f"run_dir={tmp / name}", f"init_from={base}", f"train.steps={args.steps}", f"optim.lr={args.lr}",
+        "optim.warmup_steps=5", "train.eval_every=0", "train.eval_batches=0", f"data.num_eval={args.num_eval}",
+        "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=never", "metrics.progress=false",
+        f"recipe.name={recipe}", f"recipe.qat.scheme={scheme}", f"recipe.qat.group_size={args.group_size}"])
+    return build_trainer(cfg, DistEnv())
+
+
+def pretrain_base(args, tmp: Path) -> Path:
+    from meshtune.config import load_config
+    from meshtune.export import export
+    from meshtune.runtime.env import DistEnv
+    from meshtune.runtime.run import build_trainer
+
+    cfg = load_config("pretrain/tiny", [f"run_dir={tmp / 'base'}", f"train.steps={args.base_steps}",
+                                        "train.eval_every=0", "checkpoint.every=0", "checkpoint.resume=never",
+                                        "metrics.progress=false"])
+    t0 = time.time()
+    build_trainer(cfg, DistEnv()).fit()
+    (path,) = export(cfg.run_dir, "merged", quiet=True)
+    print(f"base: pretrain/tiny on sort, {args.base_steps} steps in {time.time() - t0:.0f} s -> {path}", flush=True)
+    return path
+
+
+def accuracy(trainer, model) -> float:
+    """The trainer's evaluation (teacher-forced exact match, whole eval split) of another model."""
+    saved = trainer.model
+    trainer.model = model
+    try:
+        return trainer.evaluate()["eval_accuracy"]
+    finally:
+        trainer.model = saved
+
+
+def part1(args, tmp: Path) -> dict:
+    import torch
+
+    from meshtune.export import save_safetensors
+    from meshtune.quantized import save_quantized
+    from meshtune.recipes.qat import convert, ptq
+
+    base = Path(args.base) if args.base else pretrain_base(args, tmp)
+    trainers = {"fp32": trainer_for(args, tmp, "fp32", base)}
+    for s in SCHEMES:
+        trainers[f"qat {s}"] = trainer_for(args, tmp, f"qat-{s}", base, "qat", s)
+    ctl = trainers["fp32"]
+    qcfg = {s: dataclasses.replace(ctl.cfg.recipe.qat, scheme=s) for s in SCHEMES}
+    r = {"base fp32": accuracy(ctl, ctl.model)}
+    for s in SCHEMES:
+        r[f"base PTQ {s}"] = accuracy(ctl, ptq(copy.deepcopy(ctl.model), qcfg[s]))
+    print(f"before fine-tuning: {r}", flush=True)
+    names, times = list(trainers), {n: [] for n in trainers}
+    t0 = time.time()
+    for step in range(args.steps):
+        for n in names[step % len(names):] + names[: step % len(names)]:
+            t = trainers[n]
+            mbs = t.next_micro_batches()
+            start = time.perf_counter()
+            t.train_step(mbs)
+            times[n].append(time.perf_counter() - start)
+        if (step + 1) % args.eval_every == 0:
+            print(f"step {step + 1}: " + ", ".join(f"{n} {accuracy(t, t.model):.3f}" for n, t in trainers.items())
+                  + f" ({time.time() - t0:.0f} s)", flush=True)
+    r["fp32"] = accuracy(ctl, ctl.model)
+    sizes = {"fp32": save_safetensors(ctl.model.state_dict(), tmp / "fp32.safetensors").stat().st_size}
+    for s in SCHEMES:
+        post = ptq(copy.deepcopy(ctl.model), qcfg[s])
+        r[f"PTQ {s}"] = accuracy(ctl, post)
+        t = trainers[f"qat {s}"]
+        t.model.eval()
+        with torch.no_grad():
+            converted = convert(copy.deepcopy(t.model), qcfg[s])
+        r[f"QAT {s}"] = accuracy(ctl, converted)
+        r[f"QAT {s} fake"] = accuracy(ctl, t.model)
+        vocab = ctl.model.tok_embeddings.num_embeddings
+        path = save_quantized(converted, tmp / f"q-{s}.pt", ctl.cfg.model, vocab, qcfg[s], "qat")
+        sizes[s] = path.stat().st_size
+    skip = args.warmup
+    r["step_ms"] = {n: 1000 * statistics.median(v[skip:]) for n, v in times.items()}
+    r["sizes"] = sizes
+    return r
+
+
+def report1(args, r: dict) -> None:
+    print(f"\n== quality: {args.steps} fine-tuning steps from the base, exact match on {args.num_eval} held-out")
+    print(f"{'model':<22}{'accuracy':>10}")
+    for k, v in r.items():
+        if isinstance(v, float):
+            print(f"{k:<22}{v:>10.4f}")
+    fp32 = r["fp32"]
+    d8 = 100 * (fp32 - r["QAT int8-int8"])
+    lost = fp32 - r["PTQ int8-int4"]
+    rec = (r["QAT int8-int4"] - r["PTQ int8-int4"]) / lost if lost > 0 else float("nan")
+    print(f"int8 QAT vs fp32: {-d8:+.2f} points (target: within 0.5) -> {'MET' if abs(d8) <= 0.5 else 'MISSED'}")
+    print(f"int4: PTQ loses {100 * lost:.2f} points; QAT recovers {100 * rec:.1f}% of it (target >= 90%) -> "
+          f"{'MET' if rec >= 0.9 else 'MISSED' if lost > 0 else 'n/a (PTQ lost nothing)'}")
+    s = r["sizes"]
+    print("size on disk: " + ", ".join(f"{k} {v / 1024:.0f} KiB ({s['fp32'] / v:.2f}x smaller)" if k != "fp32"
+                                       else f"fp32 {v / 1024:.0f} KiB" for k, v in s.items()))
+    ms = r["step_ms"]
+    print("fine-tuning step (tiny, 2 micro-batches): " + ", ".join(
+        f"{k} {v:.0f} ms ({v / ms['fp32']:.2f}x)" for k, v in ms.items()))
+
+
+def part2(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    from meshtune.config import ModelConfig, QuantConfig
+    from meshtune.models import build_model
+    from meshtune.recipes.qat import base_config, prepare, qat_modules
+
+    torch.manual_seed(0)
+    vocab, seq, micro = 512, 128, 8
+    mcfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4, max_seq_len=seq)
+    plain = build_model(mcfg, vocab)
+    c = QuantConfig(scheme="int8-int4", group_size=32)
+    ours = prepare(copy.deepcopy(plain), c)
+    names = {n for n, _ in qat_modules(ours)}
+    ao = copy.deepcopy(plain)
+    quantize_(ao, QATConfig(base_config(c), step="prepare"), filter_fn=lambda m, fqn: fqn in names)
+    models = {"plain": plain, "torchao QAT": ao, "meshtune QAT": ours}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    gen = torch.Generator().manual_seed(1)
+
+    def step(k: str, batches) -> float:
+        m, start = models[k], time.perf_counter()
+        for x in batches:
+            F.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()
+        opts[k].step()
+        for _, q in qat_modules(m):
+            q.invalidate()  # what QATRecipe.after_optimizer_step does
+        opts[k].zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times = {k: [] for k in models}
+    for i in range(args.overhead_steps):
+        batches = [torch.randint(0, vocab, (micro, seq), generator=gen) for _ in range(args.accum)]
+        order = list(models)[i % 3:] + list(models)[: i % 3]
+        for k in order:
+            times[k].append(step(k, batches))
+    x = torch.randint(0, vocab, (micro, seq), generator=gen)
+    peak = {k: state_bytes(m, opts[k]) + saved_bytes(m, x) for k, m in models.items()}
+    ms = {k: 1000 * statistics.median(v[args.warmup:]) for k, v in times.items()}
+    return {"ms": ms, "peak": peak, "params": sum(p.numel() for p in plain.parameters())}
+
+
+def state_bytes(model, optimizer) -> int:
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    optim = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                if hasattr(v, "numel"))
+    return 2 * params + optim  # parameters, gradients, AdamW moments
+
+
+def saved_bytes(model, x) -> int:
+    """What autograd saves in one micro-batch's forward + loss (unique storages, parameters excluded)."""
+    import torch
+    import torch.nn.functional as F
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+    del loss
+    return sum(saved.values())
+
+
+def report2(args, r: dict) -> None:
+    ms, peak = r["ms"], r["peak"]
+    print(f"\n== QAT overhead: {r['params'] / 1e6:.1f}M-parameter decoder (dim {args.dim}, {args.layers} layers), "
+          f"int8-int4, seq 128, micro-batch 8, {args.accum} micro-batches/step, {args.overhead_steps} steps each")
+    print(f"{'variant':<16}{'ms/step':>10}{'x plain':>9}{'peak MB':>10}{'x plain':>9}")
+    for k in ms:
+        print(f"{k:<16}{ms[k]:>10.0f}{ms[k] / ms['plain']:>9.2f}{peak[k] / 2**20:>10.1f}"
+              f"{peak[k] / peak['plain']:>9.2f}")
+    t, m = ms["meshtune QAT"] / ms["plain"], peak["meshtune QAT"] / peak["plain"]
+    print(f"meshtune QAT: {t:.2f}x time (target <= 1.15) -> {'MET' if t <= 1.15 else 'MISSED'}; {m:.2f}x memory "
+          f"(target <= 1.3) -> {'MET' if m <= 1.3 else 'MISSED'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", help="a merged pretrain/tiny model (.safetensors); default: train one here")
+    p.add_argument("--base-steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps of fp32 and of each QAT model")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--num-eval", type=int, default=512)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the step times")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--accum", type=int, default=4)
+    p.add_argument("--overhead-steps", type=int, default=8)
+    p.add_argument("--work-dir", help="keep the runs here (the base: WORK_DIR/base/model.safetensors, for --base)")
+    p.add_argument("--no-quality", dest="quality", action="store_false")
+    p.add_argument("--no-overhead", dest="overhead", action="store_false")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.work_dir or tmp
+        if args.quality:
+            report1(args, part1(args, Path(tmp)))
+        if args.overhead:
+            report2(args, part2(args))
+
+
+if __name__ == "__main__":
+    main()
