@@ -5,12 +5,15 @@
 Each compressed model is trained from the demo's base on the base's own task (`sort`) with a bundled config,
 a short 2-rank run through `meshtune launch`, and exported with `meshtune export` in the format that makes it
 small: the distilled student (compress/distill, <= 1/4 of the parameters) as merged weights, 50% magnitude and
-2:4 pruning (compress/prune) as sparse files, structured pruning as the shrunk dense model.
+2:4 pruning (compress/prune) as sparse files, structured pruning as the shrunk dense model, quantization-aware
+training (finetune/qat; int8 weights, and int4 weights in groups of 32, both with int8 dynamic activations) as
+real quantized weights. Post-training quantization of the base itself, with the same schemes, is the baseline
+QAT is measured against (the QAT and pruned rows also trained the short run further on the task; PTQ did not).
 
 Every row is then measured the same way, on the exported artifact loaded back with meshtune's own loaders
-(`export.load_model`, `export.load_sparse`): parameters (and how many are nonzero), size on disk, CPU latency
-of a batched forward (median of a few runs, the models timed in turn so machine load hits all alike) and
-exact-match accuracy on the held-out split, teacher-forced like the trainer's evaluation.
+(`export.load_model`, `export.load_sparse`, `quantized.load_quantized`): parameters (and how many are nonzero),
+size on disk, CPU latency of a batched forward (median of a few runs, the models timed in turn so machine load
+hits all alike) and exact-match accuracy on the held-out split, teacher-forced like the trainer's evaluation.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-STUDENT_STEPS, PRUNE_STEPS = 200, 80
+STUDENT_STEPS, PRUNE_STEPS = 200, 80  # PRUNE_STEPS: also the QAT runs
 # (row, run dir under the demo root, bundled config, overrides, export format); magnitude and structured
 # pruning ramp over the first 60% / 50% of the steps and then recover, 2:4 is one shot after the first step
 VARIANTS = [
@@ -37,7 +40,12 @@ VARIANTS = [
     ("structured 40%", "compress-structured", "compress/prune",
      ["recipe.prune.method=structured", "recipe.prune.sparsity=0.4", f"recipe.prune.end_step={PRUNE_STEPS // 2}",
       "recipe.prune.frequency=8"], "shrunk"),
+    ("QAT int8", "compress-qat8", "finetune/qat", ["recipe.qat.scheme=int8-int8"], "quantized"),
+    ("QAT int4", "compress-qat4", "finetune/qat", ["recipe.qat.scheme=int8-int4"], "quantized"),
 ]
+PTQ = [("PTQ int8", "ptq-int8", "int8-int8"), ("PTQ int4", "ptq-int4", "int8-int4")]  # (row, out dir, scheme)
+ORDER = ["teacher (base)", "distilled student", "pruned 50%", "pruned 2:4", "structured 40%", "QAT int8",
+         "PTQ int8", "QAT int4", "PTQ int4"]
 
 
 @dataclass
@@ -56,7 +64,8 @@ class Row:
 
 
 def load_artifact(path: str | Path, fmt: str) -> nn.Module:
-    """The runnable model of an exported file: merged / shrunk (`load_model`) or sparse (`load_sparse`)."""
+    """The runnable model of an exported file: merged / shrunk (`load_model`), sparse (`load_sparse`) or
+    quantized (`load_quantized`)."""
     from meshtune.export import build_plain, load_model, load_sparse
 
     if fmt in ("merged", "shrunk"):
@@ -70,6 +79,10 @@ def load_artifact(path: str | Path, fmt: str) -> nn.Module:
             meta = json.loads(f.metadata()["meshtune.model"])
         vocab = meta.pop("vocab_size")
         return build_plain(ModelConfig(**meta), vocab, load_sparse(path))
+    if fmt == "quantized":
+        from meshtune.quantized import load_quantized
+
+        return load_quantized(path)
     raise ValueError(f"no loader for exported format {fmt!r}")
 
 
@@ -140,12 +153,11 @@ def format_table(rows: list[Row]) -> str:
     from meshtune.export import human_size
 
     ref = rows[0]
-    head = (f"{'model':<20}{'params':>10}{'nonzero':>10}{'x':>6}  {'artifact':<26}{'size':>10}{'x':>6}"
+    head = (f"{'model':<20}{'params':>10}{'nonzero':>10}{'x':>6}  {'artifact':<11}{'size':>10}{'x':>6}"
             f"{'ms/fwd':>8}{'speedup':>8}{'accuracy':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        art = f"{r.path.parent.name}/{r.path.name}"
-        lines.append(f"{r.name:<20}{r.params:>10,}{r.nonzero:>10,}{r.nonzero / ref.nonzero:>6.2f}  {art:<26}"
+        lines.append(f"{r.name:<20}{r.params:>10,}{r.nonzero:>10,}{r.nonzero / ref.nonzero:>6.2f}  {r.fmt:<11}"
                      f"{human_size(r.size):>10}{r.size / ref.size:>6.2f}{r.latency_s * 1e3:>8.1f}"
                      f"{ref.latency_s / r.latency_s:>7.2f}x{r.accuracy:>9.3f}")
     return "\n".join(lines)
@@ -159,8 +171,9 @@ def compression_stage(root: Path, sort_dir: Path, base: Path, nproc: int, num_ev
     from meshtune.launch.torchrun import launch
 
     print(f"\n== stage 5 compress the base ({base}) on its own task, sort: a distilled student "
-          f"({STUDENT_STEPS} steps), 50% / 2:4 / structured pruning ({PRUNE_STEPS} steps each) on {nproc} ranks",
-          flush=True)
+          f"({STUDENT_STEPS} steps), 50% / 2:4 / structured pruning and int8 / int4 QAT ({PRUNE_STEPS} steps "
+          f"each) on {nproc} ranks, post-training quantization of the base", flush=True)
+    t0 = time.time()
     rows, runs = [Row("teacher (base)", base, "merged")], []
     for name, sub, config, extra, fmt in VARIANTS:
         run_dir = root / sub
@@ -179,9 +192,15 @@ def compression_stage(root: Path, sort_dir: Path, base: Path, nproc: int, num_ev
         (path, *_) = export(run_dir, fmt)
         rows.append(Row(name, path, fmt))
         runs.append(run_dir)
+    for name, sub, scheme in PTQ:
+        print(f"$ meshtune export {sort_dir} --format quantized --scheme {scheme} --out {root / sub}")
+        (path,) = export(sort_dir, "quantized", out=root / sub, scheme=scheme)
+        rows.append(Row(name, path, "quantized"))
+    rows.sort(key=lambda r: ORDER.index(r.name))
     cfg = load_config(sort_dir / "config.yaml", [f"data.num_eval={num_eval}"])
     measure(rows, eval_split(cfg), cfg.data.seq_len)
     print(f"\ncompressed from {base}; accuracy = exact match on {num_eval} held-out sort examples; ms/fwd = median "
           f"CPU forward of a (32, {cfg.data.seq_len}) batch of the exported model loaded back; x = vs the teacher")
     print(format_table(rows))
+    print(f"stage 5: {time.time() - t0:.0f} s")
     return 0, runs

@@ -12,9 +12,9 @@ ways with the bundled configs: full fine-tuning, LoRA, bottleneck adapters and p
 table shows trainable parameters, exported file size, median step time and task accuracy side by side.
 
 Stage 5 compresses the base on its own task (meshtune.compress_table): a distilled student of under a quarter
-of its parameters, 50% magnitude, 2:4 and structured pruning, each a short 2-rank run with a bundled
-compress/* config and an export (merged, sparse, shrunk); one table compares the exported artifacts: parameters,
-size on disk, CPU forward latency and accuracy.
+of its parameters, 50% magnitude, 2:4 and structured pruning, int8 and int4 QAT, each a short 2-rank run with a
+bundled config and an export (merged, sparse, shrunk, quantized), plus post-training quantization of the base;
+one table compares the exported artifacts: parameters, size on disk, CPU forward latency and accuracy.
 
 It ends with `meshtune report` over all the runs: <run_dir>/report/report.md and PNG plots of loss, accuracy,
 learning rate and throughput, the runs overlaid.

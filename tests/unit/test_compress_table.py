@@ -74,3 +74,16 @@ def test_latencies_time_every_model_the_same_number_of_times():
 
     out = latencies({"a": model("a"), "b": model("b")}, torch.zeros(1), reps=3)
     assert set(out) == {"a", "b"} and calls == {"a": 4, "b": 4} and all(v >= 0 for v in out.values())
+
+
+@pytest.mark.parametrize("scheme", ["int8-int8", "int8-int4"])
+def test_quantized_rows_are_real_quantized_models(runs, tmp_path, scheme):
+    """PTQ of the teacher run, loaded back with `load_quantized`: smaller, the same parameter count, close
+    to (but not exactly) the fp32 model's loss."""
+    trainer, merged = runs["teacher"]
+    (path,) = export(trainer.cfg.run_dir, "quantized", out=tmp_path, scheme=scheme, quiet=True)
+    rows = [Row("fp32", merged, "merged"), Row(scheme, path, "quantized")]
+    measure(rows, eval_split(trainer.cfg), trainer.cfg.data.seq_len, batch=8, reps=1)
+    fp32, q = rows
+    assert q.params == fp32.params and q.size < fp32.size
+    assert q.eval_loss != fp32.eval_loss and q.eval_loss == pytest.approx(fp32.eval_loss, rel=0.05)
