@@ -132,7 +132,7 @@ def _counts(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
-def measure(rows: list[Row], eval_ds, seq_len: int, batch: int = 32, reps: int = 5, loader=load_artifact
+def measure(rows: list[Row], eval_ds, seq_len: int, batch: int = 32, reps: int = 7, loader=load_artifact
             ) -> list[Row]:
     """Fill in every row's counts, file size, accuracy, loss and latency (in place; returns `rows`)."""
     models = {r.name: loader(r.path, r.fmt) for r in rows}
