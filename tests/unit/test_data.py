@@ -100,7 +100,7 @@ def test_add_answers_are_sums():
 
 
 def test_unknown_task():
-    with pytest.raises(ConfigError, match=r"data.task: .*add, reverse, sort"):
+    with pytest.raises(ConfigError, match=r"data.task: .*add, reverse, rsort, sort"):
         generate("copy", 1, seed=0)
 
 
