@@ -61,6 +61,33 @@ def install_packages(timeout: float = 420) -> None:
         raise Unavailable(f"installed {' '.join(PACKAGES)} but {', '.join(missing)} is still missing")
 
 
+def write_conf(path: Path, root: Path, cluster: str, ctld_host: str, nodes: str, extra: str = "") -> None:
+    """A minimal slurm.conf: munge auth, no accounting, one partition over `nodes` (NodeName lines)."""
+    path.write_text(f"""ClusterName={cluster}
+SlurmctldHost={ctld_host}
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+{extra}StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+MailProg=/bin/true
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+
+
 class LocalSlurm:
     """One slurmctld + one slurmd on this machine, configured under `root`."""
 
@@ -92,32 +119,9 @@ class LocalSlurm:
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         ctld_port, slurmd_port = _free_port(), _free_port()
-        self.conf.write_text(f"""ClusterName=meshtunetest
-SlurmctldHost={host}(127.0.0.1)
-SlurmUser=root
-AuthType=auth/munge
-CredType=cred/munge
-SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
-StateSaveLocation={self.root}/state
-SlurmdSpoolDir={self.root}/spool
-SlurmctldPidFile={self.root}/slurmctld.pid
-SlurmdPidFile={self.root}/slurmd.pid
-SlurmctldLogFile={self.root}/log/slurmctld.log
-SlurmdLogFile={self.root}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-MpiDefault=none
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-NodeName={host} NodeAddr=127.0.0.1 {hw} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+        write_conf(self.conf, self.root, "meshtunetest", f"{host}(127.0.0.1)",
+                   f"NodeName={host} NodeAddr=127.0.0.1 {hw} State=UNKNOWN\n",
+                   f"SlurmctldPort={ctld_port}\nSlurmdPort={slurmd_port}\n")
 
     def _start_munged(self) -> None:
         if self._munge_ok():

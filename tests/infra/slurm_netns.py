@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tests.infra.netns import NetnsHosts
 from tests.infra.netns import Unavailable as NoNamespaces
-from tests.infra.slurm_local import LocalSlurm, Unavailable, install_packages
+from tests.infra.slurm_local import LocalSlurm, Unavailable, install_packages, write_conf
 
 
 class NetnsSlurm(LocalSlurm):
@@ -50,29 +50,7 @@ class NetnsSlurm(LocalSlurm):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         nodes = "".join(f"NodeName=node{i} NodeAddr={self.hosts.addr(i)} {cpu} RealMemory=2000\n"
                         for i in range(self.hosts.nodes))
-        self.conf.write_text(f"""ClusterName=meshtunens
-SlurmctldHost=node0({self.hosts.addr(0)})
-SlurmUser=root
-AuthType=auth/munge
-CredType=cred/munge
-StateSaveLocation={self.root}/state
-SlurmdSpoolDir={self.root}/spool/%n
-SlurmctldPidFile={self.root}/slurmctld.pid
-SlurmdPidFile={self.root}/slurmd-%n.pid
-SlurmctldLogFile={self.root}/log/slurmctld.log
-SlurmdLogFile={self.root}/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-MpiDefault=none
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+        write_conf(self.conf, self.root, "meshtunens", f"node0({self.hosts.addr(0)})", nodes)
 
     def start(self, timeout: float = 60) -> NetnsSlurm:
         try:
