@@ -57,17 +57,21 @@ def vocab_size(cfg: Config, tokenizer) -> int:
     return cfg.model.vocab_size
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config):
-    """AdamW without weight decay on norms and biases (1-D parameters), plus the LR schedule."""
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW without weight decay on norms and biases (1-D parameters)."""
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def build_schedule(optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine decay (or constant), on the optimizer that steps (an engine's, if it wraps)."""
+    o = cfg.optim
     fn = partial(lr_lambda, warmup=o.warmup_steps, total=cfg.train.steps, schedule=o.schedule,
                  min_ratio=o.min_lr_ratio)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
 def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
@@ -116,10 +120,9 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                 recipe.init_weights(part)
     if cfg.init_from:  # base weights; the recipes' own parameters are not in them
         load_model_weights(model, cfg.init_from, strict=not recipes, model_cfg=cfg.model, vocab_size=vocab)
-    optimizer, scheduler = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, sampler.accum_steps)
-    if optimizer is not scheduler.optimizer:  # fairscale's OSS replaces the AdamW: the schedule drives OSS
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
+    scheduler = build_schedule(optimizer, cfg)  # after the engine: fairscale's OSS replaces the AdamW
 
     checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last)
     resume = cfg.checkpoint.resume
