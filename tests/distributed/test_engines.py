@@ -154,3 +154,29 @@ def wrong_engine_resume(run_dir):
 def test_resume_with_another_engine_is_a_config_error(rank_pool, tmp_path):
     for msg in rank_pool(2).run(wrong_engine_resume, str(tmp_path)):
         assert msg and "parallel.engine=native" in msg and "\n" not in msg
+
+
+def zero_save_on_two(run_dir):
+    from meshtune.runtime.run import build_trainer
+
+    build_trainer(tiny_config(run_dir, *layout(2, 1, 2), *engine_args("deepspeed", 2), "train.steps=1",
+                              "checkpoint.save_final=true")).fit()
+
+
+def zero_resume_on_four(run_dir):
+    from meshtune.config import ConfigError
+    from meshtune.runtime.run import build_trainer
+
+    try:
+        build_trainer(tiny_config(run_dir, *layout(4, 1, 2), *engine_args("deepspeed", 2), "checkpoint.resume=auto"))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_zero_resume_on_another_world_size_is_a_config_error(rank_pool, tmp_path):
+    """DeepSpeed cannot reshard ZeRO partitions: a clear error with the ways out, not a crash inside it."""
+    rank_pool(2).run(zero_save_on_two, str(tmp_path))
+    for msg in rank_pool(4).run(zero_resume_on_four, str(tmp_path)):
+        assert msg and "of 2 ranks" in msg and "this run has 4" in msg and "--format merged" in msg, msg
+        assert "\n" not in msg

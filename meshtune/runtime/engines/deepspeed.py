@@ -140,8 +140,8 @@ class DeepSpeedEngine:
         def write(tmp: Path) -> None:
             self.model.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
 
-        return checkpointer.save(step, self.model, None, {**meta, "engine": self.name, "zero_stage": self.stage},
-                                 write=write)
+        return checkpointer.save(step, self.model, None, {**meta, "engine": self.name, "zero_stage": self.stage,
+                                                          "world_size": self.model.dp_world_size}, write=write)
 
     def load(self, checkpointer: Checkpointer, path: Path) -> dict:
         check_saved_by(path, self.name)
@@ -153,6 +153,13 @@ class DeepSpeedEngine:
         if meta.get("zero_stage") != self.stage:
             raise ConfigError(f"parallel.zero_stage: {path} was saved with ZeRO stage {meta.get('zero_stage')}, "
                               f"this run uses {self.stage}; resume with parallel.zero_stage={meta.get('zero_stage')}")
+        saved_world = meta.get("world_size", self.model.dp_world_size)
+        if saved_world != self.model.dp_world_size:  # ZeRO partitions are per rank: DeepSpeed cannot reshard them
+            raise ConfigError(f"checkpoint.resume: {path} holds DeepSpeed ZeRO partitions of {saved_world} ranks, "
+                              f"this run has {self.model.dp_world_size}; resume on {saved_world} ranks, or start "
+                              "from its weights (`meshtune export RUN_DIR --format merged` + init_from; the "
+                              "optimizer state restarts), or train with parallel.engine=native, whose "
+                              "checkpoints reshard")
         self.model.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
                                    load_module_strict=True)
         rng_file = Path(path) / "rng" / f"rank{checkpointer.rank}.pt"
