@@ -9,15 +9,16 @@ Schemes (`recipe.qat.scheme`), both torchao `Int8DynamicActivationIntxWeightConf
     int8-int8   the same with int8 weights.
 `apply` (before parallelize) runs torchao's prepare step (`quantize_(model, QATConfig(base, step="prepare"))`
 on the targeted linears) and swaps each resulting `FakeQuantizedLinear` for `QATLinear`: the same module and
-fake quantizers, but the weight is fake-quantized ONCE per optimizer step instead of once per micro-batch.
-The cache holds the fake-quantized weight and torchao's straight-through mask (1 where the rounded value was
-not clamped); `_CachedFakeQuant` returns the cached weight and passes the gradient through the mask to the
-real weight, exactly what autograd through torchao's fake quantizer gives. `after_optimizer_step` drops the
-caches; a cache also stops matching when the weight changes in place (its version counter moves). Activations
-are dynamic: torchao's quantizer runs in every forward, once per input tensor (wq, wk and wv share theirs),
-and backward keeps the quantized input and a 1-byte mask rather than torchao's float intermediates.
-Under FSDP2 the forward sees the gathered full weight; a cache would keep a full-size copy of every layer on
-every rank, so layers whose parameter is a DTensor between steps are not cached (torchao's per-forward path).
+fake quantizers (kept for torchao's convert step), but training runs `meshtune.recipes.qat_ops`: the same
+numbers as torchao's quantizers (bit-identical forward, tested) computed with plain torch ops, and a
+`QuantLinear` autograd function that saves int8 codes + scales for backward and dequantizes there again,
+instead of autograd keeping torchao's float operands. Weights are quantized ONCE per optimizer step (int8
+codes, scales and a 1-byte clamped flag each, reused by every micro-batch); `after_optimizer_step` drops the
+caches, and a cache also stops matching when the weight changes in place (its version counter moves).
+Activations are dynamic: quantized in every forward, once per input tensor (wq, wk and wv share the codes
+and one straight-through node). Under FSDP2 the forward sees the gathered full weight; a cache would keep a
+full-size copy of every layer on every rank, so layers whose parameter is a DTensor between steps are
+quantized in every forward instead.
 
 LoRA (`lora+qat`): a targeted `LoRALinear` becomes `QATLoRALinear`: the frozen base weight (and the input of
 the base path) is fake-quantized, the LoRA path B A x stays in fp32 and trains. Convert merges B A into W
@@ -99,10 +100,10 @@ class _SharedInput:
         need_grad = x.requires_grad and torch.is_grad_enabled()
         key = (x._version, need_grad, spec)
         if self.ref is None or self.ref() is not x or self.key != key:
+            self._drop(self.ref)  # first: freeing the old value may free its input and call _drop
             fq, codes, scale, zp, mask = act_codes(x, spec)
             xq = QuantInput.apply(x, fq, mask) if need_grad else fq
-            self.value, self.key = (xq, codes, scale, zp), key
-            self.ref = weakref.ref(x, self._drop)
+            self.ref, self.key, self.value = weakref.ref(x, self._drop), key, (xq, codes, scale, zp)
         return self.value
 
     def _drop(self, ref: weakref.ref) -> None:
@@ -128,7 +129,7 @@ class _WeightCache:
         self._fq_cache = None
 
     def quantized_weight(self) -> tuple:
-        """(int8 codes, scales, clamp mask or None without gradient) of the current weight, from the cache
+        """(int8 codes, scales, clamped codes or None without gradient) of the current weight, from the cache
         while the weight is unchanged (same storage and version)."""
         w = self.weight
         need_grad = w.requires_grad and torch.is_grad_enabled()
@@ -136,8 +137,8 @@ class _WeightCache:
         cached = self._fq_cache
         if cached is not None and cached[0] == key and (cached[3] is not None or not need_grad):
             return cached[1:]
-        codes, scale, mask = weight_codes(w, self._specs[1])
-        value = (codes, scale, mask if need_grad else None)
+        codes, scale, clamped = weight_codes(w, self._specs[1])
+        value = (codes, scale, clamped if need_grad else None)
         if self.cache_weight:
             self._fq_cache = (key, *value)
         return value
@@ -149,12 +150,12 @@ class _WeightCache:
 
     def quantized_linear(self, x: torch.Tensor) -> torch.Tensor:
         xq, x_codes, x_scale, x_zp = self._shared_input(self._specs[0], x)
-        w_codes, w_scale, w_mask = self.quantized_weight()
+        w_codes, w_scale, w_clamped = self.quantized_weight()
         grad = torch.is_grad_enabled() and (xq.requires_grad or self.weight.requires_grad
                                             or self.bias is not None and self.bias.requires_grad)
         if not grad:
             return F.linear(xq, weight_dequant(w_codes, w_scale), self.bias)
-        return QuantLinear.apply(xq, self.weight, self.bias, x_codes, x_scale, x_zp, w_codes, w_scale, w_mask)
+        return QuantLinear.apply(xq, self.weight, self.bias, x_codes, x_scale, x_zp, w_codes, w_scale, w_clamped)
 
 
 class QATLinear(nn.Linear, _WeightCache):

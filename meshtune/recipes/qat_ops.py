@@ -50,18 +50,29 @@ def spec_of(config) -> Spec:
     return Spec(qmin, qmax, g.group_size if isinstance(g, PerGroup) else 0, symmetric, eps)
 
 
-def act_codes(x: torch.Tensor, s: Spec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def act_codes(x: torch.Tensor, s: Spec) -> tuple:
     """Per-token asymmetric quantization of x (..., K), as torchao's choose_qparams_affine + fake quantize:
-    (fake-quantized x, int8 codes, scale (..., 1), zero point (..., 1, float), mask: code not clamped)."""
+    (fake-quantized x, int8 codes, scale (M, 1), zero point (M, 1, float), clamp mask or None).
+
+    The codes round(x / scale) + zp are monotone in x, so the codes of a row's min and max tell whether any
+    element of it was clamped; they seldom are (the scale spans the row), and then there is no mask to keep
+    (None: all elements pass the gradient) and the fake-quantized value is round(x / scale) * scale, which
+    equals torchao's (q - zp) * scale exactly (small integers are exact in float)."""
     rows = x.detach().reshape(-1, x.shape[-1])
-    lo, hi = torch.aminmax(rows, dim=-1, keepdim=True)
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    lo_x, hi_x = torch.aminmax(rows, dim=-1, keepdim=True)
+    lo, hi = lo_x.clamp(max=0), hi_x.clamp(min=0)
     scale = ((hi - lo) / float(s.qmax - s.qmin)).clamp(min=s.eps)
     zp = (s.qmin - torch.round(lo / scale)).clamp(s.qmin, s.qmax)
-    v = torch.mul(rows, 1.0 / scale).round_().add_(zp)
+    inv = 1.0 / scale
+    r = torch.mul(rows, inv).round_()
+    clamped = bool(((torch.round(lo_x * inv) + zp < s.qmin) | (torch.round(hi_x * inv) + zp > s.qmax)).any())
+    if not clamped:
+        codes = torch.add(r, zp).to(torch.int8)
+        return r.mul_(scale).view(x.shape), codes, scale, zp, None
+    v = r.add_(zp)
     q = v.clamp(s.qmin, s.qmax)
     mask = q == v
-    del v
+    del v, r
     codes = q.to(torch.int8)
     fq = q.sub_(zp).mul_(scale)
     return fq.view(x.shape), codes, scale, zp, mask.view(x.shape)
@@ -73,14 +84,15 @@ def act_dequant(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, shap
 
 def weight_codes(w: torch.Tensor, s: Spec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric per-group (per-row for group 0) quantization of a 2-D weight, as torchao's
-    get_group_qparams_symmetric + fake quantize: (int8 codes (N, K/g, g), scale (N, K/g, 1), mask)."""
+    get_group_qparams_symmetric + fake quantize: (int8 codes (N, K/g, g), scale (N, K/g, 1), clamped: the
+    codes that were clamped, where the straight-through gradient is zero)."""
     n, k = w.shape
     g = s.group_size or k
     groups = w.detach().reshape(n, k // g, g)
     scale = (groups.abs().amax(-1, keepdim=True) / (float(s.qmax - s.qmin) / 2)).clamp(min=s.eps)
     v = torch.mul(groups, 1.0 / scale).round_()
     q = v.clamp(s.qmin, s.qmax)
-    return q.to(torch.int8), scale, q == v
+    return q.to(torch.int8), scale, q != v
 
 
 def weight_dequant(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -100,26 +112,26 @@ class QuantInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None
+        return grad if mask is None else grad * mask, None, None
 
 
 class QuantLinear(torch.autograd.Function):
     """F.linear(fake-quantized x, fake-quantized W, bias) saving int8 codes instead of float operands.
 
     Inputs: xq = the fake-quantized input (QuantInput's output) and its codes / scale / zero point; weight,
-    its codes / scale and the clamp mask of its codes (None when the weight takes no gradient); bias.
-    Backward dequantizes both again: grad xq = g W_fq, grad W = (g^T x_fq) * mask."""
+    its codes / scale and which codes were clamped (None when the weight takes no gradient); bias.
+    Backward dequantizes both again: grad xq = g W_fq, grad W = g^T x_fq, zero where clamped."""
 
     @staticmethod
-    def forward(ctx, xq, weight, bias, x_codes, x_scale, x_zp, w_codes, w_scale, w_mask):
+    def forward(ctx, xq, weight, bias, x_codes, x_scale, x_zp, w_codes, w_scale, w_clamped):
         out = torch.nn.functional.linear(xq, weight_dequant(w_codes, w_scale), bias)
         ctx.x_shape = xq.shape
-        ctx.save_for_backward(x_codes, x_scale, x_zp, w_codes, w_scale, w_mask)
+        ctx.save_for_backward(x_codes, x_scale, x_zp, w_codes, w_scale, w_clamped)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x_codes, x_scale, x_zp, w_codes, w_scale, w_mask = ctx.saved_tensors
+        x_codes, x_scale, x_zp, w_codes, w_scale, w_clamped = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
@@ -127,7 +139,7 @@ class QuantLinear(torch.autograd.Function):
             gx = (g2 @ weight_dequant(w_codes, w_scale)).view(ctx.x_shape)
         if need_w:
             x = act_dequant(x_codes, x_scale, x_zp, (g2.shape[0], -1))
-            gw = (g2.t() @ x).view(w_mask.shape).mul_(w_mask).view(w_codes.shape[0], -1)
+            gw = (g2.t() @ x).view(w_clamped.shape).masked_fill_(w_clamped, 0).view(w_codes.shape[0], -1)
         if need_b:
             gb = g2.sum(0)
         return gx, gw, gb, None, None, None, None, None, None
