@@ -19,11 +19,24 @@ int8 storage, int4 one value per byte, plus scales; embeddings and head stay fp3
 
 Part 2 (overhead). A larger decoder (--dim, --layers; seq 128, micro-batch 8, --accum micro-batches per
 optimizer step, AdamW) trained from the same weights as plain fp32, torchao's prepared model
-(FakeQuantizedLinear: weights fake-quantized in every forward) and meshtune's QAT (weights once per step,
-shared quantized inputs): one step of each in turn, same batches; ms/step median and ratio to plain.
+(FakeQuantizedLinear: weights fake-quantized in every forward) and meshtune's QAT (torchao's numbers in plain
+torch ops; weights quantized once per step to int8 codes, inputs once per tensor; backward saves int8 codes
+and dequantizes again): one step of each in turn, same batches; ms/step median and ratio to plain.
 "peak MB" = parameters + gradients + AdamW state + what autograd saves for backward in one micro-batch
 (unique storages, counted with saved-tensor hooks; includes meshtune's cached quantized weights), i.e. what
 a step holds at its peak; ru_maxrss on CPU cannot resolve it.
+
+Measured 2026-11-26, 2 shared CPU cores under load (1 thread), defaults:
+  overhead (int8-int4 group 32):  plain 2219 ms, torchao 3335 ms (1.50x), meshtune 2401 ms (1.08x: MET);
+      peak 138.2 MB, torchao 212.6 MB (1.54x), meshtune 131.1 MB (0.95x: MET); an earlier run at load 13:
+      1.17x / 0.99x with a full clamp mask per input (before skipping it for tokens that cannot clamp).
+      Before (torchao's quantizers, fake-quantized float weights cached): 1.29x / 1.34x.
+  quality (base 300 steps: 0.4238; 100 steps each): fp32 0.4395, QAT int8-int8 0.4336 (-0.59 points, 3 of
+      512 examples: MISSED; per-channel int8 earlier +-0), PTQ int8-int4 0.4375, QAT int8-int4 0.4375. PTQ
+      int4 loses 0.20 points (1 example), so recovery is not measurable. PTQ of bases on sort (fp32 -> int4 g32
+      / per-channel / per-channel + head): 300 steps 0.424 -> 0.422 / 0.430; 600 steps 0.457 -> 0.449 /
+      0.453 / 0.447: int4 costs this tiny model <= 1 point; the reverse task and dim 256 did not train far
+      enough in the time this run had to look for a setting where it costs more.
 """
 
 from __future__ import annotations
