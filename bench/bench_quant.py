@@ -26,17 +26,19 @@ and dequantizes again): one step of each in turn, same batches; ms/step median a
 (unique storages, counted with saved-tensor hooks; includes meshtune's cached quantized weights), i.e. what
 a step holds at its peak; ru_maxrss on CPU cannot resolve it.
 
-Measured 2026-11-26, 2 shared CPU cores under load (1 thread), defaults:
-  overhead (int8-int4 group 32):  plain 2219 ms, torchao 3335 ms (1.50x), meshtune 2401 ms (1.08x: MET);
-      peak 138.2 MB, torchao 212.6 MB (1.54x), meshtune 131.1 MB (0.95x: MET); an earlier run at load 13:
-      1.17x / 0.99x with a full clamp mask per input (before skipping it for tokens that cannot clamp).
-      Before (torchao's quantizers, fake-quantized float weights cached): 1.29x / 1.34x.
-  quality (base 300 steps: 0.4238; 100 steps each): fp32 0.4395, QAT int8-int8 0.4336 (-0.59 points, 3 of
-      512 examples: MISSED; per-channel int8 earlier +-0), PTQ int8-int4 0.4375, QAT int8-int4 0.4375. PTQ
-      int4 loses 0.20 points (1 example), so recovery is not measurable. PTQ of bases on sort (fp32 -> int4 g32
-      / per-channel / per-channel + head): 300 steps 0.424 -> 0.422 / 0.430; 600 steps 0.457 -> 0.449 /
-      0.453 / 0.447: int4 costs this tiny model <= 1 point; the reverse task and dim 256 did not train far
-      enough in the time this run had to look for a setting where it costs more.
+Measured 2026-11-26, 2 shared CPU cores under load (1 thread), defaults unless named; three overhead runs:
+  overhead (int8-int4 group 32), meshtune vs plain: 1.08x (2401 / 2219 ms), 1.11x (3748 / 3379 ms), 1.15x
+      (16181 / 14054 ms, load > 10); torchao's prepared model 1.50x / 1.63x / 1.78x. Peak 138.2 MB plain,
+      212.6 MB torchao (1.54x), 131.1 MB meshtune (0.95x). Before (torchao's quantizers under autograd, float
+      fake-quantized weights cached per step): 1.29x / 1.34x.
+  quality, base 300 steps (0.4238), 100 steps each, group 32: fp32 0.4395, QAT int8-int8 0.4336 (-0.59
+      points = 3 of 512 examples: MISSED), PTQ int8-int4 0.4375 = QAT int8-int4 0.4375. --group-size 0 (per
+      channel), same base: fp32 0.4395, QAT int8-int8 0.4395 (+-0: MET), PTQ int8-int4 0.4375, QAT int8-int4
+      0.4258. PTQ int4 loses 0.20 points (1 example) in both, so int4 recovery is not measurable here. PTQ of
+      bases (fp32 -> int4 group 32 / per channel / per channel + head): 300 steps 0.424 -> 0.422 / 0.430;
+      600 steps 0.457 -> 0.449 / 0.453 / 0.447: int4 costs this tiny model <= 1 point on sort.
+  fine-tuning step of the tiny model (part 1, dim 128, 640-token micro-batches): QAT 1.34-1.40x; its small
+      matmuls leave the per-layer quantization passes and Python autograd nodes a larger share.
 """
 
 from __future__ import annotations
