@@ -89,7 +89,7 @@ def qat_targets(model: nn.Module, c: QuantConfig) -> list[str]:
 
 class _SharedInput:
     """The quantized last input, shared by the layers of one model that read the same tensor (wq, wk and wv;
-    w1 and w3): one QuantInput node (its clamp mask, 1 byte an element, saved once) and one set of int8 codes
+    w1 and w3): one QuantInput node (its clamp mask, if any token clamps, saved once) and one set of int8 codes
     for all of them. Dropped when that tensor is freed, so it never keeps a finished graph alive."""
 
     def __init__(self):

@@ -5,8 +5,9 @@ intermediates for backward (the fake-quantized input, 4 bytes an element, plus a
 weight of `QATLinear` was a float copy of every weight. Here the same numbers are computed with plain torch
 ops (`act_codes`, `weight_codes`: bit-identical to torchao's IntxFakeQuantizer for the configs meshtune
 uses: int8 per-token asymmetric activations, symmetric per-group / per-channel int4 or int8 weights; tests
-compare them), and `QuantLinear` saves only the int8 codes, the scales and zero points and a 1-byte clamp
-mask, and dequantizes again in backward (a few elementwise passes next to three matmuls).
+compare them), and `QuantLinear` saves only the int8 codes, the scales and zero points (plus 1-byte clamp
+flags for the weights, and for the rare input tokens whose codes clamp) and dequantizes again in backward (a
+few elementwise passes next to three matmuls). On a GPU, `act_codes` syncs once per input (`.any()`).
 
 Straight-through gradients, as torchao's: the gradient of the float input is the gradient of the
 fake-quantized value where the rounded value was not clamped (torchao's `_Round` passes the gradient
