@@ -19,11 +19,26 @@ int8 storage, int4 one value per byte, plus scales; embeddings and head stay fp3
 
 Part 2 (overhead). A larger decoder (--dim, --layers; seq 128, micro-batch 8, --accum micro-batches per
 optimizer step, AdamW) trained from the same weights as plain fp32, torchao's prepared model
-(FakeQuantizedLinear: weights fake-quantized in every forward) and meshtune's QAT (weights once per step,
-shared quantized inputs): one step of each in turn, same batches; ms/step median and ratio to plain.
+(FakeQuantizedLinear: weights fake-quantized in every forward) and meshtune's QAT (torchao's numbers in plain
+torch ops; weights quantized once per step to int8 codes, inputs once per tensor; backward saves int8 codes
+and dequantizes again): one step of each in turn, same batches; ms/step median and ratio to plain.
 "peak MB" = parameters + gradients + AdamW state + what autograd saves for backward in one micro-batch
 (unique storages, counted with saved-tensor hooks; includes meshtune's cached quantized weights), i.e. what
 a step holds at its peak; ru_maxrss on CPU cannot resolve it.
+
+Measured 2026-11-26, 2 shared CPU cores under load (1 thread), defaults unless named; three overhead runs:
+  overhead (int8-int4 group 32), meshtune vs plain: 1.08x (2401 / 2219 ms), 1.11x (3748 / 3379 ms), 1.15x
+      (16181 / 14054 ms, load > 10); torchao's prepared model 1.50x / 1.63x / 1.78x. Peak 138.2 MB plain,
+      212.6 MB torchao (1.54x), 131.1 MB meshtune (0.95x). Before (torchao's quantizers under autograd, float
+      fake-quantized weights cached per step): 1.29x / 1.34x.
+  quality, base 300 steps (0.4238), 100 steps each, group 32: fp32 0.4395, QAT int8-int8 0.4336 (-0.59
+      points = 3 of 512 examples: MISSED), PTQ int8-int4 0.4375 = QAT int8-int4 0.4375. --group-size 0 (per
+      channel), same base: fp32 0.4395, QAT int8-int8 0.4395 (+-0: MET), PTQ int8-int4 0.4375, QAT int8-int4
+      0.4258. PTQ int4 loses 0.20 points (1 example) in both, so int4 recovery is not measurable here. PTQ of
+      bases (fp32 -> int4 group 32 / per channel / per channel + head): 300 steps 0.424 -> 0.422 / 0.430;
+      600 steps 0.457 -> 0.449 / 0.453 / 0.447: int4 costs this tiny model <= 1 point on sort.
+  fine-tuning step of the tiny model (part 1, dim 128, 640-token micro-batches): QAT 1.34-1.40x; its small
+      matmuls leave the per-layer quantization passes and Python autograd nodes a larger share.
 """
 
 from __future__ import annotations

@@ -9,15 +9,16 @@ Schemes (`recipe.qat.scheme`), both torchao `Int8DynamicActivationIntxWeightConf
     int8-int8   the same with int8 weights.
 `apply` (before parallelize) runs torchao's prepare step (`quantize_(model, QATConfig(base, step="prepare"))`
 on the targeted linears) and swaps each resulting `FakeQuantizedLinear` for `QATLinear`: the same module and
-fake quantizers, but the weight is fake-quantized ONCE per optimizer step instead of once per micro-batch.
-The cache holds the fake-quantized weight and torchao's straight-through mask (1 where the rounded value was
-not clamped); `_CachedFakeQuant` returns the cached weight and passes the gradient through the mask to the
-real weight, exactly what autograd through torchao's fake quantizer gives. `after_optimizer_step` drops the
-caches; a cache also stops matching when the weight changes in place (its version counter moves). Activations
-are dynamic: torchao's quantizer runs in every forward, once per input tensor (wq, wk and wv share theirs),
-and backward keeps the quantized input and a 1-byte mask rather than torchao's float intermediates.
-Under FSDP2 the forward sees the gathered full weight; a cache would keep a full-size copy of every layer on
-every rank, so layers whose parameter is a DTensor between steps are not cached (torchao's per-forward path).
+fake quantizers (kept for torchao's convert step), but training runs `meshtune.recipes.qat_ops`: the same
+numbers as torchao's quantizers (bit-identical forward, tested) computed with plain torch ops, and a
+`QuantLinear` autograd function that saves int8 codes + scales for backward and dequantizes there again,
+instead of autograd keeping torchao's float operands. Weights are quantized ONCE per optimizer step (int8
+codes, scales and a 1-byte clamped flag each, reused by every micro-batch); `after_optimizer_step` drops the
+caches, and a cache also stops matching when the weight changes in place (its version counter moves).
+Activations are dynamic: quantized in every forward, once per input tensor (wq, wk and wv share the codes
+and one straight-through node). Under FSDP2 the forward sees the gathered full weight; a cache would keep a
+full-size copy of every layer on every rank, so layers whose parameter is a DTensor between steps are
+quantized in every forward instead.
 
 LoRA (`lora+qat`): a targeted `LoRALinear` becomes `QATLoRALinear`: the frozen base weight (and the input of
 the base path) is fake-quantized, the LoRA path B A x stays in fp32 and trains. Convert merges B A into W
@@ -39,6 +40,7 @@ from torch import nn
 from meshtune.config import ConfigError, QuantConfig
 from meshtune.recipes.base import Recipe, register
 from meshtune.recipes.lora import LoRALinear, matches
+from meshtune.recipes.qat_ops import QuantInput, QuantLinear, Spec, act_codes, spec_of, weight_codes, weight_dequant
 
 WEIGHT_BITS = {"int8-int4": 4, "int8-int8": 8}
 
@@ -85,56 +87,40 @@ def qat_targets(model: nn.Module, c: QuantConfig) -> list[str]:
     return names
 
 
-class _CachedFakeQuant(torch.autograd.Function):
-    """Forward: precomputed fake-quantized values; backward: the gradient through torchao's STE mask."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, fq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(mask)
-        return fq
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None
-
-
-def _fake_quant_with_mask(quantizer: nn.Module, t: torch.Tensor, need_grad: bool) -> tuple:
-    """(torchao's fake quantization of t, its straight-through mask or None): the mask is where the gradient
-    of torchao's fake quantizer is nonzero (rounded values that were not clamped), taken from autograd."""
-    with torch.enable_grad():
-        td = t.detach().requires_grad_(need_grad)
-        out = quantizer(td)
-        mask = torch.autograd.grad(out, td, torch.ones_like(out))[0] != 0 if need_grad else None
-    return out.detach(), mask
-
-
 class _SharedInput:
-    """The fake-quantized last input, shared by the layers of one model that read the same tensor (wq, wk
-    and wv; w1 and w3): autograd then keeps one quantized copy, and a 1-byte mask instead of torchao's
-    float intermediates, for backward."""
+    """The quantized last input, shared by the layers of one model that read the same tensor (wq, wk and wv;
+    w1 and w3): one QuantInput node (its clamp mask, if any token clamps, saved once) and one set of int8 codes
+    for all of them. Dropped when that tensor is freed, so it never keeps a finished graph alive."""
 
     def __init__(self):
         self.ref, self.key, self.value = None, None, None
 
-    def __call__(self, quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, spec: Spec, x: torch.Tensor) -> tuple:
+        """(fake-quantized x, int8 codes, scale, zero point) of x."""
         need_grad = x.requires_grad and torch.is_grad_enabled()
-        key = (x._version, need_grad, quantizer.config)
+        key = (x._version, need_grad, spec)
         if self.ref is None or self.ref() is not x or self.key != key:
-            self.value = _fake_quant_with_mask(quantizer, x, need_grad)
-            self.ref, self.key = weakref.ref(x), key
-        fq, mask = self.value
-        return _CachedFakeQuant.apply(x, fq, mask) if need_grad else fq
+            self._drop(self.ref)  # first: freeing the old value may free its input and call _drop
+            fq, codes, scale, zp, mask = act_codes(x, spec)
+            xq = QuantInput.apply(x, fq, mask) if need_grad else fq
+            self.ref, self.key, self.value = weakref.ref(x, self._drop), key, (xq, codes, scale, zp)
+        return self.value
+
+    def _drop(self, ref: weakref.ref) -> None:
+        if ref is self.ref:
+            self.ref, self.key, self.value = None, None, None
 
 
 class _WeightCache:
-    """Mixin for linear layers with torchao fake quantizers: fake-quantize the weight once per step."""
+    """Mixin for linear layers with torchao fake quantizers: quantize the weight once per optimizer step and
+    run the layer as `QuantLinear` (int8 codes saved for backward, see meshtune.recipes.qat_ops)."""
 
-    activation_fake_quantizer: nn.Module | None
-    weight_fake_quantizer: nn.Module | None
+    activation_fake_quantizer: nn.Module
+    weight_fake_quantizer: nn.Module
 
-    def _init_cache(self, act_fq: nn.Module | None, weight_fq: nn.Module | None, shared: _SharedInput) -> None:
+    def _init_cache(self, act_fq: nn.Module, weight_fq: nn.Module, shared: _SharedInput) -> None:
         self.activation_fake_quantizer, self.weight_fake_quantizer = act_fq, weight_fq
+        self._specs = (spec_of(act_fq.config), spec_of(weight_fq.config))
         self._shared_input = shared
         self.cache_weight = True  # switched off for FSDP-sharded weights (see the module docstring)
         self._fq_cache: tuple | None = None
@@ -142,24 +128,34 @@ class _WeightCache:
     def invalidate(self) -> None:
         self._fq_cache = None
 
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_fake_quantizer is None:
-            return x
-        return self._shared_input(self.activation_fake_quantizer, x)
-
-    def fake_quantized_weight(self) -> torch.Tensor:
-        """torchao's fake quantization of the current weight, from the cache when the weight is unchanged."""
-        w, fq = self.weight, self.weight_fake_quantizer
-        if fq is None:
-            return w
-        if not self.cache_weight:
-            return fq(w)
+    def quantized_weight(self) -> tuple:
+        """(int8 codes, scales, clamped codes or None without gradient) of the current weight, from the cache
+        while the weight is unchanged (same storage and version)."""
+        w = self.weight
         need_grad = w.requires_grad and torch.is_grad_enabled()
         key = (w.data_ptr(), w._version, w.shape)
-        if self._fq_cache is None or self._fq_cache[0] != key or (need_grad and self._fq_cache[2] is None):
-            self._fq_cache = (key, *_fake_quant_with_mask(fq, w, need_grad))
-        _, out, mask = self._fq_cache
-        return _CachedFakeQuant.apply(w, out, mask) if need_grad else out
+        cached = self._fq_cache
+        if cached is not None and cached[0] == key and (cached[3] is not None or not need_grad):
+            return cached[1:]
+        codes, scale, clamped = weight_codes(w, self._specs[1])
+        value = (codes, scale, clamped if need_grad else None)
+        if self.cache_weight:
+            self._fq_cache = (key, *value)
+        return value
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        """torchao's fake quantization of the current weight (a new tensor, no gradient)."""
+        codes, scale, _ = self.quantized_weight()
+        return weight_dequant(codes, scale)
+
+    def quantized_linear(self, x: torch.Tensor) -> torch.Tensor:
+        xq, x_codes, x_scale, x_zp = self._shared_input(self._specs[0], x)
+        w_codes, w_scale, w_clamped = self.quantized_weight()
+        grad = torch.is_grad_enabled() and (xq.requires_grad or self.weight.requires_grad
+                                            or self.bias is not None and self.bias.requires_grad)
+        if not grad:
+            return F.linear(xq, weight_dequant(w_codes, w_scale), self.bias)
+        return QuantLinear.apply(xq, self.weight, self.bias, x_codes, x_scale, x_zp, w_codes, w_scale, w_clamped)
 
 
 class QATLinear(nn.Linear, _WeightCache):
@@ -175,7 +171,7 @@ class QATLinear(nn.Linear, _WeightCache):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.fake_quantized_weight(), self.bias)
+        return self.quantized_linear(x)
 
     def to_fake_quantized_linear(self):
         """torchao's FakeQuantizedLinear with the same weight and quantizers (what its convert step takes)."""
@@ -199,7 +195,7 @@ class QATLoRALinear(LoRALinear, _WeightCache):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(self.quantized_input(x), self.fake_quantized_weight(), self.bias)
+        out = self.quantized_linear(x)
         if self.merged:
             return out
         return out.add_(self.lora_b(self.lora_a(self.lora_dropout(x)) * self.scaling))
