@@ -55,7 +55,7 @@ def variant_config(name: str, args, base: Path, run_root: Path):
     from meshtune.config import load_config
 
     return load_config(f"finetune/{name}", [
-        f"run_dir={run_root / name}", f"init_from={base}", "data.task=rsort", "data.train_path=",
+        f"run_dir={run_root / name}", f"init_from={base}", f"data.task={args.task}", "data.train_path=",
         "data.num_train=8192", f"data.num_eval={args.num_eval}", f"train.steps={args.steps}", "train.eval_every=0",
         "train.eval_batches=0", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=never",
         "metrics.progress=false",
@@ -136,7 +136,9 @@ def part1(args, tmp: Path) -> dict:
                 for n in args.variants}
     names = list(trainers)
     times = {n: [] for n in names}
-    print(f"fine-tuning {', '.join(names)} on rsort for {args.steps} steps, one step of each in turn", flush=True)
+    before = trainers[names[0]].evaluate()["eval_accuracy"]  # step 0: the base itself, on the new task
+    print(f"fine-tuning {', '.join(names)} on {args.task} for {args.steps} steps, one step of each in turn; the base "
+          f"before fine-tuning: {args.task} accuracy {before:.3f}", flush=True)
     t0 = time.time()
     for i in range(args.steps):
         for n in names[i % len(names):] + names[: i % len(names)]:
@@ -149,7 +151,7 @@ def part1(args, tmp: Path) -> dict:
         if args.eval_every and (i + 1) % args.eval_every == 0 and i + 1 < args.steps:
             accs = "  ".join(f"{n} {trainers[n].evaluate()['eval_accuracy']:.3f}" for n in names)
             print(f"  step {i + 1:>4} ({time.time() - t0:.0f} s): eval accuracy  {accs}", flush=True)
-    out = {"base": str(base), "base_acc": base_acc, "variants": {}}
+    out = {"base": str(base), "base_acc": base_acc, "before": before, "variants": {}}
     for n, trainer in trainers.items():
         trainable, total = count_parameters(trainer.model)
         out["variants"][n] = {**trainer.evaluate(), "times": times[n], "trainable": trainable, "total": total,
@@ -172,7 +174,8 @@ def report1(args, r: dict) -> None:
     med = {n: statistics.median(x["times"]) for n, x in v.items()}
     mem = {n: x["state"] + x["act"] for n, x in v.items()}  # held at the peak of a step (before the CUDA peak)
     base = f"base {r['base']}" + (f" (sort accuracy {r['base_acc']:.3f})" if r["base_acc"] is not None else "")
-    print(f"\npart 1: {base}; fine-tuned on rsort, {args.steps} steps each (+ratios to full fine-tuning, "
+    print(f"\npart 1: {base}, {args.task} accuracy {r['before']:.3f} before fine-tuning; fine-tuned on "
+          f"{args.task}, {args.steps} steps each (+ratios to full fine-tuning, "
           f"same run); median step time over {args.steps - args.warmup} steps, {args.threads} thread(s)\n")
     head = (f"{'variant':<10}{'trainable':>11}{'%':>7}{'% @1B':>8}{'accuracy':>10}{'x full':>8}{'ms/step':>9}"
             f"{'x full':>8}{'state MB':>10}{'x full':>8}{'act MB':>8}{'mem MB':>8}{'x full':>8}"
@@ -315,6 +318,7 @@ def main() -> None:
                    "pretrain one here")
     p.add_argument("--base-steps", type=int, default=300, help="steps of the base's pretraining on sort")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of each variant")
+    p.add_argument("--task", default="arrange", help="the bundled task every variant fine-tunes on")
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the step time")
     p.add_argument("--eval-every", type=int, default=50, help="print every variant's accuracy this often")
     p.add_argument("--num-eval", type=int, default=256, help="held-out examples for the accuracy")
