@@ -68,7 +68,7 @@ class DataConfig:
     tokenizer: str = "byte"
     """`byte` for the built-in byte-level tokenizer, or the path of a Hugging Face `tokenizer.json` file."""
     task: str = ""
-    """Bundled synthetic task with exactly checkable answers (reverse, sort, rsort, add); this or data.train_path."""
+    """Bundled synthetic task with checkable answers (reverse, sort, rsort, add, arrange); this or data.train_path."""
     train_path: str = ""
     """A local training file: JSONL with `prompt`/`response` or `text` fields, or plain text (.txt)."""
     eval_path: str = ""

@@ -76,6 +76,18 @@ def _make_rsort(rng: random.Random) -> tuple[str, str]:
     return prompt, _solve_rsort(prompt)
 
 
+def _solve_arrange(prompt: str) -> str:
+    # `sort` under a new, longer prompt word: the fine-tuning task of `meshtune demo` and bench/bench_peft.py.
+    # The skill is the base's own; what is new is the format: a `sort` base scores ~0 exact match on it before
+    # fine-tuning (a word it has never seen, longer than "sort", before the payload).
+    return "".join(sorted(_payload(prompt, "arrange")))
+
+
+def _make_arrange(rng: random.Random) -> tuple[str, str]:
+    prompt = f"arrange: {_random_string(rng, string.ascii_lowercase + string.digits)}\n"
+    return prompt, _solve_arrange(prompt)
+
+
 def _solve_add(prompt: str) -> str:
     a, b = _payload(prompt, "add").split("+")
     return str(int(a) + int(b))
@@ -91,6 +103,7 @@ TASKS: dict[str, Task] = {
     "sort": Task("sort", _make_sort, _solve_sort),
     "rsort": Task("rsort", _make_rsort, _solve_rsort),
     "add": Task("add", _make_add, _solve_add),
+    "arrange": Task("arrange", _make_arrange, _solve_arrange),
 }
 """The bundled tasks by name (the values `data.task` accepts)."""
 

@@ -99,8 +99,16 @@ def test_add_answers_are_sums():
     assert generate("reverse", 1, seed=0)[0]["response"] == generate("reverse", 1, seed=0)[0]["prompt"][9:-1][::-1]
 
 
+def test_arrange_is_sort_under_a_new_prompt_word():
+    # the PEFT fine-tuning task: the same answers as `sort` for the same payload, only the prompt word differs
+    for e in generate("arrange", 100, seed=0):
+        payload = e["prompt"].removeprefix("arrange: ").removesuffix("\n")
+        assert e["response"] == TASKS["sort"].solve(f"sort: {payload}\n") == "".join(sorted(payload))
+        assert len(payload) >= 4 and set(payload) <= set("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
 def test_unknown_task():
-    with pytest.raises(ConfigError, match=r"data.task: .*add, reverse, rsort, sort"):
+    with pytest.raises(ConfigError, match=r"data.task: .*add, arrange, reverse, rsort, sort"):
         generate("copy", 1, seed=0)
 
 
