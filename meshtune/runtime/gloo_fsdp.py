@@ -53,7 +53,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.items: list[tuple[dist.Work, torch.Tensor, torch.Tensor, bool]] = []
-        self.callback_queued = False
+        self.queued_for = None  # the autograd graph task whose end finishes them (a fresh one after a failure)
 
     def finish(self, keep: int = 0) -> None:
         while len(self.items) > keep:
@@ -62,7 +62,7 @@ class _Pending:
             _reduce_received(received, output, mean)
 
     def end_of_backward(self) -> None:
-        self.callback_queued = False
+        self.queued_for = None
         self.finish()
 
 
@@ -99,9 +99,10 @@ class A2AReduceScatter(ReduceScatter if ReduceScatter is not None else object):
             _reduce_received(received, output_tensor, mean)
             return None
         self.pending.items.append((work, received, output_tensor, mean))
-        if not self.pending.callback_queued:
+        task = torch._C._current_graph_task_id()
+        if self.pending.queued_for != task:
             torch.autograd.Variable._execution_engine.queue_callback(self.pending.end_of_backward)
-            self.pending.callback_queued = True
+            self.pending.queued_for = task
         self.pending.finish(keep=1)  # the previous block's sum: its all-to-all overlapped this block's backward
         return None
 
