@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 
 
-def config(run_dir: Path, args, steps: int, *extra: str):
+def config(run_dir: Path, args, steps: int, num_train: int, *extra: str):
     from meshtune.config import load_config
 
     return load_config("pretrain/tiny", [
-        f"run_dir={run_dir}", f"data.task={args.task}", f"data.num_train={args.num_train}",
+        f"run_dir={run_dir}", f"data.task={args.task}", f"data.num_train={num_train}",
         f"data.num_eval={args.num_eval}", f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=0",
         f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}", f"optim.lr={args.lr}",
         "checkpoint.every=0", "checkpoint.resume=never", "metrics.progress=false", "train.log_every=1000000",
@@ -52,16 +52,11 @@ def params(trainer) -> int:
 
 def teacher(args, run_dir: Path) -> tuple[float, int]:
     """Train the teacher into `run_dir`, or resume its finished run there; (accuracy, parameters)."""
-    from meshtune.runtime.env import DistEnv
-    from meshtune.runtime.run import build_trainer
+    from tiny_base import train_base
 
-    cfg = config(run_dir, args, args.teacher_steps, "checkpoint.save_final=true", "checkpoint.resume=auto",
-                 *args.teacher_model)
-    trainer = build_trainer(cfg, DistEnv())
-    t0, reused = time.perf_counter(), trainer.step == args.teacher_steps
-    trainer.fit()  # nothing to do when resumed at the last step
+    trainer, how = train_base(run_dir, args.task, args.teacher_steps, args.num_eval,
+                              f"data.num_train={args.num_train}", *args.teacher_model)
     acc = trainer.evaluate()["eval_accuracy"]
-    how = f"reused from {run_dir}" if reused else f"trained in {time.perf_counter() - t0:.0f} s"
     print(f"teacher: {params(trainer):,} parameters, {args.teacher_steps} steps ({how}), accuracy {acc:.3f}",
           flush=True)
     return acc, params(trainer)
@@ -84,6 +79,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--num-train", type=int, default=8192)
+    ap.add_argument("--transfer", type=int, default=512,
+                    help="training examples of both students (the transfer set; the teacher trains on --num-train)")
     ap.add_argument("--num-eval", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
@@ -103,10 +100,11 @@ def main() -> None:
         kd = ["recipe.name=distill", f"recipe.distill.teacher={teacher_dir}", f"recipe.distill.alpha={args.alpha}",
               f"recipe.distill.temperature={args.temperature}", f"recipe.distill.kl={args.kl}",
               f"recipe.distill.hidden={args.hidden}"]
-        students = {"alone": build_trainer(config(root / "alone", args, args.steps, "checkpoint.save_final=false",
-                                                  *args.student_model), DistEnv()),
-                    "kd": build_trainer(config(root / "kd", args, args.steps, "checkpoint.save_final=false",
-                                               *args.student_model, *kd), DistEnv())}
+        student = ("checkpoint.save_final=false", *args.student_model)
+        students = {"alone": build_trainer(config(root / "alone", args, args.steps, args.transfer, *student),
+                                           DistEnv()),
+                    "kd": build_trainer(config(root / "kd", args, args.steps, args.transfer, *student, *kd),
+                                        DistEnv())}
         times = {k: [] for k in students}
         t0 = time.perf_counter()
         for step in range(args.steps):

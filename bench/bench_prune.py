@@ -56,21 +56,23 @@ def schedule(name: str, steps: int, args) -> list[str]:
         return [f"recipe.prune.end_step={int(0.6 * steps)}", "recipe.prune.frequency=10"]
     if name == "structured":
         return [f"recipe.prune.sparsity={args.structured_sparsity}", f"recipe.prune.end_step={steps // 2}",
-                "recipe.prune.frequency=10"]
+                "recipe.prune.frequency=10", f"recipe.prune.importance={args.importance}"]
     return []
 
 
 def run(args, tmp: Path) -> dict:
+    from tiny_base import train_base
+
     from meshtune.export import export, load_model
     from meshtune.runtime.env import DistEnv
     from meshtune.runtime.run import build_trainer
 
-    t0 = time.time()
-    base_cfg = base_config(tmp / "base", args.base_steps, args.num_eval, [])
-    base_sum = build_trainer(base_cfg, DistEnv()).fit()
+    base_trainer, how = train_base(Path(args.base) if args.base else tmp / "base", "sort", args.base_steps,
+                                   args.num_eval)
+    base_cfg = base_trainer.cfg
     (base,) = export(base_cfg.run_dir, "merged", quiet=True)
-    print(f"base: pretrain/tiny on sort, {args.base_steps} steps in {time.time() - t0:.0f} s, accuracy "
-          f"{base_sum['final_eval']['eval_accuracy']:.3f}", flush=True)
+    print(f"base: pretrain/tiny on sort, {args.base_steps} steps ({how}), accuracy "
+          f"{base_trainer.evaluate()['eval_accuracy']:.3f}", flush=True)
     ft = [f"init_from={base}", f"optim.lr={args.lr}", "optim.warmup_steps=10", "checkpoint.save_final=true"]
     trainers = {n: build_trainer(base_config(tmp / n.replace(":", "of"), args.steps, args.num_eval,
                                              ft + o + schedule(n, args.steps, args)), DistEnv())
@@ -161,6 +163,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (cosine, 10 warmup)")
     p.add_argument("--structured-sparsity", type=float, default=0.4,
                    help="fraction of kv-head groups and MLP channels the structured variant removes")
+    p.add_argument("--importance", default="taylor", choices=["taylor", "norm"],
+                   help="how the structured variant ranks heads and channels (recipe.prune.importance)")
+    p.add_argument("--base", help="the base's run dir: trained there if it has no final checkpoint yet, else "
+                   "reused (bench_distill.py --teacher takes the same dir; default: a temporary dir)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--num-eval", type=int, default=512, help="held-out examples for the accuracy")
     p.add_argument("--batch", type=int, default=64, help="batch of the inference timing")
