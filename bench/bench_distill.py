@@ -24,17 +24,19 @@ so the wall times are not comparable); teacher 500 steps on 8192 examples: 621,4
 (256 examples) / 0.443 (1024); students 132,416 params = 0.21x; KD alpha 0.5, T 1, hidden 1 unless noted;
 accuracy (x teacher, KD - alone in points):
     transfer 1024, 400 steps, 256 examples:  alone 0.371 (0.83x) | KD 0.418 (0.94x, +4.7)
+    transfer 1024, 600 steps, 1024 examples: alone 0.381 (0.86x) | KD 0.425 (0.96x, +4.4)
     transfer  512, 400 steps, 256 examples:  alone 0.301 (0.68x) | KD 0.383 (0.86x, +8.2)
-    transfer  512, 800 steps (stopped at 600): alone 0.195, KD 0.391: KD plateaus at ~0.39, alone overfits
-    transfer 1024, alpha 0.2 T 2 (stopped at step 100): KD 0.027 vs alone 0.070, far behind
-DISTILL_MORE
+    transfer  512, 800 steps (killed at 600): alone 0.195, KD 0.391: KD plateaus at ~0.39, alone overfits
+    transfer 1024, alpha 0.2 T 2 (killed at step 100): KD 0.027 vs alone 0.070, far behind
+    transfer 1024, 400 steps, 1024 examples (the defaults, 574 s): alone 0.370 (0.83x) | KD 0.418 (0.94x, +4.8)
 Earlier (2026-11-25, teacher 400 steps, 0.430; students on the teacher's 8192 examples, 400 steps): alone
 0.406 (0.95x); KD 0.5/1/1 0.422 (0.98x, +1.6); 0.5/1/3 0.418 (+1.2); 0.5/1/0 0.410 (+0.4); 0.1/2/0 0.355
 (-5.1). With the full data the small student nearly matches the teacher by itself, so KD cannot add 5 points;
 with a small transfer set it adds 5-8 points, but the student then stays below 0.95x of the teacher: the two
-targets pull the transfer size in opposite directions, and at 1024 both land just short (0.94x, +4.7; the
-standard error of one accuracy on 256 examples is ~3 points). Hidden-state matching is what helps; logit KD
-alone adds little, and a softer T=2 target with less task loss hurts.
+targets pull the transfer size in opposite directions, and at 1024 both land at the edge (0.94x/+4.8 after
+400 steps, 0.96x/+4.4 after 600; one accuracy on 1024 examples has a standard error of ~1.5 points).
+Hidden-state matching is what helps; logit KD alone adds little, and a softer T=2 target with less task loss
+hurts.
 """
 
 from __future__ import annotations
