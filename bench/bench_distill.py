@@ -1,6 +1,6 @@
 """Distillation quality: a student of <= 1/4 of the teacher's parameters, trained with and without the teacher.
 
-    python bench/bench_distill.py                       # ~6 min on 2 idle cores (teacher ~2.5, students ~3)
+    python bench/bench_distill.py                       # ~6-8 min (teacher ~1.5-2.5, students ~4.5-6)
     python bench/bench_distill.py --teacher runs/bench-sort   # train the teacher there once, reuse it later
     python bench/bench_distill.py --transfer 8192 --alpha 0.2 --steps 300   # students on the teacher's data
 

@@ -1,6 +1,6 @@
 """Pruning quality, size and CPU speed: a dense base fine-tuned with and without pruning, in one run.
 
-    python bench/bench_prune.py                        # base + 4 fine-tunes + exports, ~8-10 min on 2 idle cores
+    python bench/bench_prune.py                        # base + 4 fine-tunes + exports, ~8-10 min (estimate)
     python bench/bench_prune.py --base runs/bench-sort  # train the base there once (bench_distill --teacher too)
     python bench/bench_prune.py --steps 300 --importance taylor
 
@@ -26,7 +26,7 @@ Measured 2026-11-26, 2 shared CPU cores, base 500 steps (accuracy 0.462), 200 fi
   --importance taylor: the same but structured 0.449 (-1.1), 1.35x faster (timed under heavier load): met.
 The runs are deterministic (dense, magnitude and 2:4 repeat to the digit), so the structured gap is the
 criterion's alone, and within the noise. The wall time was ~25 min here, most of it SIGSTOPped by another
-process; ~8-10 min on idle cores.
+process; ~8-10 min expected from the unpaused step times.
 Sparse files: 0.79x (CSR) and 0.59x (2:4) of the merged file; shrunk 0.62x. Structured pruning at 0.4 removes
 one of the two kv-head groups of every layer (half the attention, in one go: a ramp cannot split a group)
 and 40% of the MLP channels, so which group goes matters. Earlier (2026-11-25, base 300-600 steps, 512-1024
