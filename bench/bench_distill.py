@@ -33,10 +33,10 @@ so wall times differ); teacher 500 steps on 8192 examples: 621,440 params, accur
     transfer 512, 400 steps, 256 ex.:                 alone 0.301 (0.68x) | KD 0.383 (0.86x, +8.2)
     transfer 512, 800 steps (killed at 600):          alone 0.195, KD 0.391: KD plateaus, alone overfits
     transfer 1024, alpha 0.2 T 2 (killed at step 100): KD 0.027 vs alone 0.070, far behind
-With the defaults both targets are met in that one run, and with lr 3e-3 over 1000 steps too; the higher lr helps the KD student (0.427 vs 0.418)
-and hurts the one alone (0.306 vs 0.327), but KD still leads the best student alone measured (0.327, lr 3e-3)
-by 10 points. The ratio's margin (0.963 vs 0.95) is ~0.6 points of accuracy, below one standard error
-(~1.5 points on 1024 examples), so a rerun may land either side of it.
+With the defaults both targets are met in that one run, and at lr 3e-3 over 1000 steps too. The higher lr
+helps the KD student (0.427 vs 0.418) and hurts the one alone (0.306 vs 0.327), but KD still leads the best
+student alone measured (0.327) by 10 points. The ratio's margin (0.963 vs 0.95) is ~0.6 points of accuracy,
+below one standard error (~1.5 points on 1024 examples), so a rerun may land either side of it.
 Earlier (2026-11-25, teacher 400 steps, 0.430; students on the teacher's 8192 examples, 400 steps): alone
 0.406 (0.95x); KD 0.5/1/1 0.422 (0.98x, +1.6); 0.5/1/3 0.418 (+1.2); 0.5/1/0 0.410 (+0.4); 0.1/2/0 0.355
 (-5.1). With the full data the small student nearly matches the teacher by itself, so KD cannot add 5 points;
