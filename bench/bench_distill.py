@@ -1,6 +1,6 @@
 """Distillation quality: a student of <= 1/4 of the teacher's parameters, trained with and without the teacher.
 
-    python bench/bench_distill.py                       # ~6-8 min (teacher ~1.5-2.5, students ~4.5-6)
+    python bench/bench_distill.py                       # 193 s on a quiet machine (teacher 83 s)
     python bench/bench_distill.py --teacher runs/bench-sort   # train the teacher there once, reuse it later
     python bench/bench_distill.py --transfer 8192 --alpha 0.2 --steps 300   # students on the teacher's data
 
@@ -23,7 +23,7 @@ Measured 2026-11-26 on `sort`, 2 shared cores (load 2-20; another process SIGSTO
 so wall times differ); teacher 500 steps on 8192 examples: 621,440 params, accuracy 0.445 (256 examples) /
 0.443 (1024); students 132,416 params = 0.21x; KD alpha 0.5, T 1, hidden 1, lr 3e-3 unless noted; accuracy
 (x teacher, KD - alone in points):
-    transfer 768, 600 steps, lr 5e-3, 1024 ex. (the defaults, 124 s): alone 0.306 (0.69x) | KD 0.427 (0.963x, +12.1)
+    transfer 768, 600 steps, lr 5e-3, 1024 ex. (the defaults, 193 s): alone 0.306 (0.69x) | KD 0.427 (0.963x, +12.1)
     transfer 768, 600 steps, 1024 ex. (357 s):        alone 0.327 (0.74x) | KD 0.418 (0.943x, +9.1)
     transfer 768, 600 steps, hidden 3, 1024 ex.:      alone 0.327 (0.74x) | KD 0.415 (0.936x, +8.8)
     transfer 768, 1000 steps, 1024 ex.:               alone 0.297 (0.67x) | KD 0.424 (0.956x, +12.7)
@@ -33,10 +33,11 @@ so wall times differ); teacher 500 steps on 8192 examples: 621,440 params, accur
     transfer 512, 400 steps, 256 ex.:                 alone 0.301 (0.68x) | KD 0.383 (0.86x, +8.2)
     transfer 512, 800 steps (killed at 600):          alone 0.195, KD 0.391: KD plateaus, alone overfits
     transfer 1024, alpha 0.2 T 2 (killed at step 100): KD 0.027 vs alone 0.070, far behind
-With the defaults both targets are met in that one run, and at lr 3e-3 over 1000 steps too. The higher lr
-helps the KD student (0.427 vs 0.418) and hurts the one alone (0.306 vs 0.327), but KD still leads the best
-student alone measured (0.327) by 10 points. The ratio's margin (0.963 vs 0.95) is ~0.6 points of accuracy,
-below one standard error (~1.5 points on 1024 examples), so a rerun may land either side of it.
+With the defaults both targets are met (two runs, one with the teacher reused, one training it: identical to
+the digit, the runs are deterministic), and at lr 3e-3 over 1000 steps too. The higher lr helps the KD
+student (0.427 vs 0.418) and hurts the one alone (0.306 vs 0.327), but KD still leads the best student alone
+measured (0.327) by 10 points. The ratio's margin (0.963 vs 0.95) is ~0.6 points of accuracy, below one
+standard error (~1.5 points on 1024 examples), so another seed may land either side of it.
 Earlier (2026-11-25, teacher 400 steps, 0.430; students on the teacher's 8192 examples, 400 steps): alone
 0.406 (0.95x); KD 0.5/1/1 0.422 (0.98x, +1.6); 0.5/1/3 0.418 (+1.2); 0.5/1/0 0.410 (+0.4); 0.1/2/0 0.355
 (-5.1). With the full data the small student nearly matches the teacher by itself, so KD cannot add 5 points;
