@@ -1,6 +1,6 @@
 """Pruning quality, size and CPU speed: a dense base fine-tuned with and without pruning, in one run.
 
-    python bench/bench_prune.py                        # base + 4 fine-tunes + exports, ~8-10 min (estimate)
+    python bench/bench_prune.py                        # base + 4 fine-tunes + exports: 297 s on a quiet machine
     python bench/bench_prune.py --base runs/bench-sort  # train the base there once (bench_distill --teacher too)
     python bench/bench_prune.py --steps 300 --importance taylor
 
@@ -22,11 +22,11 @@ batch, dense and shrunk interleaved, median over --reps, --threads torch threads
 Measured 2026-11-26, 2 shared CPU cores, base 500 steps (accuracy 0.462), 200 fine-tune steps, 2048 examples
 (the standard error of one accuracy is ~1.1 points; the variants share the examples, so their gaps are tighter):
   norm (default):   dense 0.459 | magnitude 50% 0.463 (+0.4) | 2:4 0.465 (+0.6) | structured 0.455 (-0.4) at
-                    62.0% of the parameters, 1.49x faster: all targets met.
+                    62.0% of the parameters, 1.49x / 1.39x faster (two runs): all targets met.
   --importance taylor: the same but structured 0.449 (-1.1), 1.35x faster (timed under heavier load): met.
 The runs are deterministic (dense, magnitude and 2:4 repeat to the digit), so the structured gap is the
-criterion's alone, and within the noise. The wall time was ~25 min here, most of it SIGSTOPped by another
-process; ~8-10 min expected from the unpaused step times.
+criterion's alone, and within the noise. The default run with the base trained in it took 297 s (base 85 s) and
+repeated the accuracies to the digit; an earlier one took ~25 min, most of it SIGSTOPped by another process.
 Sparse files: 0.79x (CSR) and 0.59x (2:4) of the merged file; shrunk 0.62x. Structured pruning at 0.4 removes
 one of the two kv-head groups of every layer (half the attention, in one go: a ramp cannot split a group)
 and 40% of the MLP channels, so which group goes matters. Earlier (2026-11-25, base 300-600 steps, 512-1024
