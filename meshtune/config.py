@@ -271,6 +271,11 @@ class PruneConfig:
     frequency: int = 10
     """Masks are recomputed every this many steps between start_step and end_step (and re-applied after
     every optimizer step)."""
+    importance: Literal["norm", "taylor"] = "norm"
+    """Structured only, how heads and channels are ranked: `norm` = the squared norm of the weights that read or
+    write the group; `taylor` = the first-order estimate of the loss change when the group is removed, (sum of
+    gradient x weight over its weights)^2, averaged over the steps since the last mask update (Molchanov et al.
+    2019; where the weights hold no `.grad`, e.g. under DeepSpeed ZeRO, it falls back to norm)."""
     targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
     """Linear layers to prune (magnitude, 2:4): patterns matched against the end of module names (fnmatch)."""
 

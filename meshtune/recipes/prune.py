@@ -17,8 +17,14 @@ concatenated weights); 2:4 keeps the 2 largest of every 4 consecutive input weig
 torch.ao.pruning.WeightNormSparsifier((1, 4), zeros_per_block=2), which cannot handle DTensors).
 
 Structured pruning removes, in every block, the same number of key/value head groups (a kv head with its
-query heads) and of MLP hidden channels, the least important by the squared norm of all weights that read or
-write them; `meshtune.recipes.prune_export.shrink_state` then cuts them out into a smaller dense model.
+query heads) and of MLP hidden channels, the least important; `meshtune.recipes.prune_export.shrink_state`
+then cuts them out into a smaller dense model. Importance (`recipe.prune.importance`) is by default the
+squared norm of all weights that read or write the group; `taylor` ranks by the first-order estimate of the
+loss change of removing it (Molchanov et al. 2019), (sum of gradient x weight over those weights)^2, averaged
+over the optimizer steps since the last mask update (kept on the recipe, not checkpointed: a resumed run
+restarts the average). On the tiny `sort` model both met the targets and neither was clearly better (gaps to
+dense -0.4 norm, -1.1 taylor, at the noise level; bench/bench_prune.py). Groups already pruned rank last, so a
+ramp only ever removes more.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import fnmatch
 import torch
 from torch import nn
 
-from meshtune.config import Config, ConfigError, PruneConfig
+from meshtune.config import Config, ConfigError, PruneConfig, RecipeConfig
 from meshtune.recipes.base import Recipe, register
 
 MASK = "weight_mask"
@@ -147,31 +153,67 @@ def _keep_top(importance: torch.Tensor, n_keep: int) -> torch.Tensor:
     return keep
 
 
-def structured_masks(block: dict[str, torch.Tensor], n_kv: int, head_dim: int, sparsity: float) -> dict:
-    """Masks of one block's wq/wk/wv/wo/w1/w3/w2 (full weights) removing round(sparsity * n_kv) key/value
-    head groups and round(sparsity * hidden) MLP channels of least squared-norm importance."""
+def group_sums(block: dict[str, torch.Tensor], n_kv: int) -> dict[str, torch.Tensor]:
+    """Per-group sums of elementwise tensors shaped like a block's wq/wk/wv/wo/w1/w3/w2: `attn` (n_kv,) over
+    the rows of a kv group's query, key and value heads and its columns of wo; `mlp` (hidden,) over a channel's
+    rows of w1 and w3 and its column of w2. Either is absent when its weights are."""
     out = {}
     if all(k in block for k in ATTN):
-        wq, wk, wv, wo = (block[k].detach().float() for k in ATTN)
+        wq, wk, wv, wo = (block[k].float() for k in ATTN)
+        out["attn"] = (wq.sum(1).view(n_kv, -1).sum(1) + wk.sum(1).view(n_kv, -1).sum(1)
+                       + wv.sum(1).view(n_kv, -1).sum(1) + wo.sum(0).view(n_kv, -1).sum(1))
+    if all(k in block for k in MLP):
+        w1, w3, w2 = (block[k].float() for k in MLP)
+        out["mlp"] = w1.sum(1) + w3.sum(1) + w2.sum(0)
+    return out
+
+
+def structured_masks(block: dict[str, torch.Tensor], n_kv: int, head_dim: int, sparsity: float,
+                     importance: dict[str, torch.Tensor] | None = None) -> dict:
+    """Masks of one block's wq/wk/wv/wo/w1/w3/w2 (full weights) removing round(sparsity * n_kv) key/value
+    head groups and round(sparsity * hidden) MLP channels of least importance: `importance` ({attn: (n_kv,),
+    mlp: (hidden,)}), else the squared norm of the group's weights."""
+    imp = dict(group_sums({k: w.detach().float().pow(2) for k, w in block.items()}, n_kv))
+    imp.update(importance or {})
+    out = {}
+    if "attn" in imp:
+        wq, wk = block["wq"], block["wk"]
         q_group = wq.shape[0] // n_kv  # rows of the query heads reading one kv head
-        imp = (wq.pow(2).sum(1).view(n_kv, -1).sum(1) + wk.pow(2).sum(1).view(n_kv, -1).sum(1)
-               + wv.pow(2).sum(1).view(n_kv, -1).sum(1) + wo.pow(2).sum(0).view(n_kv, -1).sum(1))
-        keep = _keep_top(imp, n_kv - round(sparsity * n_kv))
+        keep = _keep_top(imp["attn"], n_kv - round(sparsity * n_kv))
         q_rows, kv_rows = keep.repeat_interleave(q_group), keep.repeat_interleave(head_dim)
         out.update(wq=q_rows[:, None].expand(wq.shape), wk=kv_rows[:, None].expand(wk.shape),
-                   wv=kv_rows[:, None].expand(wv.shape), wo=q_rows[None, :].expand(wo.shape))
-    if all(k in block for k in MLP):
-        w1, w3, w2 = (block[k].detach().float() for k in MLP)
+                   wv=kv_rows[:, None].expand(block["wv"].shape), wo=q_rows[None, :].expand(block["wo"].shape))
+    if "mlp" in imp:
+        w1, w2 = block["w1"], block["w2"]
         hidden = w1.shape[0]
-        keep = _keep_top(w1.pow(2).sum(1) + w3.pow(2).sum(1) + w2.pow(2).sum(0), hidden - round(sparsity * hidden))
-        out.update(w1=keep[:, None].expand(w1.shape), w3=keep[:, None].expand(w3.shape),
+        keep = _keep_top(imp["mlp"], hidden - round(sparsity * hidden))
+        out.update(w1=keep[:, None].expand(w1.shape), w3=keep[:, None].expand(block["w3"].shape),
                    w2=keep[None, :].expand(w2.shape))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _blocks(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{"layers.0.attention.wq": t, ...} -> {"layers.0.attention": {"wq": t}, ...}"""
+    blocks: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        parent, leaf = name.rsplit(".", 1)
+        blocks.setdefault(parent, {})[leaf] = t
+    return blocks
+
+
+def _kv_heads(model: nn.Module, parent: str) -> tuple[int, int]:
+    owner = model.get_submodule(parent)  # Attention keeps its full sizes also when TP splits it
+    return getattr(owner, "n_kv_heads", 0), getattr(owner, "head_dim", 0)
 
 
 @register("prune")
 class PruneRecipe(Recipe):
     """Masks chosen linear weights and keeps them masked after every optimizer step; trains every parameter."""
+
+    def __init__(self, cfg: RecipeConfig):
+        super().__init__(cfg)
+        self._taylor: dict[str, dict[str, torch.Tensor]] = {}  # block -> group -> sum of (sum g*w)^2
+        self._taylor_steps = 0
 
     def targets(self, model: nn.Module) -> dict[str, nn.Linear]:
         """The linear layers this recipe prunes, by module name."""
@@ -212,15 +254,34 @@ class PruneRecipe(Recipe):
         step_buf += 1
         step = int(step_buf.item())
         found = self.targets(model)
-        if is_update_step(step, self.cfg.prune):
-            self.update_masks(model, found, cubic_sparsity(step, self.cfg.prune))
+        p = self.cfg.prune
+        if p.method == "structured" and p.importance == "taylor" and step <= max(p.start_step, p.end_step, 1):
+            self.accumulate_taylor(model, found)
+        if is_update_step(step, p):
+            self.update_masks(model, found, cubic_sparsity(step, p))
         for lin in found.values():
             mask = _like(getattr(lin, MASK), lin.weight)  # a resumed run loads plain full masks: shard them once
             lin._buffers[MASK] = mask
             lin.weight.mul_(mask)
 
+    def accumulate_taylor(self, model: nn.Module, found: dict[str, nn.Linear]) -> None:
+        """Add this step's (sum of grad x masked weight)^2 per head group and MLP channel to the running sums:
+        with the masks applied, groups already pruned score exactly 0."""
+        prods = {}
+        for name, lin in found.items():
+            if lin.weight.grad is None:
+                return  # no backward yet (or frozen weights): nothing to estimate from
+            w = lin.weight.detach() * _like(getattr(lin, MASK).to(lin.weight.device), lin.weight)
+            prods[name] = _full(w * lin.weight.grad.detach())
+        for parent, block in _blocks(prods).items():
+            sums = self._taylor.setdefault(parent, {})
+            for group, s in group_sums(block, _kv_heads(model, parent)[0]).items():
+                sums[group] = sums.get(group, 0) + s.double().pow(2)
+        self._taylor_steps += 1
+
     def update_masks(self, model: nn.Module, found: dict[str, nn.Linear], sparsity: float) -> None:
-        """Recompute every mask at `sparsity` from the full weights and store it sharded like its weight."""
+        """Recompute every mask at `sparsity` from the full weights (and the Taylor scores since the last
+        update, when there are any) and store it sharded like its weight."""
         p = self.cfg.prune
         weights = {name: _full(lin.weight.detach()) for name, lin in found.items()}
         if p.method == "magnitude":
@@ -228,16 +289,17 @@ class PruneRecipe(Recipe):
         elif p.method == "semi_structured":
             masks = {name: nm_mask(w) for name, w in weights.items()}
         else:
-            blocks: dict[str, dict[str, torch.Tensor]] = {}
-            for name, w in weights.items():
-                parent, leaf = name.rsplit(".", 1)
-                blocks.setdefault(parent, {})[leaf] = w
             masks = {}
-            for parent, block in blocks.items():
-                owner = model.get_submodule(parent)  # Attention keeps its full sizes also when TP splits it
-                n_kv, hd = getattr(owner, "n_kv_heads", 0), getattr(owner, "head_dim", 0)
-                for leaf, mask in structured_masks(block, n_kv, hd, sparsity).items():
+            current = _blocks({name: _full(getattr(lin, MASK)) for name, lin in found.items()})
+            for parent, block in _blocks(weights).items():
+                n_kv, hd = _kv_heads(model, parent)
+                scores = {g: s / max(self._taylor_steps, 1) for g, s in self._taylor.get(parent, {}).items()}
+                kept = group_sums({k: m.float() for k, m in current[parent].items()}, n_kv)
+                # a pruned group (all its mask entries False) ranks below every kept one
+                scores = {g: torch.where(kept[g] > 0, s, torch.full_like(s, -1.0)) for g, s in scores.items()}
+                for leaf, mask in structured_masks(block, n_kv, hd, sparsity, scores).items():
                     masks[f"{parent}.{leaf}"] = mask
+            self._taylor, self._taylor_steps = {}, 0
         for name, lin in found.items():
             lin._buffers[MASK] = _like(masks[name].to(lin.weight.device), lin.weight)
 

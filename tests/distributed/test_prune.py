@@ -17,7 +17,9 @@ def prune_vs_reference(run_dir, method, parallel):
     from tests.distributed.test_tensor_parallel import tp_layout
 
     dims = {"fsdp2": layout(1, 2, 4), "ddp": layout(2, 1, 4)}.get(parallel) or tp_layout(1, 2, 4, False)
+    method, _, importance = method.partition("-")  # structured-taylor: ranked by gradient x weight
     extra = ["model.n_kv_heads=4", "recipe.prune.sparsity=0.5"] if method == "structured" else []
+    extra += [f"recipe.prune.importance={importance}"] if importance else []
     cfg = tiny_config(run_dir, *dims, *SCHEDULE, f"recipe.prune.method={method}", *extra)
     ref, trainer = reference_trainer(cfg), build_trainer(cfg)
     losses, ref_losses = step_losses(trainer, 6), step_losses(ref, 6)
@@ -36,8 +38,10 @@ def prune_vs_reference(run_dir, method, parallel):
 
 
 @pytest.mark.parametrize("method,parallel", [("magnitude", "fsdp2"), ("semi_structured", "fsdp2"),
-                                             ("magnitude", "tp2"), ("structured", "tp2"), ("structured", "ddp")],
-                         ids=["magnitude-fsdp2", "2of4-fsdp2", "magnitude-tp2", "structured-tp2", "structured-ddp"])
+                                             ("magnitude", "tp2"), ("structured", "tp2"), ("structured", "ddp"),
+                                             ("structured-taylor", "fsdp2"), ("structured-taylor", "tp2")],
+                         ids=["magnitude-fsdp2", "2of4-fsdp2", "magnitude-tp2", "structured-tp2", "structured-ddp",
+                              "taylor-fsdp2", "taylor-tp2"])
 def test_prune_masks_match_single_process(rank_pool, tmp_path, method, parallel):
     for r in rank_pool(2).run(prune_vs_reference, str(tmp_path), method, parallel):
         assert r["masks_equal"] and r["sharded"], r

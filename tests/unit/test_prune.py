@@ -148,6 +148,34 @@ def test_structured_shrinks_and_equals_masked_model(tmp_path):
         torch.testing.assert_close(small(tokens), model(tokens), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("importance", ["taylor", "norm"])
+def test_structured_importance_ranks_by_gradient_times_weight_or_norm(importance):
+    """Group 1 of every block has the larger weights but no effect on the loss (zero gradient): Taylor prunes it,
+    the weight norm keeps it; once pruned, a group stays pruned when the ramp recomputes the masks."""
+    model, recipe = _tiny_model(method="structured", sparsity=0.5, importance=importance, end_step=3, frequency=1)
+    lins = {n: m for n, m in _pruned(model).items() if n.startswith("layers.0.")}
+    hd, hidden = 8, lins["layers.0.feed_forward.w1"].out_features
+    for name, lin in _pruned(model).items():
+        leaf = name.rsplit(".", 1)[-1]
+        w = torch.full_like(lin.weight, 0.1)
+        g = torch.ones_like(lin.weight)
+        groups = (w[:, 16:], g[:, 16:]) if leaf == "wo" else (w[:, hidden // 2:], g[:, hidden // 2:]) \
+            if leaf == "w2" else (w[16:], g[16:]) if leaf == "wq" else (w[hd:], g[hd:]) if leaf in ("wk", "wv") \
+            else (w[hidden // 2:], g[hidden // 2:])
+        groups[0].fill_(1.0)  # the second kv group / half of the channels: larger weights...
+        groups[1].zero_()  # ...and zero gradient
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        lin.weight.grad = g
+    for _ in range(3):
+        recipe.after_optimizer_step(model)
+    wk, w1 = _pruned(model)["layers.1.attention.wk"].weight, _pruned(model)["layers.1.feed_forward.w1"].weight
+    kept_second = bool(wk[hd:].ne(0).any())
+    assert kept_second == (importance == "norm") and bool(wk[:hd].ne(0).any()) == (importance == "taylor")
+    assert int(w1.ne(0).any(1).sum()) == hidden // 2
+    assert bool(w1[hidden // 2:].ne(0).any()) == (importance == "norm")
+
+
 def _run_without_meshtune(program: str, tokens: torch.Tensor, out: str) -> None:
     """Load and run a .pt2 program in a Python that cannot import meshtune (no site dirs, no .pth finders)."""
     torch.save(tokens, out + ".in")
