@@ -21,9 +21,10 @@ launch per variant; `delta` is the peak minus the RSS after imports, before the 
 Measured 2026-11-26 (2 CPU cores, other work paused; --no-rss, 10-12 steps; ratios to native DDP):
   before (stock FSDP2 collectives):  FSDP2 1.24x, ZeRO-3 1.40x  -> FSDP2 / ZeRO-3 0.88x
   after (runtime/gloo_fsdp.py: async prefetch, all-to-all collectives, overlapped reduce-scatter; fused
-  AdamW): four runs gave FSDP2 / ZeRO-3 = 0.82x, 0.82x, 0.76x, 0.86x (the full run: DDP 1013 ms, FSDP2
-  1.16x, ZeRO-1 1.17x, ZeRO-2 1.21x, ZeRO-3 1.36x, FairScale 1.02x). Model state: FSDP2 82.6 MiB = 0.80x
-  ZeRO-3's 103.3 MiB. Run-to-run noise on this machine is about +-5%.
+  AdamW): five runs gave FSDP2 / ZeRO-3 = 0.82x, 0.82x, 0.76x, 0.86x, 0.80x. The last, the full bench on
+  an idle machine (12 steps): DDP 952 ms, FSDP2 1.15x, ZeRO-1 1.23x, ZeRO-2 1.19x, ZeRO-3 1.43x, FairScale
+  0.97x; model state FSDP2 82.6 MiB = 0.80x ZeRO-3's 103.3 MiB; peak RSS delta FSDP2 0.90x DDP's, 0.57x
+  ZeRO-3's. Run-to-run noise on this machine is about +-5%.
 """
 
 from __future__ import annotations
