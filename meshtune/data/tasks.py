@@ -56,36 +56,18 @@ def _make_reverse(rng: random.Random) -> tuple[str, str]:
     return prompt, _solve_reverse(prompt)
 
 
-def _solve_sort(prompt: str) -> str:
-    # Sorted by code point, so digits come before letters.
-    return "".join(sorted(_payload(prompt, "sort")))
+def _sorting_task(word: str, reverse: bool = False) -> Task:
+    """`<word>: <payload>` -> the payload's characters in code-point order (digits before letters), descending
+    with `reverse`."""
 
+    def solve(prompt: str) -> str:
+        return "".join(sorted(_payload(prompt, word), reverse=reverse))
 
-def _make_sort(rng: random.Random) -> tuple[str, str]:
-    prompt = f"sort: {_random_string(rng, string.ascii_lowercase + string.digits)}\n"
-    return prompt, _solve_sort(prompt)
+    def make(rng: random.Random) -> tuple[str, str]:
+        prompt = f"{word}: {_random_string(rng, string.ascii_lowercase + string.digits)}\n"
+        return prompt, solve(prompt)
 
-
-def _solve_rsort(prompt: str) -> str:
-    # Descending code-point order: the fine-tuning task of `meshtune demo` for a base trained on `sort`.
-    return "".join(sorted(_payload(prompt, "rsort"), reverse=True))
-
-
-def _make_rsort(rng: random.Random) -> tuple[str, str]:
-    prompt = f"rsort: {_random_string(rng, string.ascii_lowercase + string.digits)}\n"
-    return prompt, _solve_rsort(prompt)
-
-
-def _solve_arrange(prompt: str) -> str:
-    # `sort` under a new, longer prompt word: the fine-tuning task of `meshtune demo` and bench/bench_peft.py.
-    # The skill is the base's own; what is new is the format: a `sort` base scores ~0 exact match on it before
-    # fine-tuning (a word it has never seen, longer than "sort", before the payload).
-    return "".join(sorted(_payload(prompt, "arrange")))
-
-
-def _make_arrange(rng: random.Random) -> tuple[str, str]:
-    prompt = f"arrange: {_random_string(rng, string.ascii_lowercase + string.digits)}\n"
-    return prompt, _solve_arrange(prompt)
+    return Task(word, make, solve)
 
 
 def _solve_add(prompt: str) -> str:
@@ -100,10 +82,13 @@ def _make_add(rng: random.Random) -> tuple[str, str]:
 
 TASKS: dict[str, Task] = {
     "reverse": Task("reverse", _make_reverse, _solve_reverse),
-    "sort": Task("sort", _make_sort, _solve_sort),
-    "rsort": Task("rsort", _make_rsort, _solve_rsort),
+    "sort": _sorting_task("sort"),
+    # descending order: a new skill for a base trained on `sort` (bench_peft.py --task rsort)
+    "rsort": _sorting_task("rsort", reverse=True),
     "add": Task("add", _make_add, _solve_add),
-    "arrange": Task("arrange", _make_arrange, _solve_arrange),
+    # `sort` under a new, longer prompt word: the fine-tuning task of `meshtune demo` and bench_peft.py. The
+    # skill is the base's own; the format is new (a `sort` base scores ~0 exact match on it before fine-tuning)
+    "arrange": _sorting_task("arrange"),
 }
 """The bundled tasks by name (the values `data.task` accepts)."""
 

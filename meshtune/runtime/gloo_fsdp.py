@@ -17,9 +17,10 @@ sum 7.2 ms). So here:
                       exactly as with stock FSDP2.
 
 The deferred sum is only correct when FSDP2 does nothing with the output between the reduce-scatter and
-the end of backward but view it. `overlap_safe` says when that holds (1-D shard mesh, no mixed-precision
-cast, no pipelining); each call also checks that no gradient is being accumulated into (a `.grad` that
-already exists, or a post-accumulate-grad hook), and otherwise reduces synchronously.
+the end of backward but view it. The caller passes `install(overlap=True)` only when that holds
+(data_parallel.apply_fsdp: a 1-D shard mesh, no mixed-precision cast, no pipelining); each call also checks
+that no gradient is being accumulated into (a `.grad` that already exists, or a post-accumulate-grad hook),
+and otherwise reduces synchronously.
 """
 
 from __future__ import annotations

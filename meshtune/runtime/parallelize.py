@@ -52,12 +52,12 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
     if cfg.compile:
         for block in model.layers.values():
             block.compile()
+    pipelined = mesh.get("pp") is not None
     if (fsdp_mesh := mesh.get("fsdp")) is not None:
-        return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype,
-                          pipelined=mesh.get("pp") is not None)
+        return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype, pipelined)
     if mesh.dims.dp_mode == "ddp" and tp_mesh is not None:
         # DDP cannot take DTensor parameters; FSDP2 replicating over (dp_replicate, dp_shard=1) is DDP x TP
-        return apply_fsdp(model, mesh.replicate_mesh(), False, param_dtype, pipelined=mesh.get("pp") is not None)
+        return apply_fsdp(model, mesh.replicate_mesh(), False, param_dtype, pipelined)
     if (dp_mesh := mesh.get("dp")) is not None and wrap_ddp:
         return apply_ddp(model, dp_mesh, device)
     return model
