@@ -11,10 +11,11 @@ Schemes (`recipe.qat.scheme`), both torchao `Int8DynamicActivationIntxWeightConf
 on the targeted linears) and swaps each resulting `FakeQuantizedLinear` for `QATLinear`: the same module and
 fake quantizers (kept for torchao's convert step), but training runs `meshtune.recipes.qat_ops`: the same
 numbers as torchao's quantizers (bit-identical forward, tested) computed with plain torch ops, and a
-`QuantLinear` autograd function that saves int8 codes + scales for backward and dequantizes there again,
-instead of autograd keeping torchao's float operands. Weights are quantized ONCE per optimizer step (int8
-codes, scales and a 1-byte clamped flag each, reused by every micro-batch); `after_optimizer_step` drops the
-caches, and a cache also stops matching when the weight changes in place (its version counter moves).
+`QuantLinear` autograd function that saves the inputs' int8 codes + scales for backward and dequantizes there
+again, instead of autograd keeping torchao's float operands. Weights are quantized ONCE per optimizer step
+(the float fake-quantized weight where it trains, int8 codes + scales where it is frozen, and the indices of
+the clamped codes; reused by every micro-batch); `after_optimizer_step` drops the caches, and a cache also
+stops matching when the weight changes in place (its version counter moves).
 Activations are dynamic: quantized in every forward, once per input tensor (wq, wk and wv share the codes
 and one straight-through node). Under FSDP2 the forward sees the gathered full weight; a cache would keep a
 full-size copy of every layer on every rank, so layers whose parameter is a DTensor between steps are
@@ -25,8 +26,9 @@ the base path) is fake-quantized, the LoRA path B A x stays in fp32 and trains. 
 first, then quantizes the merged weight (`convert`).
 
 `convert` = torchao's convert step (`QATConfig(base, step="convert")`): real quantized weights
-(IntxUnpackedToInt8Tensor; int4 values are stored one per int8 byte in this layout). `ptq` quantizes a plain
-model with the same base config (post-training quantization, the baseline QAT must beat).
+(IntxUnpackedToInt8Tensor; int4 values one per int8 byte in memory, packed two to a byte on disk by
+`meshtune.quantized`). `ptq` quantizes a plain model with the same base config (post-training
+quantization, the baseline QAT must beat).
 """
 
 from __future__ import annotations
@@ -129,33 +131,45 @@ class _WeightCache:
         self._fq_cache = None
 
     def quantized_weight(self) -> tuple:
-        """(int8 codes, scales, clamped codes or None without gradient) of the current weight, from the cache
-        while the weight is unchanged (same storage and version)."""
+        """(fake-quantized weight, int8 codes and scales for backward to keep or (None, None) to keep the
+        fake-quantized weight, flat indices of the clamped codes or None without gradient), from the cache while
+        the weight is unchanged (same storage and version).
+
+        A trained weight's cache is its float fake-quantized value: its state is already 16 bytes a parameter
+        (weight, gradient, AdamW moments), the cache adds 4, and no micro-batch dequantizes again. A frozen
+        weight (LoRA's base) caches int8 codes (a float copy would double it) and dequantizes per use; so does
+        a weight that is not cached (FSDP2), whose backward keeps the codes rather than a float copy."""
         w = self.weight
         need_grad = w.requires_grad and torch.is_grad_enabled()
         key = (w.data_ptr(), w._version, w.shape)
         cached = self._fq_cache
-        if cached is not None and cached[0] == key and (cached[3] is not None or not need_grad):
-            return cached[1:]
-        codes, scale, clamped = weight_codes(w, self._specs[1])
-        value = (codes, scale, clamped if need_grad else None)
+        if cached is not None and cached[0] == key and (cached[4] is not None or not need_grad):
+            w_fq, codes, scale, clamped = cached[1:]
+            return (w_fq if w_fq is not None else weight_dequant(codes, scale)), codes, scale, clamped
+        codes, scale, mask = weight_codes(w, self._specs[1])
+        clamped = mask.flatten().nonzero().squeeze(1) if need_grad else None
+        w_fq = weight_dequant(codes, scale)
         if self.cache_weight:
-            self._fq_cache = (key, *value)
-        return value
+            keep_float = w.requires_grad
+            self._fq_cache = (key, w_fq if keep_float else None, None if keep_float else codes,
+                              None if keep_float else scale, clamped)
+            if keep_float:
+                return w_fq, None, None, clamped
+        return w_fq, codes, scale, clamped
 
     def fake_quantized_weight(self) -> torch.Tensor:
-        """torchao's fake quantization of the current weight (a new tensor, no gradient)."""
-        codes, scale, _ = self.quantized_weight()
-        return weight_dequant(codes, scale)
+        """torchao's fake quantization of the current weight (no gradient)."""
+        return self.quantized_weight()[0]
 
     def quantized_linear(self, x: torch.Tensor) -> torch.Tensor:
         xq, x_codes, x_scale, x_zp = self._shared_input(self._specs[0], x)
-        w_codes, w_scale, w_clamped = self.quantized_weight()
+        w_fq, w_codes, w_scale, w_clamped = self.quantized_weight()
         grad = torch.is_grad_enabled() and (xq.requires_grad or self.weight.requires_grad
                                             or self.bias is not None and self.bias.requires_grad)
         if not grad:
-            return F.linear(xq, weight_dequant(w_codes, w_scale), self.bias)
-        return QuantLinear.apply(xq, self.weight, self.bias, x_codes, x_scale, x_zp, w_codes, w_scale, w_clamped)
+            return F.linear(xq, w_fq, self.bias)
+        return QuantLinear.apply(xq, self.weight, self.bias, x_codes, x_scale, x_zp, w_fq, w_codes, w_scale,
+                                 w_clamped)
 
 
 class QATLinear(nn.Linear, _WeightCache):

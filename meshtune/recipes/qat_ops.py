@@ -5,9 +5,11 @@ intermediates for backward (the fake-quantized input, 4 bytes an element, plus a
 weight of `QATLinear` was a float copy of every weight. Here the same numbers are computed with plain torch
 ops (`act_codes`, `weight_codes`: bit-identical to torchao's IntxFakeQuantizer for the configs meshtune
 uses: int8 per-token asymmetric activations, symmetric per-group / per-channel int4 or int8 weights; tests
-compare them), and `QuantLinear` saves only the int8 codes, the scales and zero points (plus 1-byte clamp
-flags for the weights, and for the rare input tokens whose codes clamp) and dequantizes again in backward (a
-few elementwise passes next to three matmuls). On a GPU, `act_codes` syncs once per input (`.any()`).
+compare them), and `QuantLinear` saves the input's int8 codes, scales and zero points (plus 1-byte clamp flags
+for the rare input tokens whose codes clamp) and dequantizes again in backward (a few elementwise passes next
+to three matmuls); the weight's side is the per-step cache (meshtune.recipes.qat: the float fake-quantized
+weight where it trains, int8 codes where it is frozen) and the indices of its clamped codes. On a GPU,
+`act_codes` syncs once per input (`.any()`).
 
 Straight-through gradients, as torchao's: the gradient of the float input is the gradient of the
 fake-quantized value where the rounded value was not clamped (torchao's `_Round` passes the gradient
@@ -60,7 +62,7 @@ def act_codes(x: torch.Tensor, s: Spec) -> tuple:
     (None: all elements pass the gradient) and the fake-quantized value is round(x / scale) * scale, which
     equals torchao's (q - zp) * scale exactly (small integers are exact in float)."""
     rows = x.detach().reshape(-1, x.shape[-1])
-    lo_x, hi_x = torch.aminmax(rows, dim=-1, keepdim=True)
+    lo_x, hi_x = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)  # aminmax(dim=-1): ~10x slower on CPU
     lo, hi = lo_x.clamp(max=0), hi_x.clamp(min=0)
     scale = ((hi - lo) / float(s.qmax - s.qmin)).clamp(min=s.eps)
     zp = (s.qmin - torch.round(lo / scale)).clamp(s.qmin, s.qmax)
@@ -80,7 +82,8 @@ def act_codes(x: torch.Tensor, s: Spec) -> tuple:
 
 
 def act_dequant(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, shape) -> torch.Tensor:
-    return torch.sub(codes, zp).mul_(scale).view(shape)
+    # cast first: int8 - float with broadcasting takes a slow mixed-dtype path on CPU (~15x); same values
+    return codes.to(scale.dtype).sub_(zp).mul_(scale).view(shape)
 
 
 def weight_codes(w: torch.Tensor, s: Spec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,7 +100,7 @@ def weight_codes(w: torch.Tensor, s: Spec) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def weight_dequant(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.mul(codes, scale).view(codes.shape[0], -1)
+    return codes.to(scale.dtype).mul_(scale).view(codes.shape[0], -1)
 
 
 class QuantInput(torch.autograd.Function):
@@ -117,30 +120,34 @@ class QuantInput(torch.autograd.Function):
 
 
 class QuantLinear(torch.autograd.Function):
-    """F.linear(fake-quantized x, fake-quantized W, bias) saving int8 codes instead of float operands.
+    """F.linear(fake-quantized x, fake-quantized W, bias) saving int8 codes of x instead of its float value.
 
-    Inputs: xq = the fake-quantized input (QuantInput's output) and its codes / scale / zero point; weight,
-    its codes / scale and which codes were clamped (None when the weight takes no gradient); bias.
-    Backward dequantizes both again: grad xq = g W_fq, grad W = g^T x_fq, zero where clamped."""
+    Inputs: xq = the fake-quantized input (QuantInput's output) and its codes / scale / zero point; weight (the
+    parameter, for its gradient); w_fq = its fake-quantized value and what backward keeps of it: w_codes and
+    w_scale (dequantized again there), or w_codes None to keep w_fq itself (a per-step cache every micro-batch
+    shares); w_clamped = flat indices of the weight codes that were clamped (None when the weight takes no
+    gradient); bias. Backward: grad xq = g W_fq, grad W = g^T x_fq, zero where clamped."""
 
     @staticmethod
-    def forward(ctx, xq, weight, bias, x_codes, x_scale, x_zp, w_codes, w_scale, w_clamped):
-        out = torch.nn.functional.linear(xq, weight_dequant(w_codes, w_scale), bias)
+    def forward(ctx, xq, weight, bias, x_codes, x_scale, x_zp, w_fq, w_codes, w_scale, w_clamped):
+        out = torch.nn.functional.linear(xq, w_fq, bias)
         ctx.x_shape = xq.shape
-        ctx.save_for_backward(x_codes, x_scale, x_zp, w_codes, w_scale, w_clamped)
+        ctx.save_for_backward(x_codes, x_scale, x_zp, w_fq if w_codes is None else w_codes, w_scale, w_clamped)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x_codes, x_scale, x_zp, w_codes, w_scale, w_clamped = ctx.saved_tensors
+        x_codes, x_scale, x_zp, w, w_scale, w_clamped = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
         if need_x:
-            gx = (g2 @ weight_dequant(w_codes, w_scale)).view(ctx.x_shape)
+            w_fq = w if w.is_floating_point() else weight_dequant(w, w_scale)
+            gx = (g2 @ w_fq).view(ctx.x_shape)
         if need_w:
             x = act_dequant(x_codes, x_scale, x_zp, (g2.shape[0], -1))
-            gw = (g2.t() @ x).view(w_clamped.shape).masked_fill_(w_clamped, 0).view(w_codes.shape[0], -1)
+            gw = g2.t() @ x
+            gw.view(-1).index_fill_(0, w_clamped, 0)  # the straight-through mask: ~1 code in 64 clamps
         if need_b:
             gb = g2.sum(0)
-        return gx, gw, gb, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None

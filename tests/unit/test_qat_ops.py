@@ -113,7 +113,8 @@ def saved_bytes(fn) -> int:
 
 def test_saves_int8_codes_not_float_operands():
     """Three layers reading one input (wq, wk, wv): torchao saves its float fake-quantized input per layer and
-    float weights; QATLinear saves one set of int8 codes + scales and int8 weight codes + clamped flags."""
+    float weights; QATLinear saves one set of int8 input codes + scales, the per-step weight cache (float where
+    the weight trains, int8 codes where it is frozen) and the indices of the clamped weight codes."""
     layers = [layer_pair("int8-int4", 32, bias=False) for _ in range(3)]
     shared = _SharedInput()
     for ours, _ in layers:
@@ -122,7 +123,14 @@ def test_saves_int8_codes_not_float_operands():
     ours_b = saved_bytes(lambda: sum(o(x).sum() for o, _ in layers))
     ref_b = saved_bytes(lambda: sum(r(x).sum() for _, r in layers))
     plain_b = saved_bytes(lambda: sum(F.linear(x, r.weight).sum() for _, r in layers))
-    x_bytes, w_bytes = x.numel() * 4, 48 * 64 * 4
+    x_bytes, w_bytes, groups = x.numel() * 4, 48 * 64 * 4, 48 * 64 // 32
+    x_codes = x_bytes / 4 + 8 * 32 * 8  # int8 codes, a scale and a zero point per token
     assert plain_b == x_bytes + 3 * w_bytes  # the input and the weights (parameters: no copy)
     assert ref_b >= 3 * x_bytes + 3 * w_bytes  # + a float fake-quantized input and weight per layer
-    assert ours_b <= x_bytes / 4 + 8 * 32 * 8 + 3 * w_bytes / 2 + 3 * 48 * 2 * 4  # codes, scales, flags
+    clamped = 3 * 2 * groups * 8  # int64 indices, at most two clamped codes a group (ties)
+    assert ours_b <= x_codes + 3 * w_bytes + clamped
+    for ours, _ in layers:  # frozen weights (LoRA's base): int8 codes + scales, no float copy, no indices
+        ours.weight.requires_grad_(False)
+        ours.invalidate()
+    frozen_b = saved_bytes(lambda: sum(o(x).sum() for o, _ in layers))
+    assert frozen_b <= x_codes + 3 * (w_bytes / 4 + groups * 4)
