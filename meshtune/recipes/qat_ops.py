@@ -1,15 +1,15 @@
 """torchao's fake quantization in plain torch ops, and a fake-quantized linear that saves int8 codes.
 
 Why not call torchao's fake quantizers in the training step: autograd through them keeps their float
-intermediates for backward (the fake-quantized input, 4 bytes an element, plus a clamp mask), and the cached
-weight of `QATLinear` was a float copy of every weight. Here the same numbers are computed with plain torch
-ops (`act_codes`, `weight_codes`: bit-identical to torchao's IntxFakeQuantizer for the configs meshtune
-uses: int8 per-token asymmetric activations, symmetric per-group / per-channel int4 or int8 weights; tests
-compare them), and `QuantLinear` saves the input's int8 codes, scales and zero points (plus 1-byte clamp flags
-for the rare input tokens whose codes clamp) and dequantizes again in backward (a few elementwise passes next
-to three matmuls); the weight's side is the per-step cache (meshtune.recipes.qat: the float fake-quantized
-weight where it trains, int8 codes where it is frozen) and the indices of its clamped codes. On a GPU,
-`act_codes` syncs once per input (`.any()`).
+intermediates for backward (the fake-quantized input, 4 bytes an element, plus a clamp mask) in every layer
+and micro-batch, and they fake-quantize the weight again in every forward. Here the same numbers are
+computed with plain torch ops (`act_codes`, `weight_codes`: bit-identical to torchao's IntxFakeQuantizer
+for the configs meshtune uses: int8 per-token asymmetric activations, symmetric per-group / per-channel
+int4 or int8 weights; tests compare them), and `QuantLinear` saves the input's int8 codes, scales and zero
+points (plus 1-byte clamp flags for the rare input tokens whose codes clamp) and dequantizes again in
+backward (a few elementwise passes next to three matmuls); the weight's side is the per-step cache
+(meshtune.recipes.qat: the float fake-quantized weight where it trains, int8 codes where it is frozen) and
+the indices of its clamped codes. On a GPU, `act_codes` syncs once per input (`.any()`).
 
 Straight-through gradients, as torchao's: the gradient of the float input is the gradient of the
 fake-quantized value where the rounded value was not clamped (torchao's `_Round` passes the gradient
@@ -147,7 +147,7 @@ class QuantLinear(torch.autograd.Function):
         if need_w:
             x = act_dequant(x_codes, x_scale, x_zp, (g2.shape[0], -1))
             gw = g2.t() @ x
-            gw.view(-1).index_fill_(0, w_clamped, 0)  # the straight-through mask: ~1 code in 64 clamps
+            gw.view(-1).index_fill_(0, w_clamped, 0)  # the straight-through mask: few codes clamp (a group's max)
         if need_b:
             gb = g2.sum(0)
         return gx, gw, gb, None, None, None, None, None, None, None
