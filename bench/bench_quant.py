@@ -36,6 +36,12 @@ rerun repeats every accuracy to the digit):
       int8-int8 0.9155 (-0.15 points: MET), PTQ int8-int4 0.8599 (-5.71), QAT int8-int4 0.9150: recovers
       96.6% (MET). Sizes: fp32 519 KiB, int8 259 KiB (2.00x smaller), int4 211 KiB (2.46x; embeddings and
       head stay fp32 and are 0.26 of the model at this size).
+    --seed 1 (another base, 0.9282, PTQ int4 -2.0): fp32 0.9512, int8 -0.10 points (MET), PTQ int4 0.9204
+      (-3.08), QAT int4 0.9458: recovers 82.5%: MISSED. With --num-eval 8192 (a superset of the 2048):
+      seed 1234 recovers 97.5%, seed 1 77.4% (int8 -0.24 / -0.09): the spread is the training run's, not
+      the eval sample's. Seed 1, lr 1e-4 / 2e-4: 73.2% / 89.1%; seed 1234, lr 1e-4: 87.2%. So int4 QAT
+      recovers 75-97% here, ~87% on average, and QAT int4 ends 0.1-0.7 points under fp32: the >= 90% target
+      is met on the default seed, not on every seed.
     --group-size 0 (per channel): int8 +0.05 points, int4 PTQ -6.10, QAT recovers 94.4%: MET.
     --steps 500: int8 -0.15, int4 PTQ -4.83, QAT recovers 90.9%: MET, by 1 example.
     --lr 1e-3 (the base's peak lr / 3): 300 steps int8 -0.54, int4 recovers 76.8%; 600 steps int8 -0.00,
@@ -68,11 +74,11 @@ from pathlib import Path
 SCHEMES = ("int8-int8", "int8-int4")
 
 
-BASE_MODEL = ("model.dim={dim}", "model.n_layers={layers}", "optim.weight_decay=0")
+BASE_MODEL = ("model.dim={dim}", "model.n_layers={layers}", "optim.weight_decay=0", "train.seed={seed}")
 
 
 def base_overrides(args) -> list[str]:
-    return [o.format(dim=args.base_dim, layers=args.base_layers) for o in BASE_MODEL]
+    return [o.format(dim=args.base_dim, layers=args.base_layers, seed=args.seed) for o in BASE_MODEL]
 
 
 def trainer_for(args, tmp: Path, name: str, base: Path, recipe: str = "", scheme: str = "int8-int4"):
@@ -273,6 +279,7 @@ def main() -> None:
     p.add_argument("--base-steps", type=int, default=3000)
     p.add_argument("--base-dim", type=int, default=64)
     p.add_argument("--base-layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1234, help="train.seed of the base and fine-tunes")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of fp32 and of each QAT model")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--group-size", type=int, default=32)
