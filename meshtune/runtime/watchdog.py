@@ -87,6 +87,14 @@ class Heartbeats:
                     host, pid = value.decode().split()
                     self.where[r] = (host, int(pid))
 
+    def mark_failed(self) -> None:
+        """Tell the peers this rank stopped beating because it failed and reports why itself (a collective's
+        error, or its own watchdog), so that no peer takes it for frozen and kills it while it exits."""
+        try:
+            self.store.set(f"failed{self.rank}", "1")
+        except Exception:
+            pass  # the store is gone: peers fall back to the heartbeat alone
+
     def counts(self) -> list[int]:
         return [self.store.add(str(r), 0) for r in range(self.world_size)]
 
@@ -96,11 +104,15 @@ class Heartbeats:
             before = self.counts()
             time.sleep(wait_s)
             after = self.counts()
-            quiet = [r for r in range(self.world_size) if after[r] == before[r] and r != self.rank]
+            silent = [r for r in range(self.world_size) if after[r] == before[r] and r != self.rank]
+            failed = [r for r in silent if self.store.check([f"failed{r}"])]
+            quiet = [r for r in silent if r not in failed]
             what = f"no heartbeat from rank(s) {', '.join(map(str, quiet))} for {wait_s:.1f} s"
         except Exception:  # the store itself is gone: its host process (rank 0 with torchrun) is stopped or dead
-            quiet = [0] if self.rank != 0 else []
+            quiet, failed = ([0] if self.rank != 0 else []), []
             what = f"the job's store at {self.host} does not answer: the process hosting it (rank 0) is frozen or dead"
+        if failed and not quiet:
+            return f"meshtune: rank(s) {', '.join(map(str, failed))} failed and report(s) it; no rank is frozen"
         if not quiet:
             return "meshtune: every rank still beats: look for the rank reported stuck outside a collective"
         here = _machine()
@@ -109,7 +121,8 @@ class Heartbeats:
         killed = [r for r in local if r not in exited and _kill(self.where[r][1])]
         return (f"meshtune: {what}" + "".join(f"; {text} rank(s) {', '.join(map(str, ranks))} on this node"
                                               for text, ranks in [("already exited:", exited),
-                                                                  ("killed frozen", killed)] if ranks))
+                                                                  ("killed frozen", killed)] if ranks)
+                + (f"; rank(s) {', '.join(map(str, failed))} failed and report(s) it" if failed else ""))
 
 
 def _machine() -> str:
@@ -197,6 +210,7 @@ class Watchdog:
                 lines = [f"meshtune: rank {self.rank} stuck in {op} at step {self.step()} for {stuck_for:.1f} s"
                          + (f" ({site})" if site else "")]
                 if self.heartbeats is not None:
+                    self.heartbeats.mark_failed()
                     lines.append(self.heartbeats.silent(max(2 * self.poll_s, 1.0)))
                 self.on_stuck("\n".join(lines))
                 return
@@ -209,6 +223,7 @@ class Watchdog:
         if not describe_failure(exc):
             return
         if self.heartbeats is not None:
+            self.heartbeats.mark_failed()
             print(self.heartbeats.silent(max(2 * self.poll_s, 1.0)), file=sys.stderr, flush=True)
         traceback.print_exception(exc, file=sys.stderr)
         sys.stderr.flush()

@@ -45,3 +45,46 @@ def test_stop_ends_the_thread():
     dog = Watchdog(0, 10, step=lambda: 0).start()
     dog.stop()
     assert not any(t.name == "meshtune-watchdog" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_silent_peer_is_killed_as_frozen_unless_it_marked_itself_failed():
+    """Rank 0 asks who is silent. A peer that stopped beating is killed as frozen; a peer that stopped
+    because it failed (and reports that itself, while it exits) is named as failed and left alone."""
+    import socket
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from meshtune.runtime.watchdog import Heartbeats, _machine
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0"}
+    peers = []
+    try:
+        for failed in (False, True):
+            env["TORCHELASTIC_RESTART_COUNT"] = str(int(failed))  # a fresh set of counters for each case
+            peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            peers.append(peer)
+            rank0, rank1 = Heartbeats(0, 2, environ=env), Heartbeats(1, 2, environ=env)
+            rank1.store.set("pid1", f"{_machine()} {peer.pid}")  # rank 1 "is" the sleeping child process
+            rank0.beat()
+            rank1.beat()
+            if failed:
+                rank1.mark_failed()
+            line = rank0.silent(0.3)
+            if failed:
+                assert line == "meshtune: rank(s) 1 failed and report(s) it; no rank is frozen", line
+                assert peer.poll() is None
+            else:
+                assert line == "meshtune: no heartbeat from rank(s) 1 for 0.3 s; killed frozen rank(s) 1 on this node"
+                assert peer.wait(10) == -9
+    finally:
+        for peer in peers:
+            peer.kill()
+            peer.wait()
+        del master
