@@ -291,7 +291,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--overhead-steps", type=int, default=20)
-    p.add_argument("--work-dir", help="keep the runs here (the base: WORK_DIR/base/model.safetensors, for --base)")
+    p.add_argument("--work-dir", help="keep the runs here (the base in WORK_DIR/base, unless --base names it)")
     p.add_argument("--no-quality", dest="quality", action="store_false")
     p.add_argument("--no-overhead", dest="overhead", action="store_false")
     args = p.parse_args()

@@ -107,7 +107,8 @@ def load_quantized(path: str | Path) -> nn.Module:
     for k, q in blob["quantized"].items():
         like = placeholders.get(k)
         if like is None or not _is_quantized(like):
-            raise ConfigError(f"{path}: {k} is quantized in the file but not in the model its config builds")
+            raise ConfigError(f"{path}: {k} is quantized in the file but not in the model its config builds; "
+                              "write it again with `meshtune export RUN_DIR --format quantized`")
         codes = unpack_int4(q["codes"], tuple(like.shape)) if q["packed"] else q["codes"]
         state[k] = IntxUnpackedToInt8Tensor(codes, q["scale"], q["zero_point"], like.target_dtype, like.block_size,
                                             like.dtype, like.activation_quantization)
