@@ -29,11 +29,11 @@ from meshtune.runtime.checkpoint import Checkpointer, set_rng_state
 from meshtune.runtime.engines import check_saved_by, import_engine
 from meshtune.runtime.trainer import use_bf16
 
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce: used by inference_all_reduce only
 TAG = "deepspeed"  # the folder inside step_N/ that holds DeepSpeed's own checkpoint
 # keys meshtune passes as objects rather than config: a user JSON may not set them
 OWNED = {"optimizer": "meshtune passes its own AdamW (optim.*)",
          "scheduler": "meshtune drives its own LR schedule (optim.warmup_steps, optim.schedule)"}
-EXTENSIONS_DIR = Path("~/.cache/meshtune/torch_extensions").expanduser()
 
 
 def deepspeed_config(cfg: Config, world_size: int, accum_steps: int, bf16: bool) -> dict:
@@ -104,9 +104,11 @@ class DeepSpeedEngine:
 
     def __init__(self, cfg: Config, mesh, device: torch.device, model: torch.nn.Module, optimizer,
                  accum_steps: int):
-        # the shared-memory comm op is JIT-compiled on first use (~40 s): keep it in a cache CI can keep
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
         deepspeed = import_engine("deepspeed")
+        # On CPU, DeepSpeed's comm backend JIT-compiles SHM_OP when it starts (g++ and ninja, ~40 s cold) though
+        # training never calls it (its all_reduce is torch.distributed's). Marking it incompatible, in the dict
+        # DeepSpeed keeps for such edits, skips the build; on GPU the accelerator has no such op anyway.
+        deepspeed.ops.__compatible_ops__[SHM_OP] = False
         import torch.distributed as dist
 
         if not dist.is_initialized():  # one process: DeepSpeed needs a group (else it looks for MPI) and the
