@@ -168,7 +168,6 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/meshtune/torch_extensions").expanduser()))
     with tempfile.TemporaryDirectory() as tmp:
         timing = launch(args, ["--worker", "time"], f"{tmp}/time.json")["variants"]
         rss = {} if args.no_rss else {n: launch(args, ["--worker", "rss", "--variant", n], f"{tmp}/rss_{n}.json")
