@@ -204,8 +204,8 @@ def report1(args, seed: int, r: dict) -> None:
 def summary1(results: dict[int, dict]) -> None:
     """Per seed and over all seeds: int8 QAT vs fp32, and the share of int4 PTQ's loss that QAT recovers.
 
-    One seed's recovery is noisy (a few hundred examples of difference on a loss of a few points), so the
-    verdicts are on the mean over seeds; the worst seed is printed beside it."""
+    One seed's recovery is noisy (a difference of a few tenths of a point over a loss of a few points), so the
+    verdicts are on the mean over seeds, printed with its standard error and the range."""
     print(f"\n== quality over {len(results)} seed(s): accuracy of base and fp32; the others in points vs fp32")
     print(f"{'seed':>6}{'base':>8}{'fp32':>8}{'int8 QAT':>10}{'int4 PTQ':>10}{'int4 QAT':>10}{'recovered':>11}")
     d8s, recs = [], []
