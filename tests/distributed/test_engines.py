@@ -88,7 +88,10 @@ def deepspeed_without_compiler(run_dir):
         loss_sum, tokens, _ = t.train_step(t.next_micro_batches())
     finally:
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     # the backend DeepSpeed created in this rank (by this case or an earlier one: all go through the engine)
     return {"shm_op": ds_comm.cdb.shm_comm_op, "built": sorted(p.name for p in ext_dir.iterdir()),
             "loss": t.mean_loss(loss_sum, tokens)}

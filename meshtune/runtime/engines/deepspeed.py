@@ -105,10 +105,12 @@ class DeepSpeedEngine:
     def __init__(self, cfg: Config, mesh, device: torch.device, model: torch.nn.Module, optimizer,
                  accum_steps: int):
         deepspeed = import_engine("deepspeed")
-        # On CPU, DeepSpeed's comm backend JIT-compiles SHM_OP when it starts (g++ and ninja, ~40 s cold) though
-        # training never calls it (its all_reduce is torch.distributed's). Marking it incompatible, in the dict
-        # DeepSpeed keeps for such edits, skips the build; on GPU the accelerator has no such op anyway.
-        deepspeed.ops.__compatible_ops__[SHM_OP] = False
+        if device.type == "cpu":
+            # DeepSpeed's CPU comm backend JIT-compiles SHM_OP when it starts (g++ and ninja, ~40 s cold) though
+            # training never calls it (its all_reduce is torch.distributed's). Marking it incompatible, in the
+            # dict DeepSpeed keeps for such edits, skips the build. (On GPU there is no such op, and reading the
+            # dict would probe every op builder for nothing.)
+            deepspeed.ops.__compatible_ops__[SHM_OP] = False
         import torch.distributed as dist
 
         if not dist.is_initialized():  # one process: DeepSpeed needs a group (else it looks for MPI) and the
