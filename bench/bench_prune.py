@@ -71,7 +71,8 @@ def schedule(name: str, steps: int, args) -> list[str]:
 def run(args, tmp: Path) -> dict:
     from tiny_base import train_base
 
-    from meshtune.export import export, load_model
+    from meshtune.artifacts import find, load_model
+    from meshtune.export import export
     from meshtune.runtime.env import DistEnv
     from meshtune.runtime.run import build_trainer
 
@@ -109,16 +110,16 @@ def run(args, tmp: Path) -> dict:
                   "bytes": {k: v.stat().st_size for k, v in files.items()}, "files": files}
     out["_timing"] = inference(args, out["dense"]["files"]["merged"], out["structured"]["files"]["shrunk"],
                                base_cfg.data.seq_len)
-    out["_params_shrunk"] = load_model(out["structured"]["files"]["shrunk"]).num_params()
+    out["_params_shrunk"] = load_model(find(out["structured"]["files"]["shrunk"])).num_params()
     return out
 
 
 def inference(args, dense_file: Path, shrunk_file: Path, seq_len: int) -> dict:
     import torch
 
-    from meshtune.export import load_model
+    from meshtune.artifacts import find, load_model
 
-    models = {"dense": load_model(dense_file), "shrunk": load_model(shrunk_file)}
+    models = {"dense": load_model(find(dense_file)), "shrunk": load_model(find(shrunk_file))}
     tokens = torch.randint(0, models["dense"].vocab_size, (args.batch, seq_len))
     times = {n: [] for n in models}
     with torch.inference_mode():

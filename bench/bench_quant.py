@@ -158,7 +158,7 @@ def part1(args, seed: int, tmp: Path) -> dict:
     import torch
 
     from meshtune.export import save_safetensors
-    from meshtune.quantized import save_quantized
+    from meshtune.export.quantized import save_quantized
     from meshtune.recipes.qat import convert, ptq
 
     torch.set_num_threads(args.threads)

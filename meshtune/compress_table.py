@@ -11,14 +11,13 @@ real quantized weights. Post-training quantization of the base itself, with the 
 QAT is measured against (the QAT and pruned rows also trained the short run further on the task; PTQ did not).
 
 Every row is then measured the same way, on the exported artifact loaded back with meshtune's own loaders
-(`export.load_model`, `export.load_sparse`, `quantized.load_quantized`): parameters (and how many are nonzero),
+(`meshtune.artifacts`, the loader export, serve and teachers use): parameters (and how many are nonzero),
 size on disk, CPU latency of a batched forward (median of a few runs, the models timed in turn so machine load
 hits all alike) and exact-match accuracy on the held-out split, teacher-forced like the trainer's evaluation.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import time
@@ -63,27 +62,11 @@ class Row:
     eval_loss: float = float("nan")
 
 
-def load_artifact(path: str | Path, fmt: str) -> nn.Module:
-    """The runnable model of an exported file: merged / shrunk (`load_model`), sparse (`load_sparse`) or
-    quantized (`load_quantized`)."""
-    from meshtune.export import build_plain, load_model, load_sparse
+def load_artifact(path: str | Path, fmt: str = "") -> nn.Module:
+    """The runnable model of an exported file (merged, shrunk, sparse or quantized), through the one loader."""
+    from meshtune.artifacts import find, load_model
 
-    if fmt in ("merged", "shrunk"):
-        return load_model(path)
-    if fmt == "sparse":
-        from safetensors import safe_open
-
-        from meshtune.config import ModelConfig
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["meshtune.model"])
-        vocab = meta.pop("vocab_size")
-        return build_plain(ModelConfig(**meta), vocab, load_sparse(path))
-    if fmt == "quantized":
-        from meshtune.quantized import load_quantized
-
-        return load_quantized(path)
-    raise ValueError(f"no loader for exported format {fmt!r}")
+    return load_model(find(path, key=f"--format {fmt} export" if fmt else "artifact"))
 
 
 def eval_split(cfg):

@@ -155,11 +155,9 @@ def finetune_stages(root: Path, sort_dir: Path, nproc: int) -> int:
 
 def _finetune_row(name: str, run_dir: Path, exported: Path) -> dict:
     """Trainable parameters, exported file size, median step time, final loss and accuracy."""
-    from meshtune.export import load_run
-    from meshtune.recipes import count_parameters
-
-    trainable, total = count_parameters(load_run(run_dir).model)  # the run's model, as exported
     rows = _read_metrics(run_dir)
+    start = next(r for r in rows if r.get("event") == "start")  # the counts training logged, tied weights once
+    trainable, total = start["trainable_params"], start["total_params"]
     times = sorted(r["step_time_s"] for r in rows if "step_time_s" in r)
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_accuracy" in r]

@@ -188,14 +188,9 @@ class LocalTeacher:
     """A checkpoint generating in this process: the same interface as CompletionsClient, no HTTP."""
 
     def __init__(self, checkpoint: str, tokenizer: str | None = None):
-        import torch
+        from meshtune.inference import load_for_generation
 
-        from meshtune.data import build_tokenizer
-        from meshtune.inference import load_model, resolve_source
-
-        src = resolve_source(checkpoint, key="--teacher")
-        self.tokenizer = build_tokenizer(tokenizer or src.tokenizer)
-        self.model = load_model(src, torch.device("cuda" if torch.cuda.is_available() else "cpu"), key="--teacher")
+        self.model, self.tokenizer, _ = load_for_generation(checkpoint, tokenizer, key="--teacher")
 
     def complete(self, prompts: list[str], max_tokens: int, temperature: float, stop: list[str]) -> list[str]:
         from meshtune.inference import generate

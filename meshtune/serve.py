@@ -36,20 +36,9 @@ class CompletionModel:
     """A loaded checkpoint, its tokenizer and a lock: what the HTTP handlers call."""
 
     def __init__(self, checkpoint: str, tokenizer: str | None = None, name: str | None = None):
-        import torch
+        from meshtune.inference import load_for_generation
 
-        from meshtune.data import build_tokenizer
-        from meshtune.inference import load_model, resolve_source
-
-        src = resolve_source(checkpoint, key="CHECKPOINT")
-        self.tokenizer = build_tokenizer(tokenizer or src.tokenizer)
-        if self.tokenizer.vocab_size > src.vocab_size:
-            from meshtune.config import ConfigError
-
-            key = "--tokenizer" if tokenizer else "CHECKPOINT"
-            raise ConfigError(f"{key}: the tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
-                              f"vocabulary only {src.vocab_size}; give the tokenizer the model was trained with")
-        self.model = load_model(src, torch.device("cuda" if torch.cuda.is_available() else "cpu"), key="CHECKPOINT")
+        self.model, self.tokenizer, src = load_for_generation(checkpoint, tokenizer, key="CHECKPOINT")
         self.name = name or src.name
         self.lock = threading.Lock()
 

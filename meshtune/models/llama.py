@@ -229,17 +229,23 @@ class Transformer(nn.Module):
         return h
 
     @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the rotary tables (derived from the config, never saved) in place; draws no random numbers.
+
+        Call after `to_empty(device=...)` when every parameter is then loaded from a checkpoint."""
+        cos, sin = rope_tables(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta,
+                               device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter and recompute the rotary tables, in place.
 
         Runs after `to_empty(device=...)` for a model built on meta. Draws from torch's default generator
         in a fixed module order, so the same seed gives the same weights on any build path.
         """
-        cos, sin = rope_tables(
-            self.rope_cos.shape[1] * 2, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device
-        )
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self.init_buffers()
         std = self.cfg.init_std
         # GPT-2: each block adds two outputs to the residual stream; scale them so its variance stays ~flat
         out_std = std / math.sqrt(2 * self.cfg.n_layers)

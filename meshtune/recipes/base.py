@@ -54,6 +54,11 @@ class Recipe:
     """
 
     name: str = ""
+    changes_loss: bool = False
+    """`loss` changes the training loss (the pipeline schedule computes the loss on its last stage only)."""
+    mergeable: bool = False
+    """`merge_state` folds what the recipe learned into base-model weights (merged, hf, sparse, shrunk and
+    quantized exports need every recipe of a run to be mergeable)."""
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
@@ -68,9 +73,11 @@ class Recipe:
     def init_weights(self, model: nn.Module) -> None:
         """(Re)initialise this recipe's own parameters, e.g. after `to_empty` on a model built on meta."""
 
-    def setup(self, mesh, device: torch.device) -> None:
-        """Called by build_trainer after `apply`, before parallelize, with the run's ParallelMesh and this
-        rank's device: for state a recipe keeps beside the model (a distillation teacher). Default: nothing."""
+    def setup(self, model: nn.Module, mesh, device: torch.device, loader) -> None:
+        """Training only: called by build_trainer after every recipe's `apply`, before parallelize, with the
+        model, the run's ParallelMesh, this rank's device and an `ArtifactLoader` (`find`, `load_model`): for
+        state a recipe keeps beside the model (a distillation teacher) or modules only training needs.
+        Default: nothing."""
 
     def trainable(self, name: str, param: nn.Parameter) -> bool | None:
         """True: the parameter is this recipe's and trains; False: this recipe freezes it; None: no opinion."""
@@ -93,13 +100,10 @@ class Recipe:
         first); plain tensors in, plain tensors out. Default: nothing."""
         return {}
 
-    def merge(self, model: nn.Module) -> nn.Module:
-        """Fold what the recipe learned into the base weights, in place, where that is possible.
-
-        Raises:
-            ValueError: if this recipe cannot be folded into the base weights.
-        """
-        raise ValueError(f"recipe {self.name!r} cannot be merged into the base weights; export its adapter instead")
+    def export_formats(self) -> tuple[str, ...]:
+        """`meshtune export` formats that exist because of this recipe (e.g. `adapter`, `peft`, `sparse`,
+        `shrunk`, `quantized`); a format module then calls the recipe's method for it. Default: none."""
+        return ()
 
     def merge_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`merge` on a full state dict: returns base-model names only (for a merged-weights export).
@@ -118,6 +122,9 @@ class PeftRecipe(Recipe):
     """
 
     param_markers: tuple[str, ...] = ()
+
+    def export_formats(self) -> tuple[str, ...]:
+        return ("adapter",)
 
     def owns(self, name: str) -> bool:
         """Whether the parameter or state-dict key `name` belongs to this recipe."""

@@ -21,8 +21,6 @@ that saves memory). Every dp rank runs the same number of micro-batches, so the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,34 +48,33 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
 class DistillRecipe(Recipe):
     """Adds the distillation term to the task loss; trains every student parameter (plus the projection)."""
 
+    changes_loss = True
+    mergeable = True  # merging drops the training-only projection: the student alone is the result
+
     def __init__(self, cfg: RecipeConfig):
         super().__init__(cfg)
         self.kd = cfg.distill
-        self.source = None  # meshtune.inference.ModelSource of the teacher, read in apply
         self.teacher: nn.Module | None = None  # loaded in setup
         self.device = torch.device("cpu")
         self._hidden: dict[str, torch.Tensor | None] = {"student": None, "teacher": None}
         self._hooks = []
 
-    def _teacher_source(self):
-        if self.source is None:
-            from meshtune.inference import resolve_source
-
-            self.source = resolve_source(self.kd.teacher, key="recipe.distill.teacher")
-        return self.source
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Check the teacher's vocabulary against the student's; add the hidden-state projection if asked.
-
-        A teacher that no longer exists is reported by `setup` (training), not here: exporting a finished
-        student needs no teacher (the projection is not exported)."""
-        if not Path(self.kd.teacher).exists():
-            return model
-        src = self._teacher_source()
+    def setup(self, model: nn.Module, mesh, device: torch.device, loader) -> None:
+        """Load the frozen teacher on `device` (replicated, or FSDP2-sharded over the mesh's dp axis), check its
+        vocabulary against the student's, and add the hidden-state projection if asked (training only: an
+        exported or served student needs neither)."""
+        if mesh.dims.pp > 1:
+            raise ConfigError("recipe.name: distill changes the training loss, which the pipeline schedule "
+                              "computes on its last stage only; set parallel.pp=1")
+        if self.kd.hidden > 0 and mesh.dims.tp > 1:
+            raise ConfigError("recipe.distill.hidden: hidden-state matching under parallel.tp > 1 is not "
+                              "supported; set recipe.distill.hidden=0 or parallel.tp=1")
+        key = "recipe.distill.teacher"
+        src = loader.find(self.kd.teacher, key=key)
         if src.vocab_size != model.vocab_size:
-            raise ConfigError(f"recipe.distill.teacher: {self.kd.teacher} has a vocabulary of {src.vocab_size} "
-                              f"tokens, the student {model.vocab_size}; white-box distillation needs the same "
-                              "tokenizer and model.vocab_size (or use `meshtune distill-data` for black-box KD)")
+            raise ConfigError(f"{key}: {self.kd.teacher} has a vocabulary of {src.vocab_size} tokens, the student "
+                              f"{model.vocab_size}; white-box distillation needs the same tokenizer and "
+                              "model.vocab_size (or use `meshtune distill-data` for black-box KD)")
         if self.kd.hidden > 0:
             weight = model.output.weight
             proj = nn.Linear(model.cfg.dim, src.model_cfg.dim, bias=False, device=weight.device, dtype=weight.dtype)
@@ -86,7 +83,12 @@ class DistillRecipe(Recipe):
                 self.init_weights(model)
             # the projection runs inside the student's forward, so DDP and FSDP2 see it like any parameter
             self._hooks.append(model.norm.register_forward_hook(self._student_hook(proj)))
-        return model
+        mode = self.kd.teacher_shard
+        shard = mode == "fsdp" or (mode == "auto" and mesh.dims.dp_shard > 1)
+        self.device = device
+        self.teacher = loader.load_model(src, device, mesh.get("dp") if shard else None, key=key)
+        if self.kd.hidden > 0:
+            self._hooks.append(self.teacher.norm.register_forward_hook(self._teacher_hook))
 
     def init_weights(self, model: nn.Module) -> None:
         proj = getattr(model, PROJ, None)
@@ -104,24 +106,6 @@ class DistillRecipe(Recipe):
 
     def trainable(self, name: str, param: nn.Parameter) -> bool | None:
         return True if PROJ in name.split(".") else None
-
-    def setup(self, mesh, device: torch.device) -> None:
-        """Load the frozen teacher on `device`: replicated, or FSDP2-sharded over the mesh's dp axis."""
-        from meshtune.inference import load_model
-
-        if mesh.dims.pp > 1:
-            raise ConfigError("recipe.name: distill changes the training loss, which the pipeline schedule "
-                              "computes on its last stage only; set parallel.pp=1")
-        if self.kd.hidden > 0 and mesh.dims.tp > 1:
-            raise ConfigError("recipe.distill.hidden: hidden-state matching under parallel.tp > 1 is not "
-                              "supported; set recipe.distill.hidden=0 or parallel.tp=1")
-        mode = self.kd.teacher_shard
-        shard = mode == "fsdp" or (mode == "auto" and mesh.dims.dp_shard > 1)
-        self.device = device
-        self.teacher = load_model(self._teacher_source(), device, mesh.get("dp") if shard else None,
-                                  key="recipe.distill.teacher")
-        if self.kd.hidden > 0:
-            self._hooks.append(self.teacher.norm.register_forward_hook(self._teacher_hook))
 
     def loss(self, task_loss: torch.Tensor, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.teacher is None:
@@ -141,15 +125,6 @@ class DistillRecipe(Recipe):
             mse = F.mse_loss(student[mask].float(), teacher[mask].float(), reduction="none").mean(-1).sum()
             total = total + kd.hidden * mse
         return total
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        """Drop the projection: the student alone is the result."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        if hasattr(model, PROJ):
-            delattr(model, PROJ)
-        return model
 
     def merge_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in state.items() if PROJ not in k.split(".")}

@@ -173,6 +173,10 @@ class LoRARecipe(PeftRecipe):
     """Swap the targeted linear layers for LoRALinear; train only lora_a / lora_b."""
 
     param_markers = ("lora_",)
+    mergeable = True
+
+    def export_formats(self) -> tuple[str, ...]:
+        return ("adapter", "peft")
 
     def apply(self, model: nn.Module) -> nn.Module:
         c = self.cfg.lora
@@ -189,18 +193,13 @@ class LoRARecipe(PeftRecipe):
         for _, m in lora_modules(model):
             m.reset_lora_parameters()
 
-    def merge(self, model: nn.Module) -> nn.Module:
-        for _, m in lora_modules(model):
-            m.merge()
-        return model
-
-    def unmerge(self, model: nn.Module) -> nn.Module:
-        for _, m in lora_modules(model):
-            m.unmerge()
-        return model
-
     def merge_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return merge_lora_state(state, self.cfg.lora.alpha)
+
+    def peft_files(self, adapter: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> tuple[dict, dict]:
+        """(adapter_model.safetensors tensors, adapter_config.json) in PEFT's HF-Llama layout (`--format peft`)."""
+        tensors = peft_state_dict(adapter, n_heads, n_kv_heads)
+        return tensors, adapter_config(self.cfg.lora, tensors)
 
 
 def merge_lora_state(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

@@ -210,6 +210,8 @@ def _kv_heads(model: nn.Module, parent: str) -> tuple[int, int]:
 class PruneRecipe(Recipe):
     """Masks chosen linear weights and keeps them masked after every optimizer step; trains every parameter."""
 
+    mergeable = True  # the masks multiply into the weights
+
     def __init__(self, cfg: RecipeConfig):
         super().__init__(cfg)
         self._taylor: dict[str, dict[str, torch.Tensor]] = {}  # block -> group -> sum of (sum g*w)^2
@@ -303,14 +305,24 @@ class PruneRecipe(Recipe):
         for name, lin in found.items():
             lin._buffers[MASK] = _like(masks[name].to(lin.weight.device), lin.weight)
 
-    def merge(self, model: nn.Module) -> nn.Module:
-        """Multiply the masks in and drop the buffers: a plain model with zeros where it was pruned."""
-        with torch.no_grad():
-            for lin in self.targets(model).values():
-                if MASK in lin._buffers:
-                    lin.weight.mul_(lin._buffers.pop(MASK))
-        model._buffers.pop(STEP, None)
-        return model
+    def export_formats(self) -> tuple[str, ...]:
+        return ("shrunk",) if self.cfg.prune.method == "structured" else ("sparse",)
+
+    def sparse_tensors(self, state: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> tuple[dict, dict, str]:
+        """`--format sparse`: (tensors, layouts, a summary) of the pruned weights of `merged` as CSR or packed 2:4
+        (meshtune.recipes.prune_export), from the masks in the run's `state`."""
+        from meshtune.recipes.prune_export import sparse_tensors
+
+        pruned = [k[: -len("_mask")] for k in state if k.endswith("." + MASK)]
+        layout = "2:4" if self.cfg.prune.method == "semi_structured" else "csr"
+        tensors, layouts = sparse_tensors(merged, pruned, layout)
+        return tensors, layouts, f"{len(layouts)} of {len(pruned)} pruned weights stored sparse ({layout})"
+
+    def shrink(self, state: dict[str, torch.Tensor], model_cfg):
+        """`--format shrunk`: the merged `state` with pruned heads and MLP channels cut out, and its model config."""
+        from meshtune.recipes.prune_export import shrink_state
+
+        return shrink_state(state, model_cfg)
 
     def merge_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}

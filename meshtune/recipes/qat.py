@@ -27,7 +27,7 @@ first, then quantizes the merged weight (`convert`).
 
 `convert` = torchao's convert step (`QATConfig(base, step="convert")`): real quantized weights
 (IntxUnpackedToInt8Tensor; int4 values one per int8 byte in memory, packed two to a byte on disk by
-`meshtune.quantized`). `ptq` quantizes a plain model with the same base config (post-training
+`meshtune.export.quantized`). `ptq` quantizes a plain model with the same base config (post-training
 quantization, the baseline QAT must beat).
 """
 
@@ -317,8 +317,14 @@ class QATRecipe(Recipe):
             if isinstance(m.weight, DTensor):  # FSDP2 shard: no full-size cache per rank
                 m.cache_weight = False
 
-    def merge(self, model: nn.Module) -> nn.Module:
-        return model  # the trained weights are plain full-precision weights
+    mergeable = True  # the trained weights are plain full-precision weights
+
+    def export_formats(self) -> tuple[str, ...]:
+        return ("quantized",)
+
+    def quantize(self, model: nn.Module, c: QuantConfig) -> nn.Module:
+        """The trained model with real quantized weights (`--format quantized`): torchao's convert step."""
+        return convert(model, c)
 
     def merge_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return state  # fake quantizers hold no parameters: the state dict has base-model names only

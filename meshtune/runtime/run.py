@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
+from meshtune.artifacts import ArtifactLoader, find, load_weights
 from meshtune.config import Config, ConfigError, dump_yaml, to_dict
 from meshtune.data import StepSampler, build_datasets, build_tokenizer
 from meshtune.models import build_model
+from meshtune.models.hf import check_matches_hf
 from meshtune.recipes import apply_recipes, build_recipes, count_parameters
-from meshtune.runtime.checkpoint import Checkpointer, load_model_weights
+from meshtune.runtime.checkpoint import Checkpointer
 from meshtune.runtime.data_parallel import unwrap
 from meshtune.runtime.engines import build_engine, engine_layout
 from meshtune.runtime.env import DistEnv
@@ -106,10 +108,12 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     recipes = build_recipes(cfg.recipe)
     check_tp_recipes(cfg, mesh.dims.tp)
     model = build_model(cfg.model, vocab, device="meta" if meta else env.device)
+    base_keys = set(model.state_dict())
     model = apply_recipes(model, recipes)  # module swaps before parallelize: adapters shard with their layers
     for recipe in recipes:
-        recipe.setup(mesh, env.device)  # state beside the model, e.g. a distillation teacher
-    trainable, total = count_parameters(model)  # the whole model, before sharding or pipeline cuts
+        recipe.setup(model, mesh, env.device, ArtifactLoader())  # state beside the model: a distillation teacher
+    all_keys = set(model.state_dict())  # the whole model's names, before sharding or pipeline cuts
+    trainable, total = count_parameters(model)
     param_dtype = torch.bfloat16 if use_bf16(cfg.train.dtype, env.device) else None
     pipeline = None
     if (pp_mesh := mesh.get("pp")) is not None:
@@ -124,13 +128,16 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
             part.init_weights()
             for recipe in recipes:
                 recipe.init_weights(part)
-    if cfg.init_from:  # base weights; the recipes' own parameters are not in them
-        load_model_weights(model, cfg.init_from, strict=not recipes, model_cfg=cfg.model, vocab_size=vocab)
+    if cfg.init_from:  # base weights: only the recipes' own tensors may be missing from them
+        source = find(cfg.init_from, key="init_from")
+        if source.kind == "hf":
+            check_matches_hf(cfg.model, vocab, source.path)
+        load_weights(model, source, all_keys, all_keys - base_keys, key="init_from")
     optimizer = build_optimizer(model, cfg)
     model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, sampler.accum_steps)
     scheduler = build_schedule(optimizer, cfg)  # after the engine: fairscale's OSS replaces the AdamW
 
-    checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last)
+    checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last, model_meta={"vocab_size": vocab})
     resume = cfg.checkpoint.resume
     path = checkpointer.latest() if resume == "auto" else None if resume == "never" else Path(resume)
     step = 0

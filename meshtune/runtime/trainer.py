@@ -63,7 +63,7 @@ class Trainer:
         self.step = step
         self.pipeline = pipeline
         self.recipes = list(recipes)
-        loss_hooks = [r.name for r in self.recipes if type(r).loss is not Recipe.loss]
+        loss_hooks = [r.name for r in self.recipes if r.changes_loss]
         if pipeline is not None and loss_hooks:
             raise ConfigError(f"recipe.name: {'+'.join(loss_hooks)} changes the training loss, which the pipeline "
                               "schedule computes on its last stage only; set parallel.pp=1")

@@ -2,7 +2,10 @@
 (and a single process) from the same seed and data. Nothing is compiled: DeepSpeed's CPU shared-memory comm op
 is skipped (meshtune.runtime.engines.deepspeed; test_no_deepspeed_op_is_compiled)."""
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from tests.distributed.cases import layout, max_diff, reference_trainer, step_losses, tiny_config
 
@@ -242,3 +245,42 @@ def test_fairscale_resumes_on_another_world_size_like_native(rank_pool, tmp_path
     assert out["fairscale"]["start"] == out["native"]["start"] == 2
     assert len(out["fairscale"]["losses"]) == 2
     assert max(abs(a - b) for a, b in zip(out["fairscale"]["losses"], out["native"]["losses"], strict=True)) < TOL, out
+
+
+def poisoned_deepspeed(run_dir, canary):
+    """A ZeRO-2 checkpoint whose model_states.pt holds a payload: resume and export refuse it on every rank."""
+    import torch.distributed as dist
+
+    from meshtune.config import ConfigError
+    from meshtune.export import export
+    from meshtune.runtime.run import build_trainer
+    from tests.unit.test_safe_loading import Payload
+
+    args = [*layout(2, 1, 2), *engine_args("deepspeed", 2), "train.steps=1", "checkpoint.save_final=true"]
+    build_trainer(tiny_config(run_dir, *args)).fit()
+    if dist.get_rank() == 0:
+        (states,) = Path(run_dir).glob("checkpoints/step_*/deepspeed/mp_rank_00_model_states.pt")
+        torch.save({"module": Payload(canary), "param_shapes": []}, states)
+    dist.barrier()
+    out = {}
+    try:
+        build_trainer(tiny_config(run_dir, *args, "checkpoint.resume=auto"))
+    except ConfigError as e:
+        out["resume"] = str(e)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        try:
+            export(run_dir, "merged", quiet=True)
+        except ConfigError as e:
+            out["export"] = str(e)
+    dist.barrier()
+    out["canary"] = Path(canary).exists()
+    return out
+
+
+def test_deepspeed_checkpoint_with_code_is_refused(rank_pool, tmp_path):
+    results = rank_pool(2).run(poisoned_deepspeed, str(tmp_path / "run"), str(tmp_path / "canary"))
+    for r in results:
+        assert not r["canary"], "the payload ran"
+        assert "mp_rank_00_model_states.pt: refused to load" in r["resume"] and "\n" not in r["resume"], r
+    assert "mp_rank_00_model_states.pt: refused to load" in results[0]["export"], results[0]

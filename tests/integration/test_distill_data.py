@@ -64,10 +64,11 @@ def post(url, body):
 def local_greedy(run, prompts, max_tokens):
     import torch
 
+    from meshtune.artifacts import find, load_model
     from meshtune.data import build_tokenizer
-    from meshtune.inference import generate, load_model, resolve_source
+    from meshtune.inference import generate
 
-    model = load_model(resolve_source(run), torch.device("cpu"))
+    model = load_model(find(run), torch.device("cpu"))
     return [c.text for c in generate(model, build_tokenizer("byte"), prompts, max_tokens)]
 
 

@@ -76,7 +76,8 @@ def test_adapter_holds_full_trained_lora_tensors(lora_run, tmp_path, capsys):
 def test_merged_weights_reproduce_the_lora_model(lora_run, tmp_path):
     from safetensors.torch import load_file
 
-    from meshtune.export import export, load_run, run_config
+    from meshtune.artifacts import find, load_run, run_config
+    from meshtune.export import export
     from meshtune.models import build_model
 
     run_dir, r = lora_run
@@ -89,7 +90,7 @@ def test_merged_weights_reproduce_the_lora_model(lora_run, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(plain(r["tokens"]), r["logits"], atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the model export builds in one process is the trained one, LoRA unmerged
-        torch.testing.assert_close(load_run(run_dir).model(r["tokens"]), r["logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_run(find(run_dir)).model(r["tokens"]), r["logits"], atol=1e-5, rtol=1e-5)
     # the merged weights hold the LoRA update
     assert not torch.equal(state["layers.0.attention.wq.weight"], r["params"]["layers.0.attention.wq.weight"])
 
@@ -104,7 +105,7 @@ def hf_llama_state(state: dict, cfg: ModelConfig) -> dict:
 def test_peft_export_loads_onto_hf_llama(lora_run, capsys):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from meshtune.export import run_config
+    from meshtune.artifacts import run_config
 
     run_dir, r = lora_run
     code, out, _ = run_cli(capsys, run_dir, "--format", "peft")  # default out: RUN_DIR/peft
@@ -167,7 +168,7 @@ def fake_run(tmp_path, lora_run, recipe: str | None = None, checkpoint: bool = T
 @pytest.mark.parametrize("case, expected", [
     ("missing run dir", "no such run directory"),
     ("no config.yaml", "config.yaml: not found"),
-    ("no checkpoint", "no complete checkpoint to export"),
+    ("no checkpoint", "no complete checkpoint; train the run"),
     ("bad format", "--format: 'onnx' is not one of merged, adapter, peft, hf"),
     ("missing format", "--format: missing"),
     ("unsaved step", "--step 99: no complete checkpoint"),

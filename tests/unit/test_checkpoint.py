@@ -6,7 +6,9 @@ import pickle
 import pytest
 import torch
 
-from meshtune.runtime.checkpoint import complete_checkpoints, load_model_weights, save_model_weights
+from meshtune.config import ConfigError
+from meshtune.export import save_safetensors
+from meshtune.runtime.checkpoint import complete_checkpoints
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.run import build_trainer
 from tests.distributed.cases import full_params, max_diff, step_losses, tiny_config
@@ -67,7 +69,7 @@ def test_safetensors_round_trip_and_init_from(tmp_path):
     trainer = _trainer(tmp_path / "a")
     step_losses(trainer, 2)
     path = tmp_path / "model.safetensors"
-    save_model_weights(trainer.model, path, rank=0)
+    save_safetensors(trainer.model.state_dict(), path)
     fresh = _trainer(tmp_path / "b", f"init_from={path}")
     assert max_diff(full_params(fresh.model), full_params(trainer.model)) == 0.0
 
@@ -81,22 +83,18 @@ def test_pickle_with_code_is_refused(tmp_path):
     evil = tmp_path / "model.pt"
     with evil.open("wb") as f:
         pickle.dump({"tok_embeddings.weight": _Evil()}, f, protocol=2)
-    trainer = _trainer(tmp_path / "run")
-    with pytest.raises(ValueError, match="never arbitrary pickles"):
-        load_model_weights(trainer.model, evil)
+    with pytest.raises(ConfigError, match=f"^{evil}: refused to load: .*never unpickles code"):
+        _trainer(tmp_path / "run", f"init_from={evil}")
 
 
 def test_mismatched_weights_name_the_field(tmp_path):
-    trainer = _trainer(tmp_path / "run")
     bad = tmp_path / "small.pt"
     torch.save({"tok_embeddings.weight": torch.zeros(3, 3)}, bad)
-    with pytest.raises(ValueError, match="init_from"):
-        load_model_weights(trainer.model, bad)
+    with pytest.raises(ConfigError, match=f"^init_from: {bad} has no weights for "):
+        _trainer(tmp_path / "run", f"init_from={bad}")
 
 
 def test_resume_into_a_different_model_is_a_clear_error(tmp_path):
-    from meshtune.config import ConfigError
-
     trainer = _trainer(tmp_path)
     step_losses(trainer, 1)
     trainer.save()

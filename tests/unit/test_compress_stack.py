@@ -21,14 +21,14 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """(run dir, merged file, loaded model) of a tiny dense model trained a few steps on sort."""
+    from meshtune.artifacts import find, load_model
     from meshtune.export import export
-    from meshtune.inference import load_model, resolve_source
 
     root = tmp_path_factory.mktemp("stack")
     build_trainer(tiny_config(str(root / "teacher"), "data.task=sort", "train.steps=4",
                               "checkpoint.save_final=true"), DistEnv()).fit()
     (merged,) = export(root / "teacher", "merged", quiet=True)
-    return root / "teacher", merged, load_model(resolve_source(merged), torch.device("cpu"))
+    return root / "teacher", merged, load_model(find(merged), torch.device("cpu"))
 
 
 def stacked(run_dir, teacher, recipe_name="prune+distill"):

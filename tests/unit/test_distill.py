@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from meshtune.artifacts import find, load_model
 from meshtune.config import ConfigError, DistillConfig, RecipeConfig, load_config
-from meshtune.inference import generate, load_model, resolve_source
+from meshtune.inference import generate
 from meshtune.recipes import build_recipes
 from meshtune.recipes.distill import PROJ, kd_loss
 from meshtune.runtime.env import DistEnv
@@ -56,7 +57,7 @@ def teacher_run(tmp_path_factory):
     trainer = build_trainer(cfg, DistEnv())
     trainer.fit()
     (merged,) = export(root / "run", "merged", quiet=True)
-    src = resolve_source(root / "run")
+    src = find(root / "run")
     model = load_model(src, torch.device("cpu"))
     hf = save_hf_checkpoint(model.state_dict(), src.model_cfg, src.vocab_size, root / "hf")
     return {"run": root / "run", "merged": merged, "hf": hf, "model": model, "root": root}
@@ -67,7 +68,7 @@ def test_teacher_loads_the_same_from_every_form(teacher_run):
     ref = teacher_run["model"](x)
     step_dir = next((teacher_run["run"] / "checkpoints").iterdir())
     for spec in (teacher_run["run"], step_dir, teacher_run["merged"], teacher_run["hf"]):
-        src = resolve_source(spec, key="recipe.distill.teacher")
+        src = find(spec, key="recipe.distill.teacher")
         assert src.model_cfg.dim == 64 and src.vocab_size == 264
         model = load_model(src, torch.device("cpu"))
         assert not any(p.requires_grad for p in model.parameters()) and not model.training
@@ -76,10 +77,10 @@ def test_teacher_loads_the_same_from_every_form(teacher_run):
 
 def test_teacher_errors_name_the_key(teacher_run, tmp_path):
     with pytest.raises(ConfigError, match=r"^recipe\.distill\.teacher: .*does not exist"):
-        resolve_source(tmp_path / "nope", key="recipe.distill.teacher")
+        find(tmp_path / "nope", key="recipe.distill.teacher")
     (tmp_path / "junk.bin").write_bytes(b"x")
     with pytest.raises(ConfigError, match=r"^recipe\.distill\.teacher: .*is not a meshtune run dir"):
-        resolve_source(tmp_path / "junk.bin", key="recipe.distill.teacher")
+        find(tmp_path / "junk.bin", key="recipe.distill.teacher")
 
 
 def student_cfg(run_dir, teacher, *overrides):
@@ -113,7 +114,7 @@ def test_pipeline_is_refused_before_loading(teacher_run, tmp_path):
         dims = Dims()
 
     with pytest.raises(ConfigError, match=r"^recipe\.name: distill .* parallel\.pp=1"):
-        recipe.setup(Mesh(), torch.device("cpu"))
+        recipe.setup(None, Mesh(), torch.device("cpu"), None)
     assert recipe.teacher is None
 
 
@@ -171,7 +172,7 @@ def test_hidden_matching_trains_a_projection_that_export_drops(teacher_run, tmp_
     keys = set(load_file(str(merged)))
     assert keys and not any(PROJ in k for k in keys)
     # and the exported student serves as a plain model
-    src = resolve_source(merged)
+    src = find(merged)
     model = load_model(src, torch.device("cpu"))
     assert len(generate(model, _byte(), ["reverse: abc\n"], max_tokens=4)) == 1
 

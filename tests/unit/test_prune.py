@@ -12,8 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from meshtune.artifacts import find, load_model
+from meshtune.artifacts.load import full_state
 from meshtune.config import ConfigError, PruneConfig, RecipeConfig
-from meshtune.export import build_plain, export, load_model, load_sparse, merged_state
+from meshtune.export import export, merged_state
 from meshtune.models import build_model
 from meshtune.recipes import apply_recipes, build_recipes
 from meshtune.recipes.prune import cubic_sparsity, is_update_step, magnitude_masks, nm_mask
@@ -140,7 +142,9 @@ def test_structured_shrinks_and_equals_masked_model(tmp_path):
     state = merged_state(SimpleNamespace(state=model.state_dict(), recipes=trainer.recipes))
     small_state, small_cfg = shrink_state(state, trainer.cfg.model)
     assert (small_cfg.n_heads, small_cfg.n_kv_heads, small_cfg.head_dim) == (2, 1, 8)
-    small = build_plain(small_cfg, model.vocab_size, small_state)
+    small = build_model(small_cfg, model.vocab_size)
+    small.load_state_dict(small_state)
+    small.eval()
     assert small.num_params() < model.num_params()
     assert small.layers["0"].attention.wq.weight.shape == (16, 32)
     tokens = torch.randint(0, model.vocab_size, (2, 20))
@@ -197,8 +201,9 @@ def test_exports_sparse_shrunk_and_program(tmp_path):
     from safetensors.torch import load_file
 
     dense = load_file(str(merged))
-    assert load_sparse(sparse).keys() == dense.keys()
-    assert all(torch.equal(load_sparse(sparse)[k], dense[k]) for k in dense)
+    loaded = full_state(find(sparse))
+    assert loaded.keys() == dense.keys()
+    assert all(torch.equal(loaded[k], dense[k]) for k in dense)
     assert sparse.stat().st_size < merged.stat().st_size
     (program,) = export(run, "program", quiet=True)
     tokens = torch.randint(0, trainer.model.vocab_size, (1, 24))
@@ -209,7 +214,7 @@ def test_exports_sparse_shrunk_and_program(tmp_path):
 
     st = _prune_run(tmp_path, "st", "recipe.prune.method=structured", "train.steps=2")
     weights, conf = export(tmp_path / "st", "shrunk", quiet=True)
-    small = load_model(weights)
+    small = load_model(find(weights))
     assert small.cfg.n_kv_heads == 1 and conf.is_file()
     with torch.no_grad():
         torch.testing.assert_close(small(tokens), st.model.eval()(tokens), atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from meshtune.config import ConfigError, LoRAConfig, ModelConfig, QuantConfig, RecipeConfig, load_config
 from meshtune.models import build_model
 from meshtune.recipes import apply_recipes, build_recipes
+from meshtune.recipes.lora import lora_modules
 from meshtune.recipes.qat import QATLinear, QATLoRALinear, convert, prepare, ptq, qat_modules
 
 pytest.importorskip("torchao")
@@ -149,8 +150,8 @@ def test_lora_plus_qat_fake_quantizes_base_only_and_exports_merged():
     assert wq.weight.grad is None and wq.lora_a.weight.grad is not None
     # export: LoRA merged into W, then W quantized = PTQ of the merged plain weights
     merged = copy.deepcopy(model)
-    for r in recipes:
-        merged = r.merge(merged)
+    for _, m in lora_modules(merged):
+        m.merge()
     state = {k: v for k, v in merged.state_dict().items() if ".lora_" not in k}
     plain = base_model()
     plain.load_state_dict(state)
@@ -178,7 +179,7 @@ def test_bad_input_errors():
 
 
 def test_int4_codes_pack_two_to_a_byte():
-    from meshtune.quantized import pack_int4, unpack_int4
+    from meshtune.artifacts.quantized import pack_int4, unpack_int4
 
     q = torch.arange(-8, 8, dtype=torch.int8).repeat(3)[:-1].reshape(47)  # every code, an odd count
     packed = pack_int4(q)
@@ -191,8 +192,10 @@ def test_int4_codes_pack_two_to_a_byte():
 @pytest.mark.parametrize("recipe", ["qat", ""])
 def test_quantized_export_round_trip(tmp_path, recipe, capsys):
     """A trained run -> `--format quantized` (QAT convert or PTQ) -> load_quantized runs, equal outputs, smaller."""
-    from meshtune.export import export, load_run
-    from meshtune.quantized import load_quantized, quantize_loaded
+    from meshtune.artifacts import find, load_run
+    from meshtune.artifacts.quantized import load_quantized
+    from meshtune.export import export
+    from meshtune.export.quantized import quantize_loaded
     from meshtune.runtime.env import DistEnv
     from meshtune.runtime.run import build_trainer
 
@@ -206,11 +209,11 @@ def test_quantized_export_round_trip(tmp_path, recipe, capsys):
     out = capsys.readouterr().out
     assert ("QAT int8-int4" if recipe else "PTQ int8-int4") in out and "smaller" in out
     loaded = load_quantized(path)
-    want, _, _ = quantize_loaded(load_run(cfg.run_dir))
+    want, _, _ = quantize_loaded(load_run(find(cfg.run_dir)))
     ids = tokens(seq=24)
     with torch.no_grad():
         assert torch.equal(loaded(ids), want(ids))
-    fp32 = sum(t.numel() * 4 for t in load_run(cfg.run_dir).state.values())
+    fp32 = sum(t.numel() * 4 for t in load_run(find(cfg.run_dir)).state.values())
     assert path.stat().st_size < 0.6 * fp32
     (p8,) = export(cfg.run_dir, "quantized", out=tmp_path / "q8", quiet=True,
                    scheme=None if recipe else "int8-int8")

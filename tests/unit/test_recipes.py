@@ -30,6 +30,7 @@ from meshtune.recipes.adapters import Adapter
 from meshtune.recipes.lora import (
     LoRALinear,
     adapter_config,
+    lora_modules,
     merge_lora_state,
     peft_state_dict,
     permute_rope_rows,
@@ -199,21 +200,23 @@ def test_lora_rank_zero_names_key():
 
 
 def test_lora_merge_unmerge():
-    _, model, (recipe,) = adapted("lora", lora=LoRAConfig(rank=4, alpha=8.0))
+    _, model, _ = adapted("lora", lora=LoRAConfig(rank=4, alpha=8.0))
     train_steps(model)
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" not in n}
     x = tokens()
     model.eval()
     with torch.no_grad():
         unmerged = model(x)
-        recipe.merge(model)
-        recipe.merge(model)  # idempotent: no double add
+        for _, m in lora_modules(model):
+            m.merge()
+            m.merge()  # idempotent: no double add
         merged = model(x)
         torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
         # the merged weights hold the update and the forward no longer adds it
         wq = model.layers["0"].attention.wq
         assert wq.merged and not torch.equal(wq.weight, base_weights["layers.0.attention.wq.weight"])
-        recipe.unmerge(model)
+        for _, m in lora_modules(model):
+            m.unmerge()
         for n, p in model.named_parameters():
             if n in base_weights:
                 torch.testing.assert_close(p, base_weights[n], atol=1e-6, rtol=0)

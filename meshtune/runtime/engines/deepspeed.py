@@ -12,8 +12,9 @@ AdamW would JIT-compile fused_adam); the LambdaLR schedule on it is stepped by t
 recipes' after_optimizer_step, exactly as for the native engine.
 
 Checkpoints: `engine.save_checkpoint` writes into Checkpointer's `step_N.tmp/deepspeed/` (renamed atomically to
-`step_N/` with meta.json last); `consolidated_state` rebuilds full fp32 weights from any stage with
-DeepSpeed's zero_to_fp32, which `meshtune export` uses (ZeRO-3 adapters come out full-size).
+`step_N/` with meta.json last); `meshtune.artifacts` rebuilds full fp32 weights from any stage with DeepSpeed's
+zero_to_fp32 for export, serving and teachers (ZeRO-3 adapters come out full-size). Every torch.load DeepSpeed
+makes of these files is weights-only (`meshtune.artifacts.safe.torch_loads_weights_only`).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from pathlib import Path
 
 import torch
 
+from meshtune.artifacts.find import DEEPSPEED_DIR
+from meshtune.artifacts.safe import torch_loads_weights_only
 from meshtune.config import Config, ConfigError
-from meshtune.runtime.checkpoint import Checkpointer, set_rng_state
+from meshtune.runtime.checkpoint import Checkpointer, load_rng_state
 from meshtune.runtime.engines import check_saved_by, import_engine
 from meshtune.runtime.trainer import use_bf16
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce: used by inference_all_reduce only
-TAG = "deepspeed"  # the folder inside step_N/ that holds DeepSpeed's own checkpoint
+TAG = DEEPSPEED_DIR  # the folder inside step_N/ that holds DeepSpeed's own checkpoint
 # keys meshtune passes as objects rather than config: a user JSON may not set them
 OWNED = {"optimizer": "meshtune passes its own AdamW (optim.*)",
          "scheduler": "meshtune drives its own LR schedule (optim.warmup_steps, optim.schedule)"}
@@ -164,28 +167,8 @@ class DeepSpeedEngine:
                               "from its weights (`meshtune export RUN_DIR --format merged` + init_from; the "
                               "optimizer state restarts), or train with parallel.engine=native, whose "
                               "checkpoints reshard")
-        self.model.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
-                                   load_module_strict=True)
-        rng_file = Path(path) / "rng" / f"rank{checkpointer.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+        with torch_loads_weights_only(Path(path) / TAG):  # DeepSpeed's own torch.loads: no code from its files
+            self.model.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False, load_module_strict=True)
+        load_rng_state(path, checkpointer.rank)
         return meta
-
-
-def is_deepspeed_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / TAG).is_dir()
-
-
-def consolidated_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 model weights (frozen ones included) from a meshtune DeepSpeed checkpoint of any ZeRO stage,
-    in one process, with DeepSpeed's zero_to_fp32."""
-    import contextlib
-    import io
-
-    import_engine("deepspeed")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it merges
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
-    return {k: v.detach().float().contiguous() for k, v in state.items()}
-

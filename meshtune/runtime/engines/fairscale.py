@@ -57,15 +57,14 @@ class FairScaleEngine(NativeEngine):
     def load(self, checkpointer: Checkpointer, path: Path) -> dict:
         import json
 
-        from meshtune.runtime.checkpoint import set_rng_state
+        from meshtune.artifacts.safe import dcp_load, load_torch_file
+        from meshtune.runtime.checkpoint import load_rng_state
 
         check_saved_by(path, self.name)
         path = Path(path)
-        model_sd = get_model_state_dict(self.model)
-        dcp.load({"model": model_sd}, checkpoint_id=str(path))
-        set_model_state_dict(self.model, model_sd)
-        self.optimizer.load_state_dict(torch.load(path / OPTIM_FILE, weights_only=True))
-        rng_file = path / "rng" / f"rank{checkpointer.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+        state = {"model": get_model_state_dict(self.model)}
+        dcp_load(state, path)
+        set_model_state_dict(self.model, state["model"])
+        self.optimizer.load_state_dict(load_torch_file(path / OPTIM_FILE))
+        load_rng_state(path, checkpointer.rank)
         return json.loads((path / "meta.json").read_text())

@@ -1,0 +1,239 @@
+"""Loading what `find` described, for every engine and export format, in one place.
+
+    run = load_run(find("runs/lora"))                   # export: the model with its recipes + full state
+    model = load_model(find(spec, key), device)         # inference, serve, teachers, the demo: frozen, eval
+    load_weights(model, find(path, "init_from"), expected, recipe_owned)   # init_from into a training model
+
+Checkpoints of the native and FairScale engines are DCP folders (read through `safe.SafeReader`); DeepSpeed's
+are consolidated from any ZeRO stage with DeepSpeed's zero_to_fp32 (every torch.load in it weights-only).
+Building a model on meta and materialising it draws no random numbers, so a caller's RNG stream is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from meshtune.artifacts.find import DEEPSPEED_DIR, Artifact
+from meshtune.artifacts.safe import dcp_load, load_safetensors, load_torch_file, read_metadata
+from meshtune.config import ConfigError
+
+
+@dataclass
+class LoadedRun:
+    """A run's model restored from one checkpoint, in one process.
+
+    Attributes:
+        artifact: the checkpoint it came from (model and recipe config, step, vocabulary).
+        model: the decoder with the run's recipes applied and the checkpoint's weights, in eval mode.
+        recipes: the run's recipes, applied to `model`.
+        state: the model's full state dict (plain CPU tensors, shared with `model`).
+    """
+
+    artifact: Artifact
+    model: nn.Module
+    recipes: list
+    state: dict
+
+
+def first_line(e: BaseException) -> str:
+    """The underlying error of a DCP CheckpointException (which wraps each rank's), as one short line."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
+
+def deepspeed_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights (frozen ones included) of a meshtune DeepSpeed checkpoint of any ZeRO stage,
+    in one process, with DeepSpeed's zero_to_fp32; its torch.loads are weights-only."""
+    from meshtune.artifacts.safe import torch_loads_weights_only
+
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as e:
+        raise ConfigError(f"{ckpt}: a DeepSpeed checkpoint, and deepspeed is not installed ({e}); pip install "
+                          "'meshtune[deepspeed]' (torch installed first)") from None
+    with torch_loads_weights_only(ckpt / DEEPSPEED_DIR), contextlib.redirect_stdout(io.StringIO()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DEEPSPEED_DIR)  # prints every tensor
+    return {k: v.detach().float().contiguous() for k, v in state.items()}
+
+
+def full_state(art: Artifact, key: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Every tensor of a file-like artifact (merged, sparse, HF, plain weights, a DeepSpeed checkpoint) as
+    full CPU tensors under meshtune's names. DCP checkpoints are read into a model instead (`_load_dcp`)."""
+    if art.kind == "checkpoint" and art.engine == "deepspeed":
+        return deepspeed_state(art.path)
+    if art.kind == "merged":
+        return load_safetensors(art.path, key)
+    if art.kind == "sparse":
+        from meshtune.artifacts.safe import safetensors_metadata
+        from meshtune.recipes.prune_export import dense_from_sparse
+
+        layouts = json.loads(safetensors_metadata(art.path, key)["meshtune.sparse"])
+        return dense_from_sparse(load_safetensors(art.path, key), layouts)
+    if art.kind == "hf":
+        from meshtune.models.hf import load_hf_state_dict
+
+        return load_hf_state_dict(art.path)
+    if art.kind == "weights":
+        if art.path.suffix == ".safetensors":
+            return load_safetensors(art.path, key)
+        blob = load_torch_file(art.path)
+        if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+            raise ConfigError(f"{key}: {art.path} holds no state dict of tensors; give a .safetensors file or a "
+                              "checkpoint folder")
+        return blob
+    raise ConfigError(f"{key}: {art.path} is a {art.kind} artifact, which holds no trainable weights; give a run "
+                      "dir, a checkpoint or a merged export")
+
+
+def file_keys(art: Artifact, key: str) -> set[str] | None:
+    """The model tensor names a DCP checkpoint holds (from its metadata); None for other kinds."""
+    if art.kind == "checkpoint" and art.engine != "deepspeed":
+        return {k.removeprefix("model.") for k in read_metadata(art.path).state_dict_metadata
+                if k.startswith("model.")}
+    return None
+
+
+def _load_dcp(model: nn.Module, path: Path, strict: bool) -> None:
+    """DCP "model" entry of `path` into `model` (any layout: FSDP shards, TP pieces, a pipeline stage)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    sd = get_model_state_dict(model)
+    state = {"model": sd}
+    dcp_load(state, path, allow_partial=not strict)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
+
+
+def _load_full(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
+    """A full (unsharded) state dict into `model`, distributing it where `model` is sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def build(art: Artifact, device: str | torch.device = "meta", with_recipes: bool = True) -> tuple[nn.Module, list]:
+    """(model, recipes) of `art`'s config on `device`, recipes applied (a checkpoint's own), no weights loaded."""
+    from meshtune.models import build_model
+    from meshtune.recipes import apply_recipes, build_recipes
+
+    if art.model_cfg is None:
+        raise ConfigError(f"{art.path}: holds no model config (plain tensors); use it as init_from of a run whose "
+                          "model.* fits it, or export with `meshtune export`")
+    model = build_model(art.model_cfg, art.vocab_size, device="meta")
+    recipes = build_recipes(art.recipe_cfg) if with_recipes and art.recipe_cfg is not None else []
+    model = apply_recipes(model, recipes)
+    if str(device) != "meta":
+        model.to_empty(device=device)
+        model.init_buffers()  # rotary tables (not in checkpoints); every parameter is then loaded
+    return model, recipes
+
+
+def _fill(model: nn.Module, art: Artifact, key: str) -> None:
+    """Load every weight of `art` into `model` built by `build` (strict: nothing missing)."""
+    try:
+        if art.kind == "checkpoint" and art.engine != "deepspeed":
+            _load_dcp(model, art.path, strict=True)
+        else:
+            state = full_state(art, key)
+            missing = sorted({n for n, _ in model.named_parameters()} - state.keys())
+            if missing:
+                raise ValueError(f"no weights for {missing[0]} and {len(missing) - 1} more")
+            _load_full(model, {k: v for k, v in state.items() if k in model.state_dict()}, strict=False)
+    except ConfigError:
+        raise
+    except (Exception, BaseException) as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, KeyboardInterrupt | SystemExit):
+            raise
+        raise ConfigError(f"{key}: {art.path} does not fit its model config ({first_line(e)}); it was written "
+                          "with another config, or is damaged") from None
+
+
+def load_run(art: Artifact, key: str = "checkpoint") -> LoadedRun:
+    """A checkpoint's model with its recipes and weights, on CPU, in eval mode (world size 1): for export."""
+    if art.kind != "checkpoint":
+        raise ConfigError(f"{key}: {art.path} is a {art.kind} file, not a run's checkpoint; give the run dir")
+    model, recipes = build(art, "cpu")
+    _fill(model, art, key)
+    model.eval()
+    with torch.no_grad():
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+    return LoadedRun(art, model, recipes, state)
+
+
+def load_model(art: Artifact, device: str | torch.device = "cpu", shard_mesh=None,
+               key: str = "checkpoint") -> nn.Module:
+    """The model of any artifact, frozen (no gradients), in eval mode, on `device`.
+
+    A checkpoint keeps its recipes (a LoRA teacher keeps its adapters). With `shard_mesh` (a 1-D DeviceMesh)
+    every block and the root are FSDP2-sharded over it and resharded after each forward, so a rank holds 1/N
+    of the weights between forwards. A quantized export loads on CPU (its torchao kernels are CPU ones).
+
+    Raises:
+        ConfigError: naming `key`, when the weights do not fit their config or the file is damaged.
+    """
+    if art.kind == "quantized":
+        from meshtune.artifacts.quantized import load_quantized
+
+        return load_quantized(art.path).requires_grad_(False)
+    model, _ = build(art, "meta")
+    model.requires_grad_(False)
+    if shard_mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers.values():
+            fully_shard(block, mesh=shard_mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=shard_mesh, reshard_after_forward=True)
+    model.to_empty(device=device)
+    model.init_buffers()
+    _fill(model, art, key)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, art: Artifact, expected: set[str], recipe_owned: set[str],
+                 key: str = "init_from") -> None:
+    """Load `art`'s weights into a model being trained (recipes applied, possibly sharded or a pipeline stage).
+
+    Args:
+        model: the (parallelised) model; its own state-dict names are loaded.
+        art: the source (a checkpoint of any engine, a merged/sparse export, an HF directory, a tensor file).
+        expected: every state-dict name of the whole unsharded model.
+        recipe_owned: the names the recipes added (LoRA, adapters, masks...): these may be missing, keeping
+            their initial values; any other missing name is an error, as is a name the model has no place for.
+
+    Raises:
+        ConfigError: naming `key` and the first missing or unexpected tensor, or a shape mismatch.
+    """
+    keys = file_keys(art, key)
+    state = None
+    if keys is None:
+        state = full_state(art, key)
+        keys = set(state)
+    missing = sorted(expected - keys - recipe_owned)
+    if missing:
+        raise ConfigError(f"{key}: {art.path} has no weights for {missing[0]}" +
+                          (f" and {len(missing) - 1} more" if len(missing) > 1 else "") +
+                          "; it is not a checkpoint of this model (check model.* against the run that wrote it)")
+    extra = sorted(keys - expected)
+    if extra:
+        raise ConfigError(f"{key}: {art.path} holds {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1
+                          else "") + ", which this model has no place for; export that run with `meshtune export "
+                          "RUN_DIR --format merged` (recipes folded in) and start from that file")
+    try:
+        if state is None:
+            _load_dcp(model, art.path, strict=False)
+        else:
+            _load_full(model, state, strict=False)
+    except (Exception, BaseException) as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, KeyboardInterrupt | SystemExit | ConfigError):
+            raise
+        raise ConfigError(f"{key}: {art.path} does not match the model ({first_line(e)}); check model.* sizes "
+                          "against the run that wrote it") from None

@@ -1,0 +1,87 @@
+"""`--format quantized`: model_quantized.pt, real int8 / int4 weights (torchao). A run trained with a recipe
+that offers `quantized` (QAT) is converted by it (`recipe.quantize(model, scheme)`); any other run is quantized
+after training (post-training quantization, recipes merged first) with the scheme, group size and targets of
+its `recipe.qat` section (`--scheme` overrides the scheme). Prints its size against fp32. The file holds the
+quantized weights as plain tensors (int4 codes packed two to a byte), the other tensors as they are, and the
+model / quantization config; `meshtune.artifacts` loads it back (meshtune/artifacts/quantized.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from meshtune.config import ConfigError, ModelConfig, QuantConfig
+from meshtune.export.base import Format, human_size, merged_state, register
+
+FILE = "model_quantized.pt"
+
+
+def quantize_loaded(run, scheme: str | None = None) -> tuple[torch.nn.Module, QuantConfig, str]:
+    """(quantized model, its QuantConfig, "qat" or "ptq") for a LoadedRun, in place."""
+    from meshtune.recipes.qat import ptq
+
+    c = run.artifact.recipe_cfg.qat
+    trained = [r for r in run.recipes if "quantized" in r.export_formats()]
+    if trained and scheme is not None and scheme != c.scheme:
+        raise ConfigError(f"--scheme: this run trained with recipe.qat.scheme={c.scheme}; converting it to "
+                          f"{scheme} would discard its QAT; omit --scheme")
+    if scheme is not None:
+        c = dataclasses.replace(c, scheme=scheme)
+    model = trained[0].quantize(run.model, c) if trained else ptq(run.model, c)
+    return model.eval(), c, "qat" if trained else "ptq"
+
+
+def _is_quantized(t: torch.Tensor) -> bool:
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    return isinstance(t, IntxUnpackedToInt8Tensor)
+
+
+def save_quantized(model: torch.nn.Module, path: Path, model_cfg: ModelConfig, vocab_size: int, c: QuantConfig,
+                   how: str) -> Path:
+    """torch.save the quantized weights as plain tensors (int4 codes packed two to a byte) and the rest of the
+    state dict, with the configs needed to rebuild the model."""
+    from meshtune.artifacts.quantized import pack_int4
+
+    meta = {"model": dataclasses.asdict(model_cfg), "vocab_size": vocab_size, "qat": dataclasses.asdict(c),
+            "how": how}
+    state, quantized = {}, {}
+    for k, t in model.state_dict().items():
+        if not _is_quantized(t):
+            state[k] = t
+            continue
+        int4 = t.target_dtype == torch.int4
+        quantized[k] = {"codes": pack_int4(t.qdata) if int4 else t.qdata, "packed": int4,
+                        "scale": t.scale, "zero_point": t.zero_point}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"meshtune": json.dumps(meta), "state": state, "quantized": quantized}, path)
+    return path
+
+
+def fp32_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of a state dict's tensors in float32 (the size of the unquantized model)."""
+    seen, n = set(), 0
+    for t in state.values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * 4
+    return n
+
+
+def write(run, out, opts) -> list:
+    art = run.artifact
+    fp32 = fp32_bytes(merged_state(run))
+    model, qcfg, how = quantize_loaded(run, opts.scheme)
+    written = [save_quantized(model, out / FILE, art.model_cfg, art.vocab_size, qcfg, how)]
+    if not opts.quiet:
+        size = written[0].stat().st_size
+        print(f"meshtune export: {how.upper()} {qcfg.scheme} group_size={qcfg.group_size}: "
+              f"{human_size(size)} on disk vs {human_size(fp32)} of fp32 weights ({fp32 / size:.2f}x smaller)")
+    return written
+
+
+register(Format("quantized", "torchao int8/int4 weights (model_quantized.pt); QAT runs converted, others PTQ",
+                write, merges=True))
