@@ -5,6 +5,7 @@ The same script on a real single-node cluster: tests/integration/test_slurm_loca
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -264,14 +265,35 @@ def test_hostile_values_arrive_byte_for_byte_and_run_nothing(tmp_path, stubs, ho
     assert all(line.startswith("#") for line in header.splitlines())  # nothing but comments before the body
 
 
+# wait4/waitid syscall numbers, for kernels that hide /proc/PID/wchan
+WAIT_SYSCALLS = {"x86_64": {"61", "247"}, "aarch64": {"260", "95"}}
+
+
+def blocked_in_wait(pid: int) -> bool:
+    """Whether `pid` sleeps in the kernel's wait (Linux /proc: wchan, else the syscall it is in)."""
+    try:
+        if Path(f"/proc/{pid}/wchan").read_text().strip() == "do_wait":
+            return True
+        number = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+    except (OSError, IndexError):
+        return False
+    return number in WAIT_SYSCALLS.get(platform.machine(), set())
+
+
+def wait_until_the_script_waits_for_srun(proc: subprocess.Popen, stubs) -> None:
+    """Until the srun stub has set its USR1 trap and the script sleeps in `wait "$srun_pid"`: a USR1 sent now
+    interrupts that wait with srun_pid set, however slowly the machine got there (no sleep to guess it)."""
+    deadline = time.monotonic() + 30  # only a bound for a broken script
+    # the ready file first: before srun starts, the script also waits (for its `$(scontrol ...)`)
+    while not ((stubs.logdir / "srun.ready").exists() and blocked_in_wait(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            proc.communicate()[1] if proc.poll() is not None else "the script never waited for the srun stub"
+        time.sleep(0.05)
+
+
 def test_usr1_is_forwarded_to_srun_and_the_job_requeued(tmp_path, stubs):
     proc = run_script(render(tmp_path), stubs, STUB_SRUN_WAIT="1")
-    ready = stubs.logdir / "srun.ready"
-    deadline = time.monotonic() + 30
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "srun stub never started"
-    time.sleep(0.2)  # the script is now in `wait`
+    wait_until_the_script_waits_for_srun(proc, stubs)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err  # srun's exit code, once the stub has handled USR1
@@ -284,12 +306,11 @@ def test_no_requeue_option(tmp_path, stubs):
     script = render(tmp_path, requeue=False)
     assert "--no-requeue" in directives(script)
     proc = run_script(script, stubs, STUB_SRUN_WAIT="1")
-    deadline = time.monotonic() + 30
-    while not (stubs.logdir / "srun.ready").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)
+    wait_until_the_script_waits_for_srun(proc, stubs)
     proc.send_signal(signal.SIGUSR1)
-    proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err  # the signal reached srun (the stub exits 9 if it never does)
+    assert "SIGUSR1 before the time limit" in out and (stubs.logdir / "srun.got-usr1").exists()
     assert all(c[0] != "requeue" for c in stubs.calls("scontrol"))
 
 
