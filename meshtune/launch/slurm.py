@@ -12,7 +12,10 @@ ranks (which checkpoint and stop) and then requeues the job, which resumes from 
 
 Every user value is quoted for the reader it reaches: `shlex.quote` for bash, and double quotes with
 backslash escapes for sbatch's own `#SBATCH` parser (which no shell reads, but which a newline would end:
-so control characters are refused there). This module must not import torch.
+so control characters are refused there). `hetjob` and `packjob` are refused in every `#SBATCH` value too:
+up to Slurm 20.11, sbatch took any `#SBATCH` line containing either word (any case, even inside quotes) for a
+heterogeneous-job separator, blanked the word and split the job (Slurm's commit 6fb3e5e, first in 21.08,
+made it match only a line that is the bare word). This module must not import torch.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ SIGNAL_BEFORE_S = 120
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 _TIME = re.compile(r"^(\d+|\d+:\d+|\d+:\d+:\d+|\d+-\d+|\d+-\d+:\d+|\d+-\d+:\d+:\d+|UNLIMITED|INFINITE)$")
 _JOB = re.compile(r"^\d+(_\d+)?$")
+_HETJOB = re.compile(r"hetjob|packjob", re.IGNORECASE | re.ASCII)  # sbatch's strcasestr: ASCII case only
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ def slurm_job(**kwargs) -> SlurmJob:
     """A validated SlurmJob; every error names the flag (`--nodes`, `--time`, ...).
 
     Raises:
-        LaunchError: a count out of range, a malformed time, or a control character in a text value.
+        LaunchError: a count out of range, a malformed time, or a control character, `hetjob` or `packjob`
+            in a text value.
     """
     job = SlurmJob(**kwargs)
     for flag, value, low in [("--nodes", job.nodes, 1), ("--gpus-per-node", job.gpus_per_node, 0),
@@ -87,14 +92,22 @@ def slurm_job(**kwargs) -> SlurmJob:
     return job
 
 
-def _directive_value(flag: str, value: str) -> str:
+def _directive_value(flag: str, value: str, fix: str = "choose a value without it") -> str:
     """`value` quoted for sbatch's `#SBATCH` parser: double quotes, with `\\` and `"` escaped by a backslash.
 
-    No shell reads these lines, but a line break would end the comment and turn the rest into a command.
+    No shell reads these lines, but a line break would end the comment and turn the rest into a command, and
+    `hetjob`/`packjob` anywhere in the line would split the job (see the module docstring): both are refused.
+
+    Raises:
+        LaunchError: naming `flag`, for an empty value, a control character, or `hetjob`/`packjob`; `fix` ends
+            the message of the last.
     """
     if not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise LaunchError(f"{flag}: {value!r} is empty or holds a control character (newline, tab...); "
                           "#SBATCH lines cannot carry it")
+    if found := _HETJOB.search(value):
+        raise LaunchError(f"{flag}: {value!r} contains {found.group(0)!r}, which sbatch (Slurm <= 20.11) takes "
+                          f"anywhere in an #SBATCH line, even quoted, for a heterogeneous-job separator; {fix}")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -116,13 +129,18 @@ def render_sbatch(config: str, overrides: list[str], run_dir: str | os.PathLike,
         workdir: the job's working directory (default: the current one), so relative paths mean the same.
 
     Raises:
-        LaunchError: a path that cannot appear in an #SBATCH line (control characters).
+        LaunchError: a value or path that cannot appear in an #SBATCH line (control characters, `hetjob`,
+            `packjob`), naming its flag or field.
     """
     run_dir = Path(run_dir).absolute()
     workdir = Path(workdir or Path.cwd()).absolute()
     q = shlex.quote
     d = {}  # flag -> #SBATCH value, in order
-    d["--job-name"] = _directive_value("--job-name", job.job_name or f"meshtune-{Path(config).stem}")
+    if job.job_name is not None:
+        d["--job-name"] = _directive_value("--job-name", job.job_name)
+    else:
+        d["--job-name"] = _directive_value("--job-name", f"meshtune-{Path(config).stem}",
+                                           "it is the default name, from the config file's name: pass --job-name")
     d["--nodes"] = str(job.nodes)
     d["--ntasks-per-node"] = "1"  # one torchrun per node; torchrun starts that node's ranks
     if job.gpus_per_node:
@@ -135,9 +153,9 @@ def render_sbatch(config: str, overrides: list[str], run_dir: str | os.PathLike,
     if job.mail is not None:
         d["--mail-user"] = _directive_value("--mail", job.mail)
         d["--mail-type"] = "END,FAIL"
-    d["--chdir"] = _directive_value("working directory", str(workdir))
-    d["--output"] = _directive_value("run_dir", _log_pattern(run_dir, "out"))
-    d["--error"] = _directive_value("run_dir", _log_pattern(run_dir, "err"))
+    d["--chdir"] = _directive_value("working directory", str(workdir), "submit from a directory without it")
+    d["--output"] = _directive_value("run_dir", _log_pattern(run_dir, "out"), "choose a run_dir without it")
+    d["--error"] = _directive_value("run_dir", _log_pattern(run_dir, "err"), "choose a run_dir without it")
     d["--open-mode"] = "append"  # a requeued run continues its log instead of truncating it
     d["--signal"] = f"B:USR1@{SIGNAL_BEFORE_S}"  # to the batch shell, which forwards it (see below)
     lines = [f"#SBATCH {flag}={value}" for flag, value in d.items()]

@@ -160,10 +160,13 @@ def rendezvous_args(spec: NodeSpec, nproc_per_node: int, node_rank: int | None =
             f"--max-restarts={spec.max_restarts}"]
 
 
-def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0,
-                  nodes: NodeSpec | None = None, node_rank: int | None = None) -> list[str]:
-    """The exact command `meshtune launch` runs (on node `node_rank`, for a static multi-node spec)."""
-    spec = nodes if nodes is not None else NodeSpec(max_restarts=max_restarts)
+def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, *, nodes: NodeSpec | None = None,
+                  node_rank: int | None = None) -> list[str]:
+    """The exact command `meshtune launch` runs (on node `node_rank`, for a static multi-node spec).
+
+    `nodes` (default: standalone, no restarts) is the only source of the rendezvous flags and --max-restarts.
+    """
+    spec = nodes if nodes is not None else NodeSpec()
     return [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(spec, nproc_per_node, node_rank),
             *train_argv(config, overrides)]
 
@@ -195,8 +198,8 @@ def dry_run_text(config: str, overrides: list[str], nproc_per_node: int, spec: N
     return "\n".join(lines)
 
 
-def launch(config: str, overrides: list[str], nproc_per_node: int, dry_run: bool = False,
-           max_restarts: int = 0, nodes: NodeSpec | None = None) -> int:
+def launch(config: str, overrides: list[str], nproc_per_node: int, dry_run: bool = False, *,
+           nodes: NodeSpec | None = None) -> int:
     """Run torchrun on this node (or print each node's command when `dry_run`); returns its exit code.
 
     Args:
@@ -204,10 +207,11 @@ def launch(config: str, overrides: list[str], nproc_per_node: int, dry_run: bool
         overrides: `key=value` overrides, passed to every worker unchanged.
         nproc_per_node: worker processes on this node.
         dry_run: print the command(s) and run nothing.
-        max_restarts: torchrun restarts after a failure (ignored when `nodes` is given: it holds its own).
-        nodes: the multi-node spec from `node_spec()`; None = standalone on this machine.
+        nodes: the spec from `node_spec()`, the one source of the rendezvous flags and of torchrun's
+            restarts after a failure (`node_spec(max_restarts=N)`); None = standalone on this machine,
+            no restarts.
     """
-    spec = nodes if nodes is not None else NodeSpec(max_restarts=max_restarts)
+    spec = nodes if nodes is not None else NodeSpec()
     if dry_run:
         print(dry_run_text(config, overrides, nproc_per_node, spec))
         return 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.rankpool import RankError, RankPool
+from tests.rankpool import _GRACE_S, RankError, RankPool
 
 SHORT_TIMEOUT_S = 4
 
@@ -116,18 +116,19 @@ def test_error_names_rank_and_pool_recovers(rank_pool):
 
 
 def test_hung_collective_fails_fast(short_pool):
-    start = time.monotonic()
     with pytest.raises(RankError) as info:
         short_pool.run(case_rank_0_waits_alone)
-    assert time.monotonic() - start < SHORT_TIMEOUT_S + 6
     assert info.value.ranks == [0] and "rank 0" in str(info.value)
+    # gloo's own timeout fired, and it is the pool's short one (not gloo's 30 min default, nor the pool's reply
+    # deadline): what makes the failure fast, checked without reading a clock
+    assert f"Timed out waiting {SHORT_TIMEOUT_S * 1000}ms" in info.value.remote_traceback, info.value.remote_traceback
+    assert "no answer" not in str(info.value)
 
 
 def test_silent_rank_times_out_by_name(short_pool):
-    start = time.monotonic()
-    with pytest.raises(RankError, match="no answer") as info:
+    # the pool's deadline for replies: timeout_s plus the grace that lets gloo's error (with a traceback) come first
+    with pytest.raises(RankError, match=f"^rank 1: no answer within {SHORT_TIMEOUT_S + _GRACE_S:.0f} s$") as info:
         short_pool.run(case_rank_1_sleeps)
-    assert time.monotonic() - start < SHORT_TIMEOUT_S + 6
     assert info.value.ranks == [1]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from meshtune import compress_table
 from meshtune.compress_table import Row, eval_split, format_table, latencies, load_artifact, measure
 from meshtune.config import ConfigError
 from meshtune.export import export
@@ -33,15 +34,39 @@ def runs(tmp_path_factory):
     return out
 
 
-def test_rows_measure_the_exported_models(runs):
+class FakeClock:
+    """`perf_counter` for meshtune.compress_table: time moves only when a model's forward advances it, so a
+    latency is exactly what the test made that forward take (powers of two: the sums stay exact)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+# seconds one forward of each model takes on the fake clock
+FORWARD_S = {"teacher": 2.0 ** -7, "pruned 50%": 2.0 ** -8, "structured": 2.0 ** -9}
+
+
+def test_rows_measure_the_exported_models(runs, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(compress_table, "time", clock)
+
+    def timed_loader(path, fmt):
+        model = load_artifact(path, fmt)
+        name = next(n for n, (_, p) in runs.items() if p == path)
+        model.register_forward_hook(lambda *_: setattr(clock, "now", clock.now + FORWARD_S[name]))
+        return model
+
     rows = [Row(name, path, RUNS[name][1]) for name, (_, path) in runs.items()]
     cfg = runs["teacher"][0].cfg
-    measure(rows, eval_split(cfg), cfg.data.seq_len, batch=8, reps=2)
+    measure(rows, eval_split(cfg), cfg.data.seq_len, batch=8, reps=2, loader=timed_loader)
     by = {r.name: r for r in rows}
     for name, (trainer, path) in runs.items():
         r = by[name]
         assert r.size == path.stat().st_size > 0
-        assert r.latency_s > 0
+        assert r.latency_s == FORWARD_S[name]  # each row holds its own model's time, not another's
         ev = trainer.evaluate()  # the trainer's own evaluation of the trained (masked) model: the same numbers
         assert r.accuracy == pytest.approx(ev["eval_accuracy"])
         assert r.eval_loss == pytest.approx(ev["eval_loss"], rel=1e-4)
@@ -53,6 +78,9 @@ def test_rows_measure_the_exported_models(runs):
     assert half.size < teacher.size and shrunk.size < teacher.size
     text = format_table(rows)
     assert all(name in text for name in RUNS) and "1.00" in text.splitlines()[2]
+    # ms/fwd and the speedup over the teacher (the first row), from the latencies above
+    assert [line.split()[-3:-1] for line in text.splitlines()[2:]] == [["7.8", "1.00x"], ["3.9", "2.00x"],
+                                                                       ["2.0", "4.00x"]]
 
 
 def test_load_artifact_sparse_equals_the_merged_model(runs, tmp_path):
@@ -66,17 +94,23 @@ def test_load_artifact_sparse_equals_the_merged_model(runs, tmp_path):
         load_artifact(cut, "sparse")
 
 
-def test_latencies_time_every_model_the_same_number_of_times():
-    calls = {"a": 0, "b": 0}
+def test_latencies_are_medians_after_a_warm_up_in_alternating_order(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(compress_table, "time", clock)
+    # seconds of each successive forward: the first is the untimed warm-up (slow on purpose)
+    durations = {"a": [100.0, 1.0, 3.0, 2.0], "b": [100.0, 0.5, 0.25, 4.0]}
+    order = []
 
     def model(name):
         def fwd(x):
-            calls[name] += 1
+            clock.now += durations[name][sum(n == name for n in order)]
+            order.append(name)
             return x
         return fwd
 
     out = latencies({"a": model("a"), "b": model("b")}, torch.zeros(1), reps=3)
-    assert set(out) == {"a", "b"} and calls == {"a": 4, "b": 4} and all(v >= 0 for v in out.values())
+    assert out == {"a": 2.0, "b": 0.5}  # medians of the three timed forwards; the warm-up is not counted
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then turns reversed every other round
 
 
 @pytest.mark.parametrize("scheme", ["int8-int8", "int8-int4"])

@@ -74,7 +74,7 @@ def test_invalid_flags_name_the_flag(kwargs, flag, words):
 
 
 def test_standalone_argv_is_unchanged():
-    argv = T.torchrun_argv(CONFIG, ["a=1"], 2, max_restarts=3)
+    argv = T.torchrun_argv(CONFIG, ["a=1"], 2, nodes=T.node_spec(max_restarts=3))
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert flags(argv) == {"standalone": "", "nproc-per-node": "2", "max-restarts": "3"}
     assert argv[-5:] == ["-m", "meshtune", "train", CONFIG, "a=1"]
@@ -123,6 +123,28 @@ def test_launch_runs_torchrun_with_the_worker_env(monkeypatch):
     assert seen["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(nnodes="2", rdzv_endpoint="node0:29400")])
+def test_launch_takes_max_restarts_from_the_node_spec_only(monkeypatch, kwargs):
+    seen = {}
+    monkeypatch.setattr(subprocess, "call", lambda argv, env: seen.update(argv=argv) or 0)
+    spec = T.node_spec(max_restarts=3, **kwargs)
+    assert T.launch(CONFIG, [], 2, nodes=spec) == 0
+    assert flags(seen["argv"])["max-restarts"] == "3"
+    with pytest.raises(TypeError, match="max_restarts"):  # a second source could disagree with the spec's
+        T.launch(CONFIG, [], 2, max_restarts=1, nodes=spec)
+    with pytest.raises(TypeError, match="max_restarts"):
+        T.torchrun_argv(CONFIG, [], 2, max_restarts=1, nodes=spec)
+    with pytest.raises(TypeError):  # nodes is keyword-only: a positional restart count cannot become the spec
+        T.launch(CONFIG, [], 2, False, 1)
+
+
+def test_launch_without_a_spec_is_standalone_without_restarts(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(subprocess, "call", lambda argv, env: seen.update(argv=argv) or 0)
+    assert T.launch(CONFIG, [], 2) == 0
+    assert flags(seen["argv"]) == {"standalone": "", "nproc-per-node": "2", "max-restarts": "0"}
+
+
 # ---- through the CLI -------------------------------------------------------------------------------------
 
 
@@ -136,6 +158,12 @@ def test_dry_run_c10d_prints_one_command_for_every_node():
     assert argv[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # the env fix, copy-pasteable into a shell
     assert argv[1:] == T.torchrun_argv(CONFIG, ["optim.lr=1e-3", "run_dir=/tmp/a b"], 2,
                                        nodes=T.node_spec("2:4", None, "node0:29400", "job7", 1))
+
+
+def test_dry_run_standalone_passes_max_restarts():
+    result = meshtune("launch", TINY, "--nproc-per-node", "2", "--max-restarts", "4", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert flags(shlex.split(result.stdout.strip()))["max-restarts"] == "4"
 
 
 def test_dry_run_static_prints_each_node_rank():

@@ -2,6 +2,7 @@
 runs overlaid, one-line errors; trainable parameter counts of a sharded run equal the unsharded model's."""
 
 import json
+import statistics
 import struct
 from pathlib import Path
 
@@ -72,8 +73,11 @@ def test_report_of_one_run(runs, tmp_path, capsys):
     assert trainable == total  # full training
     assert cells[:8] == [run_dir.name, "none", f"{trainable:,}", "100.00", f"{train[-1]['loss']:.4f}",
                          f"{last_eval['eval_loss']:.4f}", f"{last_eval['eval_accuracy']:.3f}", "4"]
-    start = next(r for r in recs if r.get("event") == "start")
-    assert float(cells[8]) == pytest.approx(recs[-1]["time"] - start["time"], abs=0.06) and float(cells[8]) > 0
+    (start,) = [r for r in recs if r.get("event") == "start"]  # one segment, so no sum over resumed ones
+    assert all("time" in r for r in recs)
+    # what the report computes from the file, not what the clock gave (a 4-step run may well print 0.0)
+    assert cells[8] == f"{recs[-1]['time'] - start['time']:.1f}"
+    assert len(train) == 4 and cells[9] == f"{statistics.median(r['tokens_per_s'] for r in train):,.0f}"
     for stem in PLOTS:
         assert f"]({stem}.png)" in text
     assert "report.md" in capsys.readouterr().out

@@ -5,6 +5,7 @@ The same script on a real single-node cluster: tests/integration/test_slurm_loca
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -157,6 +158,66 @@ def test_run_dir_with_a_newline_is_refused(tmp_path):
         S.render_sbatch(CONFIG, [], tmp_path / "a\nb", S.slurm_job(), workdir=tmp_path)
 
 
+# Slurm <= 20.11 splits the job at any #SBATCH line containing these words (any case, quoted or not)
+HETJOB_VALUES = ["hetjob", "HetJob", "my-hetjob-run", "PACKJOB", "a packjob b", "xPackJobx"]
+SEPARATOR = "heterogeneous-job separator"
+
+
+@pytest.mark.parametrize("value", HETJOB_VALUES)
+@pytest.mark.parametrize("field, flag", [("job_name", "--job-name"), ("partition", "--partition"),
+                                         ("account", "--account"), ("qos", "--qos"),
+                                         ("constraint", "--constraint"), ("mail", "--mail")])
+def test_separator_words_are_refused_in_every_job_option(field, flag, value):
+    with pytest.raises(LaunchError) as e:
+        S.slurm_job(**{field: value})
+    message = str(e.value)
+    assert message.startswith(f"{flag}: {value!r} contains ") and SEPARATOR in message, message
+    assert "\n" not in message  # the CLI prints it as one line
+
+
+def test_time_cannot_carry_a_separator_word():
+    with pytest.raises(LaunchError, match="^--time: 'hetjob' is not a SLURM time limit"):
+        S.slurm_job(time="hetjob")
+
+
+@pytest.mark.parametrize("value", ["het-job", "hetjo", "pack job", "het_job", "jobhet"])
+def test_words_that_only_resemble_a_separator_are_kept(tmp_path, value):
+    script = render(tmp_path, job_name=value, partition=value, account=value, qos=value, constraint=value,
+                    mail=value)
+    assert f'--partition="{value}"' in directives(script) and f'--job-name="{value}"' in directives(script)
+
+
+@pytest.mark.parametrize("value", HETJOB_VALUES)
+def test_separator_words_are_refused_in_paths(tmp_path, value):
+    with pytest.raises(LaunchError) as e:
+        S.render_sbatch(CONFIG, [], tmp_path / value / "run", S.slurm_job(), workdir=tmp_path)
+    assert str(e.value).startswith("run_dir: ") and SEPARATOR in str(e.value)
+    assert str(e.value).endswith("choose a run_dir without it")
+    with pytest.raises(LaunchError) as e:
+        S.render_sbatch(CONFIG, [], tmp_path / "run", S.slurm_job(), workdir=tmp_path / value)
+    assert str(e.value).startswith("working directory: ") and SEPARATOR in str(e.value)
+    assert str(e.value).endswith("submit from a directory without it")
+
+
+def test_default_job_name_from_a_separator_config_name_is_refused(tmp_path):
+    config = tmp_path / "HetJob.yaml"
+    config.write_text(Path(CONFIG).read_text())
+    with pytest.raises(LaunchError) as e:
+        S.render_sbatch(str(config), [], tmp_path / "run", S.slurm_job(), workdir=tmp_path)
+    assert str(e.value).startswith("--job-name: 'meshtune-HetJob' contains 'HetJob'"), str(e.value)
+    assert str(e.value).endswith("pass --job-name")
+    text = S.render_sbatch(str(config), [], tmp_path / "run", S.slurm_job(job_name="ok"), workdir=tmp_path)
+    assert '#SBATCH --job-name="ok"' in text  # a name given by --job-name replaces the default
+
+
+def test_no_sbatch_line_of_a_rendered_script_holds_a_separator_word(tmp_path):
+    script = render(tmp_path, nodes=2, gpus_per_node=8, cpus_per_task=4, partition="gpu", time="4:00:00",
+                    account="proj", qos="high", constraint="a100", mail="me@x.org", exclusive=True,
+                    job_name="big", requeue=False)
+    assert len(directives(script)) == 20  # every directive checked, the fixed ones included
+    assert not any(S._HETJOB.search(d) for d in directives(script))
+
+
 # ---- executing the script with stub SLURM commands ------------------------------------------------------
 
 
@@ -204,14 +265,35 @@ def test_hostile_values_arrive_byte_for_byte_and_run_nothing(tmp_path, stubs, ho
     assert all(line.startswith("#") for line in header.splitlines())  # nothing but comments before the body
 
 
+# wait4/waitid syscall numbers, for kernels that hide /proc/PID/wchan
+WAIT_SYSCALLS = {"x86_64": {"61", "247"}, "aarch64": {"260", "95"}}
+
+
+def blocked_in_wait(pid: int) -> bool:
+    """Whether `pid` sleeps in the kernel's wait (Linux /proc: wchan, else the syscall it is in)."""
+    try:
+        if Path(f"/proc/{pid}/wchan").read_text().strip() == "do_wait":
+            return True
+        number = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+    except (OSError, IndexError):
+        return False
+    return number in WAIT_SYSCALLS.get(platform.machine(), set())
+
+
+def wait_until_the_script_waits_for_srun(proc: subprocess.Popen, stubs) -> None:
+    """Until the srun stub has set its USR1 trap and the script sleeps in `wait "$srun_pid"`: a USR1 sent now
+    interrupts that wait with srun_pid set, however slowly the machine got there (no sleep to guess it)."""
+    deadline = time.monotonic() + 30  # only a bound for a broken script
+    # the ready file first: before srun starts, the script also waits (for its `$(scontrol ...)`)
+    while not ((stubs.logdir / "srun.ready").exists() and blocked_in_wait(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            proc.communicate()[1] if proc.poll() is not None else "the script never waited for the srun stub"
+        time.sleep(0.05)
+
+
 def test_usr1_is_forwarded_to_srun_and_the_job_requeued(tmp_path, stubs):
     proc = run_script(render(tmp_path), stubs, STUB_SRUN_WAIT="1")
-    ready = stubs.logdir / "srun.ready"
-    deadline = time.monotonic() + 30
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "srun stub never started"
-    time.sleep(0.2)  # the script is now in `wait`
+    wait_until_the_script_waits_for_srun(proc, stubs)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err  # srun's exit code, once the stub has handled USR1
@@ -224,12 +306,11 @@ def test_no_requeue_option(tmp_path, stubs):
     script = render(tmp_path, requeue=False)
     assert "--no-requeue" in directives(script)
     proc = run_script(script, stubs, STUB_SRUN_WAIT="1")
-    deadline = time.monotonic() + 30
-    while not (stubs.logdir / "srun.ready").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)
+    wait_until_the_script_waits_for_srun(proc, stubs)
     proc.send_signal(signal.SIGUSR1)
-    proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err  # the signal reached srun (the stub exits 9 if it never does)
+    assert "SIGUSR1 before the time limit" in out and (stubs.logdir / "srun.got-usr1").exists()
     assert all(c[0] != "requeue" for c in stubs.calls("scontrol"))
 
 
@@ -280,10 +361,23 @@ def test_submit_dry_run_does_not_import_torch(tmp_path):
     (["--gpus-per-node", "0", "--time", "soon"], "--time"),
     (["--gpus-per-node", "0", "train.steps=0"], "train.steps"),
     (["--gpus-per-node", "0", 'run_dir="/tmp/a\\nb"'], "run_dir"),  # YAML's "\n": a real line break
+    (["--gpus-per-node", "0", "--partition", "HetJob"], "--partition: 'HetJob' contains 'HetJob'"),
+    (["--gpus-per-node", "0", "--job-name", "my packjob"], "--job-name: 'my packjob' contains 'packjob'"),
+    (["--gpus-per-node", "0", "--account", "hetjob"], "--account: "),
+    (["--gpus-per-node", "0", "--qos", "hetjob"], "--qos: "),
+    (["--gpus-per-node", "0", "--constraint", "hetjob"], "--constraint: "),
+    (["--gpus-per-node", "0", "--mail", "hetjob@x.org"], "--mail: "),
 ])
 def test_submit_errors_are_one_line(tmp_path, stubs, args, flag):
     assert_config_error(cli("slurm", "submit", TINY, "--dry-run", *args, env=stubs.env), flag)
     assert stubs.calls("sbatch") == []
+
+
+def test_submit_refuses_a_separator_in_run_dir_before_writing(tmp_path, stubs):
+    run_dir = tmp_path / "packjob" / "r"
+    result = cli("slurm", "submit", TINY, "--gpus-per-node", "0", f"run_dir={run_dir}", env=stubs.env)
+    assert_config_error(result, f"run_dir: '{run_dir}/slurm-%j.out' contains 'packjob'")
+    assert not (tmp_path / "packjob").exists() and stubs.calls("sbatch") == []
 
 
 def test_missing_slurm_is_one_clear_line(tmp_path):

@@ -5,27 +5,75 @@ from __future__ import annotations
 import threading
 import time
 
+from meshtune.runtime import watchdog
 from meshtune.runtime.watchdog import Watchdog, describe_failure
 
 
-def blocked_in_here(seconds: float) -> None:
-    time.sleep(seconds)
+class PollClock:
+    """The watchdog's `time.monotonic`: every reading is `tick` s after the previous one, so how long a call
+    counts as blocked depends on how many times the watchdog looked, never on how fast the machine runs.
+    `on_read(n)` runs in the watchdog thread at the n-th reading, before it returns."""
+
+    sleep = staticmethod(time.sleep)
+
+    def __init__(self, tick: float, on_read=None):
+        self.now, self.tick, self.readings, self.on_read = 0.0, tick, 0, on_read
+
+    def monotonic(self) -> float:
+        self.now += self.tick
+        self.readings += 1
+        if self.on_read is not None:
+            self.on_read(self.readings)
+        return self.now
 
 
-def test_reports_a_call_blocked_longer_than_the_timeout():
-    messages = []
-    with Watchdog(3, 0.5, step=lambda: 7, on_stuck=messages.append):
-        blocked_in_here(1.5)
+def blocked_in_here(lock: threading.Lock) -> None:
+    lock.acquire()  # a C call: this frame stays the innermost one, at one instruction, until it returns
+
+
+def test_reports_a_call_blocked_longer_than_the_timeout(monkeypatch):
+    monkeypatch.setattr(watchdog, "time", PollClock(0.125))  # powers of two: 4 readings are exactly 0.5 s
+    lock, messages = threading.Lock(), []
+
+    def on_stuck(message):
+        messages.append(message)
+        lock.release()  # let the blocked call return
+
+    lock.acquire()
+    with Watchdog(3, 0.5, step=lambda: 7, on_stuck=on_stuck):
+        blocked_in_here(lock)
     assert len(messages) == 1
-    assert messages[0].startswith("meshtune: rank 3 stuck in blocked_in_here at step 7 for ")
+    expected = "meshtune: rank 3 stuck in blocked_in_here at step 7 for 0.5 s"  # reported at the timeout
+    assert messages[0] == expected or messages[0].startswith(expected + " ("), messages[0]  # (site) if any
 
 
-def test_quiet_while_the_thread_makes_progress():
+def test_quiet_while_the_thread_makes_progress(monkeypatch):
+    calls, released = 8, 0
+    lock, returned = threading.Lock(), threading.Semaphore(0)
+
+    def on_read(reading):  # every third reading, the watched call returns and the next one starts
+        nonlocal released
+        if reading % 3 == 0 and released < calls:
+            released += 1
+            lock.release()
+            returned.acquire(timeout=60)  # until the watched thread has left that call
+
+    monkeypatch.setattr(watchdog, "time", PollClock(0.125, on_read))
     messages = []
-    with Watchdog(0, 0.5, step=lambda: 0, on_stuck=messages.append):
-        for _ in range(8):
-            blocked_in_here(0.2)  # each call shorter than the timeout: a new frame every time
-    assert messages == []
+
+    def on_stuck(message):
+        messages.append(message)
+        lock.release()
+
+    lock.acquire()
+    with Watchdog(0, 0.5, step=lambda: 0, on_stuck=on_stuck):
+        for _ in range(calls):
+            blocked_in_here(lock)  # each call blocked for at most 3 readings (0.375 s) of the 0.5 s timeout
+            returned.release()
+            if messages:
+                break
+    # 24 readings, 3 s of clock in all: without the reset on progress the watchdog would have reported
+    assert messages == [] and released == calls
 
 
 def test_describe_failure_names_the_collective_only_for_torch_distributed_errors():
