@@ -187,14 +187,14 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--nproc-per-node: must be >= 1, got {args.nproc_per_node}")
         nodes = node_spec(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.max_restarts)
         if not args.dry_run:  # catch layout, task and tokenizer errors once here, not on every rank
-            from meshtune.runtime.plan import describe_plan
+            from meshtune.runtime.plan_report import describe_plan
 
             for n in sorted({nodes.min_nodes, nodes.max_nodes}):
                 describe_plan(cfg, n * args.nproc_per_node)
         config_path = str(C.resolve_config_path(args.config))
         return launch(config_path, overrides, args.nproc_per_node, args.dry_run, nodes=nodes)
     if args.command == "validate":
-        from meshtune.runtime.plan import describe_plan
+        from meshtune.runtime.plan_report import describe_plan
 
         print(describe_plan(cfg, args.world_size))
         return 0

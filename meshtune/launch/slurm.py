@@ -406,7 +406,7 @@ def _submit_cli(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.dry_run:
         if shutil.which("sbatch") is None:
             _tool("sbatch")  # raises the one-line "SLURM is not installed" error before any work
-        from meshtune.runtime.plan import describe_plan  # imports torch: only when really submitting
+        from meshtune.runtime.plan_report import describe_plan  # imports torch: only when really submitting
 
         describe_plan(cfg, job.nodes * job.nproc_per_node)  # a layout error now, not after hours in the queue
     path = write_script(text, cfg.run_dir)

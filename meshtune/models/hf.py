@@ -227,7 +227,7 @@ def hf_config_dict(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch
 
 
 def _ffn(cfg: ModelConfig) -> int:
-    from meshtune.models.llama import ffn_hidden_dim
+    from meshtune.models.sizes import ffn_hidden_dim
 
     return ffn_hidden_dim(cfg)
 

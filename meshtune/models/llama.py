@@ -22,19 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshtune.config import ConfigError, ModelConfig
-
-
-def ffn_hidden_dim(cfg: ModelConfig) -> int:
-    """SwiGLU hidden size: `cfg.ffn_dim`, or Llama's 2/3 * 4 * dim rounded up to a multiple of 32."""
-    if cfg.ffn_dim > 0:
-        return cfg.ffn_dim
-    hidden = int(2 * 4 * cfg.dim / 3)  # 2/3 keeps SwiGLU's three matrices at the cost of a 4x two-matrix MLP
-    return 32 * math.ceil(hidden / 32)
-
-
-def head_dim(cfg: ModelConfig) -> int:
-    """Width of one attention head: `cfg.head_dim`, or dim / n_heads."""
-    return cfg.head_dim or cfg.dim // cfg.n_heads
+from meshtune.models.sizes import ffn_hidden_dim, head_dim
 
 
 def validate_model_config(cfg: ModelConfig, vocab_size: int) -> None:

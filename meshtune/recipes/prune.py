@@ -74,7 +74,7 @@ def check_prune(cfg: Config) -> None:
         ConfigError: naming the field: sparsity outside [0, 1), a bad schedule, 2:4 on an input size not
             divisible by 4, or structured pruning removing every head / leaving sizes tp does not divide.
     """
-    from meshtune.models.llama import ffn_hidden_dim, head_dim
+    from meshtune.models.sizes import ffn_hidden_dim, head_dim
 
     p, m, tp = cfg.recipe.prune, cfg.model, max(cfg.parallel.tp, 1)
     if not 0 <= p.sparsity < 1:

@@ -40,7 +40,7 @@ def shrink_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict
     Raises:
         ValueError: when layers kept different numbers of heads or channels.
     """
-    from meshtune.models.llama import head_dim
+    from meshtune.models.sizes import head_dim
 
     hd, n_kv = head_dim(cfg), cfg.n_kv_heads or cfg.n_heads
     n_rep = cfg.n_heads // n_kv

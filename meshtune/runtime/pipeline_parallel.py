@@ -19,62 +19,9 @@ import copy
 import torch
 from torch import nn
 
-from meshtune.config import ConfigError, ParallelConfig
+from meshtune.config import ParallelConfig
 from meshtune.runtime.grads import eval_counts, summed_loss
-
-SINGLE_STAGE = ("GPipe", "1F1B")
-V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
-MULTI_STAGE = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble") + V_SHAPED
-SCHEDULES = SINGLE_STAGE + MULTI_STAGE
-
-
-def stages_per_rank(cfg: ParallelConfig) -> int:
-    return cfg.pp_stages_per_rank or (1 if cfg.pp_schedule in SINGLE_STAGE else 2)
-
-
-def split_layers(n_layers: int, num_stages: int, split_points: list[int]) -> list[list[int]]:
-    """Layer indices of each stage: `split_points` (first layer of stages 1..n-1) or an even split."""
-    if n_layers < num_stages:
-        raise ConfigError(f"model.n_layers: {n_layers} layers cannot fill {num_stages} pipeline stages "
-                          "(parallel.pp x stages per rank); lower parallel.pp or add layers")
-    if split_points:
-        if len(split_points) != num_stages - 1 or sorted(set(split_points)) != split_points or \
-                not 0 < split_points[0] or split_points[-1] >= n_layers:
-            raise ConfigError(f"parallel.pp_split_points: {split_points} must be {num_stages - 1} increasing layer "
-                              f"indices in 1..{n_layers - 1} (the first layer of each stage after the first)")
-        bounds = [0, *split_points, n_layers]
-    else:
-        base, extra = divmod(n_layers, num_stages)
-        bounds = [0]
-        for s in range(num_stages):
-            bounds.append(bounds[-1] + base + (1 if s < extra else 0))
-    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
-
-
-def stage_ids(pp_rank: int, pp: int, per_rank: int, schedule: str) -> list[int]:
-    if schedule in V_SHAPED:
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [pp_rank + i * pp for i in range(per_rank)]
-
-
-def check_pipeline(cfg: ParallelConfig, n_layers: int, pp: int, n_microbatches: int) -> None:
-    """Config errors that need the resolved degrees: schedule name, stage count, micro-batch count."""
-    if cfg.pp_schedule not in SCHEDULES:
-        raise ConfigError(f"parallel.pp_schedule: {cfg.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
-    per_rank = stages_per_rank(cfg)
-    if cfg.pp_schedule in SINGLE_STAGE and per_rank != 1:
-        raise ConfigError(f"parallel.pp_stages_per_rank: {cfg.pp_schedule} runs one stage per rank; set it to 1 "
-                          "or pick Interleaved1F1B")
-    if cfg.pp_schedule in V_SHAPED and per_rank != 2:
-        raise ConfigError(f"parallel.pp_stages_per_rank: {cfg.pp_schedule} needs exactly 2 stages per rank")
-    split_layers(n_layers, pp * per_rank, cfg.pp_split_points)
-    if cfg.pp_schedule in MULTI_STAGE and n_microbatches % pp:
-        raise ConfigError(f"train.micro_batch_size: {cfg.pp_schedule} needs a micro-batch count divisible by "
-                          f"parallel.pp={pp}, got {n_microbatches} (= global batch / (micro x dp)); change "
-                          "train.micro_batch_size or train.global_batch_size")
-    if n_microbatches < pp and cfg.pp_schedule != "GPipe":
-        raise ConfigError(f"train.micro_batch_size: {cfg.pp_schedule} needs at least parallel.pp={pp} micro-"
-                          f"batches per step, got {n_microbatches}; lower train.micro_batch_size")
+from meshtune.runtime.plan import stage_ids
 
 
 def stage_module(model: nn.Module, layers: list[int], first: bool, last: bool) -> nn.Module:

@@ -1,131 +1,190 @@
-"""`meshtune validate`: check a config against a world size and estimate per-rank memory, without training.
+"""The plan: how a config lays out on a world size, decided once and used by everyone.
 
-The model is built on the meta device (no memory, any size), the degrees are resolved against the world
-size, and the batch split is checked. Memory per rank, fp32 master weights with AdamW:
-    parameters 4 B per parameter this rank holds (its FSDP/TP shards of its pipeline stages, counted exactly
-    by building its layout on the meta device with a fake process group), gradients 4 B and optimizer state
-    8 B per trainable one
-    activations per micro-batch ~ 34 * layers * tokens * dim bytes in 16-bit (Korthikanti et al. 2022, with
-    fused scaled-dot-product attention, which stores no score matrix; tensor parallelism divides 24 of the
-    34 terms by tp, sequence parallelism all of them), doubled for fp32; with activation
-    checkpointing each block keeps only its input, plus one block's full activations during recompute.
+    plan = make_plan(cfg, world_size=8)          # raises ConfigError for an impossible layout
+    plan.dims, plan.accum, plan.stage_layers     # the mesh degrees, micro-batches per step, pipeline cut
+    plan.describe()                              # 'pp=1 x dp_replicate=1 x dp_shard=8 x tp=1 = 8 ranks (fsdp)'
+
+`build_trainer` builds its mesh, sampler, pipeline and engine from it; `meshtune validate` reports it (and
+its memory, runtime/plan_report.py); `meshtune launch` and `meshtune slurm submit` check it before any rank
+starts, so the four cannot disagree. No torch import: `--dry-run` stays instant.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-import torch
-from torch.distributed.tensor import DTensor
+from meshtune.config import Config, ConfigError, ParallelConfig
+from meshtune.runtime.mesh import AXES, ParallelDims
 
-from meshtune.config import Config, ConfigError
-from meshtune.data import build_tokenizer, get_task, load_records
-from meshtune.models import build_model
-from meshtune.recipes import apply_recipes, build_recipes
-from meshtune.runtime.mesh import AXES, ParallelDims, ParallelMesh, fake_process_group
-from meshtune.runtime.parallelize import parallelize
-from meshtune.runtime.pipeline_parallel import (
-    check_pipeline,
-    split_layers,
-    stage_ids,
-    stage_module,
-    stages_per_rank,
-)
-from meshtune.runtime.run import vocab_size
-from meshtune.runtime.tensor_parallel import check_tp, check_tp_recipes
+SINGLE_STAGE = ("GPipe", "1F1B")
+V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
+MULTI_STAGE = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble") + V_SHAPED
+SCHEDULES = SINGLE_STAGE + MULTI_STAGE
 
 
-def _gb(n: float) -> str:
-    return f"{n / 2**30:.3f} GiB"
+@dataclass(frozen=True)
+class Plan:
+    """A run's layout on `world_size` ranks.
+
+    Attributes:
+        world_size: ranks in the job.
+        dims: the resolved mesh degrees (engines other than native: every rank a data-parallel replica, the
+            engine shards state itself).
+        engine: `native`, `deepspeed` or `fairscale`.
+        zero_stage: the DeepSpeed ZeRO stage (0 for the other engines).
+        accum: micro-batches per rank per optimizer step (the pipeline schedule's micro-batch count).
+        stages_per_rank: pipeline stages each pp rank runs (1 without pipelining).
+        stage_layers: the layer indices of each pipeline stage, in stage order (one stage without pipelining).
+        schedule: the pipeline schedule name.
+    """
+
+    world_size: int
+    dims: ParallelDims
+    engine: str
+    zero_stage: int
+    accum: int
+    stages_per_rank: int
+    stage_layers: tuple[tuple[int, ...], ...]
+    schedule: str
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_layers)
+
+    def stages_of(self, pp_rank: int) -> list[int]:
+        """The stage ids pp rank `pp_rank` runs (looped, or V-shaped for the ZB-V / DualPipe-V schedules)."""
+        return stage_ids(pp_rank, self.dims.pp, self.stages_per_rank, self.schedule)
+
+    @property
+    def mode(self) -> str:
+        """How data parallelism runs: fsdp, hsdp, ddp, none, `deepspeed ZeRO-N` or `fairscale OSS + DDP`."""
+        if self.engine == "deepspeed":
+            return f"deepspeed ZeRO-{self.zero_stage}"
+        if self.engine == "fairscale":
+            return "fairscale OSS + DDP"
+        return self.dims.dp_mode
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Parameters are sharded over the data-parallel ranks (FSDP2/HSDP, or ZeRO-3)."""
+        return self.dims.dp_shard > 1 or (self.engine == "deepspeed" and self.zero_stage == 3)
+
+    def describe(self) -> str:
+        return (" x ".join(f"{a}={getattr(self.dims, a)}" for a in AXES) + f" = {self.world_size} ranks "
+                f"({self.mode})")
 
 
-def _short(ranks: list[int]) -> str:
-    return str(ranks) if len(ranks) <= 8 else f"[{', '.join(map(str, ranks[:4]))}, ..., {ranks[-1]}] ({len(ranks)})"
+def stages_per_rank(cfg: ParallelConfig) -> int:
+    return cfg.pp_stages_per_rank or (1 if cfg.pp_schedule in SINGLE_STAGE else 2)
 
 
-def _rank_layout(cfg: Config, dims: ParallelDims, vocab: int, rank: int) -> dict:
-    """Build `rank`'s share of the model exactly as training would (meta device, fake process group):
-    its mesh groups, its pipeline stages, its DTensor shards; count what it holds."""
-    p = replace(cfg.parallel, compile=False, activation_checkpointing=False)
-    cpu = torch.device("cpu")
-    with fake_process_group(rank, dims.world_size):
-        mesh = ParallelMesh(dims, "cpu", rank)
-        model = apply_recipes(build_model(cfg.model, vocab, device="meta"), build_recipes(cfg.recipe))
-        if dims.pp > 1:
-            per_rank = stages_per_rank(p)
-            n_stages = dims.pp * per_rank
-            split = split_layers(cfg.model.n_layers, n_stages, p.pp_split_points)
-            ids = stage_ids(mesh.coordinate["pp"], dims.pp, per_rank, p.pp_schedule)
-            parts = [stage_module(model, split[i], i == 0, i == n_stages - 1) for i in ids]
-        else:
-            parts = [model]
-        parts = [parallelize(part, mesh, p, cpu, wrap_ddp=False) for part in parts]
-        unique = {id(q): q for part in parts for q in part.parameters()}.values()
-        local = [(q.to_local() if isinstance(q, DTensor) else q, q.requires_grad) for q in unique]
-        groups = {a: mesh.get(a).mesh.flatten().tolist() for a in AXES if mesh.get(a) is not None}
-        return {"rank": rank, "params": sum(t.numel() for t, _ in local), "groups": groups,
-                "trainable": sum(t.numel() for t, g in local if g), "layers": sum(len(x.layers) for x in parts)}
+def split_layers(n_layers: int, num_stages: int, split_points: list[int]) -> list[list[int]]:
+    """Layer indices of each stage: `split_points` (first layer of stages 1..n-1) or an even split."""
+    if n_layers < num_stages:
+        raise ConfigError(f"model.n_layers: {n_layers} layers cannot fill {num_stages} pipeline stages "
+                          "(parallel.pp x stages per rank); lower parallel.pp or add layers")
+    if split_points:
+        if len(split_points) != num_stages - 1 or sorted(set(split_points)) != split_points or \
+                not 0 < split_points[0] or split_points[-1] >= n_layers:
+            raise ConfigError(f"parallel.pp_split_points: {split_points} must be {num_stages - 1} increasing layer "
+                              f"indices in 1..{n_layers - 1} (the first layer of each stage after the first)")
+        bounds = [0, *split_points, n_layers]
+    else:
+        base, extra = divmod(n_layers, num_stages)
+        bounds = [0]
+        for s in range(num_stages):
+            bounds.append(bounds[-1] + base + (1 if s < extra else 0))
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def describe_plan(cfg: Config, world_size: int) -> str:
-    """A short report of the layout and per-rank memory; raises ConfigError for an impossible plan."""
+def stage_ids(pp_rank: int, pp: int, per_rank: int, schedule: str) -> list[int]:
+    if schedule in V_SHAPED:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(per_rank)]
+
+
+def check_pipeline(cfg: ParallelConfig, n_layers: int, pp: int, n_microbatches: int) -> None:
+    """Config errors that need the resolved degrees: stage count, stages per rank, micro-batch count."""
+    per_rank = stages_per_rank(cfg)
+    if cfg.pp_schedule in SINGLE_STAGE and per_rank != 1:
+        raise ConfigError(f"parallel.pp_stages_per_rank: {cfg.pp_schedule} runs one stage per rank; set it to 1 "
+                          "or pick Interleaved1F1B")
+    if cfg.pp_schedule in V_SHAPED and per_rank != 2:
+        raise ConfigError(f"parallel.pp_stages_per_rank: {cfg.pp_schedule} needs exactly 2 stages per rank")
+    split_layers(n_layers, pp * per_rank, cfg.pp_split_points)
+    if cfg.pp_schedule in MULTI_STAGE and n_microbatches % pp:
+        raise ConfigError(f"train.micro_batch_size: {cfg.pp_schedule} needs a micro-batch count divisible by "
+                          f"parallel.pp={pp}, got {n_microbatches} (= global batch / (micro x dp)); change "
+                          "train.micro_batch_size or train.global_batch_size")
+    if n_microbatches < pp and cfg.pp_schedule != "GPipe":
+        raise ConfigError(f"train.micro_batch_size: {cfg.pp_schedule} needs at least parallel.pp={pp} micro-"
+                          f"batches per step, got {n_microbatches}; lower train.micro_batch_size")
+
+
+def check_tp_sizes(cfg: Config, tp: int, vocab_size: int | None = None) -> None:
+    """Every size tensor parallelism splits must divide by `tp` (the vocabulary too, when known).
+
+    Raises:
+        ConfigError: naming the model key tp does not divide, or tied embeddings under tp.
+    """
+    if tp == 1:
+        return
+    from meshtune.models.sizes import ffn_hidden_dim
+
+    m = cfg.model
+    sizes = [("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads or m.n_heads),
+             ("model.ffn_dim (the MLP hidden size)", ffn_hidden_dim(m))]
+    if vocab_size:
+        sizes.append(("model.vocab_size", vocab_size))
+    for key, size in sizes:
+        if size % tp:
+            raise ConfigError(f"{key}: {size} is not divisible by parallel.tp={tp}; tensor parallelism splits it "
+                              f"evenly, so choose a tp that divides {size} or change {key.split(' ')[0]}")
+    if m.tie_embeddings:
+        raise ConfigError("model.tie_embeddings: tied embeddings are not supported with parallel.tp > 1; "
+                          "set model.tie_embeddings=false or parallel.tp=1")
+
+
+def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Plan:
+    """The layout of `cfg` on `world_size` ranks, every check that needs the world size done.
+
+    Args:
+        cfg: a validated config.
+        world_size: ranks in the job.
+        vocab_size: the resolved vocabulary, when known (tensor parallelism must divide it).
+
+    Raises:
+        ConfigError: naming the key and the fix, for a layout that cannot run.
+    """
+    p, t, m = cfg.parallel, cfg.train, cfg.model
     if world_size < 1:
         raise ConfigError(f"--world-size: must be >= 1, got {world_size}")
-    p, t, m = cfg.parallel, cfg.train, cfg.model
+    if p.pp_schedule not in SCHEDULES:  # checked with pp=1 too: a typo should not wait for a pipelined run
+        raise ConfigError(f"parallel.pp_schedule: {p.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
     try:
         dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp).resolve(world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if p.engine != "native":  # every rank a replica; the engine shards state itself (tp = pp = 1 by config)
+        dims = replace(dims, dp_replicate=dims.world_size, dp_shard=1)
     if t.global_batch_size % (t.micro_batch_size * dims.dp):
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                           f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree {dims.dp}; "
                           f"use a multiple of {t.micro_batch_size * dims.dp}")
     accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
+    per_rank, layers = 1, [list(range(m.n_layers))]
     if dims.pp > 1:
-        check_pipeline(p, m.n_layers, dims.pp, accum)
         if m.tie_embeddings:
             raise ConfigError("model.tie_embeddings: the embedding and the head sit on different pipeline stages; "
                               "set model.tie_embeddings=false or parallel.pp=1")
-    if cfg.data.task:
-        get_task(cfg.data.task)
-    data_lines = []
-    for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
-        if path:  # parse once here, so a malformed line is reported before any rank starts
-            data_lines.append(f"{key}: {len(load_records(path, key)):,} records in {path}")
-    vocab = vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
-    check_tp(m, vocab, dims.tp)
-    check_tp_recipes(cfg, dims.tp)
-    build_recipes(cfg.recipe)
-    n = build_model(m, vocab, device="meta").num_params()
-    # the exact per-rank layout, built on a fake world: the first rank of each pipeline stage group
-    per_stage = world_size // dims.pp
-    layouts = [_rank_layout(cfg, dims, vocab, s * per_stage) for s in range(dims.pp)]
-    busiest = max(layouts, key=lambda x: x["params"])
-    seq, dim = cfg.data.seq_len, m.dim
-    bytes_per_elem = 4 if t.dtype == "fp32" else 2  # auto = bf16 on the GPUs a plan is made for
-    # Korthikanti et al.: tensor parallelism divides 24 of the 34 sbh terms, sequence parallelism all of them
-    factor = 34 / dims.tp if p.sequence_parallel else 10 + 24 / dims.tp
-    per_layer = t.micro_batch_size * seq * dim * factor / 2 * bytes_per_elem
-    layers = busiest["layers"]
-    # micro-batches whose activations a stage holds at once: all of them under GPipe, up to pp under 1F1B
-    in_flight = 1 if dims.pp == 1 else accum if p.pp_schedule == "GPipe" else min(accum, dims.pp)
-    if p.activation_checkpointing:
-        act = layers * t.micro_batch_size * seq * dim * bytes_per_elem * in_flight + per_layer
-    else:
-        act = layers * per_layer * in_flight
-    params, trainable = busiest["params"], busiest["trainable"]
-    state = 4 * params + 4 * trainable + 8 * trainable
-    lines = [f"layout: {' x '.join(f'{a}={getattr(dims, a)}' for a in AXES)} = {world_size} ranks "
-             f"({dims.dp_mode})",
-             f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dims.dp} x accumulation "
-             f"{accum}; {t.global_batch_size * seq:,} tokens per step"]
-    for axis in AXES:
-        group = busiest["groups"].get(axis)
-        where = f"rank {busiest['rank']}'s group {_short(group)}" if group else "-"
-        lines.append(f"  {axis:<13} degree {getattr(dims, axis):>5}  {where}")
-    lines += [f"model: {n:,} parameters; recipe: {cfg.recipe.name or 'none (full training)'}",
-              f"per rank (busiest: rank {busiest['rank']}, {layers} layers): {params:,} parameters "
-              f"({trainable:,} trainable); parameters {_gb(4 * params)}, gradients {_gb(4 * trainable)}, "
-              f"AdamW state {_gb(8 * trainable)}, activations ~{_gb(act)} "
-              f"({'fp32' if bytes_per_elem == 4 else 'bf16'}); total ~{_gb(state + act)}"]
-    return "\n".join(lines + data_lines)
+        check_pipeline(p, m.n_layers, dims.pp, accum)
+        per_rank = stages_per_rank(p)
+        layers = split_layers(m.n_layers, dims.pp * per_rank, p.pp_split_points)
+    check_tp_sizes(cfg, dims.tp, vocab_size)
+    plan = Plan(world_size, dims, p.engine, p.zero_stage if p.engine == "deepspeed" else 0, accum, per_rank,
+                tuple(tuple(x) for x in layers), p.pp_schedule)
+    if m.init_device == "meta" and not (p.engine == "native" and (dims.dp_shard > 1 or
+                                                                  (dims.dp_replicate > 1 and dims.tp > 1))):
+        raise ConfigError("model.init_device: meta needs a sharded model (parallel.dp_shard > 1 with "
+                          "parallel.engine=native); use auto")
+    return plan

@@ -1,6 +1,6 @@
 """Assemble a run from its config and start it: what `meshtune train` does on every rank.
 
-    config -> DistEnv -> ParallelDims.resolve(world) -> ParallelMesh -> tokenizer, datasets, sampler
+    config -> DistEnv -> tokenizer -> make_plan(cfg, world) -> ParallelMesh -> datasets, sampler
            -> model (device or meta) -> parallelize -> AdamW + schedule -> resume -> Trainer.fit()
 
 Usable in-process too (tests, notebooks): `train(cfg)` joins an existing process group if there is one.
@@ -22,32 +22,15 @@ from meshtune.models.hf import check_matches_hf
 from meshtune.recipes import apply_recipes, build_recipes, count_parameters
 from meshtune.runtime.checkpoint import Checkpointer
 from meshtune.runtime.data_parallel import unwrap
-from meshtune.runtime.engines import build_engine, engine_layout
+from meshtune.runtime.engines import build_engine
 from meshtune.runtime.env import DistEnv
-from meshtune.runtime.mesh import ParallelDims, ParallelMesh
+from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.metrics import Metrics
 from meshtune.runtime.parallelize import parallelize
-from meshtune.runtime.pipeline_parallel import (
-    Pipeline,
-    check_pipeline,
-    parts_view,
-    split_layers,
-    stage_ids,
-    stage_module,
-    stages_per_rank,
-)
-from meshtune.runtime.tensor_parallel import check_tp, check_tp_recipes
+from meshtune.runtime.pipeline_parallel import Pipeline, parts_view, stage_module
+from meshtune.runtime.plan import Plan, make_plan
+from meshtune.runtime.tensor_parallel import check_tp_recipes
 from meshtune.runtime.trainer import Trainer, lr_lambda, use_bf16
-
-
-def build_mesh(cfg: Config, env: DistEnv) -> ParallelMesh:
-    p = cfg.parallel
-    try:
-        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp).resolve(env.world_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    dims = engine_layout(cfg, dims)  # deepspeed / fairscale: every rank a replica, the engine shards state
-    return ParallelMesh(dims, env.device.type, env.rank)
 
 
 def vocab_size(cfg: Config, tokenizer) -> int:
@@ -91,20 +74,18 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
     env.init_process_group(cfg.parallel.timeout_s)
-    mesh = build_mesh(cfg, env)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    vocab = vocab_size(cfg, tokenizer)
+    plan = make_plan(cfg, env.world_size, vocab)  # the layout `meshtune validate` and `launch` checked
+    mesh = ParallelMesh(plan.dims, env.device.type, env.rank)
     seed = cfg.train.seed
     torch.manual_seed(seed)  # the same initial weights on every rank
 
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed)
     sampler = StepSampler(len(train_ds), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                           mesh.dp_rank, mesh.dp_size, seed, cfg.data.shuffle)
-
+    assert sampler.accum_steps == plan.accum, (sampler.accum_steps, plan.accum)
     meta = cfg.model.init_device == "meta"
-    if meta and not mesh.uses_fsdp:
-        raise ConfigError("model.init_device: meta needs a sharded model (parallel.dp_shard > 1); use auto")
-    vocab = vocab_size(cfg, tokenizer)
-    check_tp(cfg.model, vocab, mesh.dims.tp)
     recipes = build_recipes(cfg.recipe)
     check_tp_recipes(cfg, mesh.dims.tp)
     model = build_model(cfg.model, vocab, device="meta" if meta else env.device)
@@ -117,7 +98,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     param_dtype = torch.bfloat16 if use_bf16(cfg.train.dtype, env.device) else None
     pipeline = None
     if (pp_mesh := mesh.get("pp")) is not None:
-        model, pipeline = build_pipeline(model, cfg, mesh, sampler.accum_steps, env.device, param_dtype, pp_mesh)
+        model, pipeline = build_pipeline(model, cfg, plan, mesh, env.device, param_dtype, pp_mesh)
     else:
         model = parallelize(model, mesh, cfg.parallel, env.device, param_dtype,
                             wrap_ddp=cfg.parallel.engine != "deepspeed")  # DeepSpeed wraps the model itself
@@ -134,7 +115,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
             check_matches_hf(cfg.model, vocab, source.path)
         load_weights(model, source, all_keys, all_keys - base_keys, key="init_from")
     optimizer = build_optimizer(model, cfg)
-    model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, sampler.accum_steps)
+    model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, plan.accum)
     scheduler = build_schedule(optimizer, cfg)  # after the engine: fairscale's OSS replaces the AdamW
 
     checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last, model_meta={"vocab_size": vocab})
@@ -160,22 +141,15 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                    checkpointer, metrics, step=step, pipeline=pipeline, recipes=recipes, engine=engine)
 
 
-def build_pipeline(model, cfg: Config, mesh: ParallelMesh, n_microbatches: int, device, param_dtype, pp_mesh):
-    """Cut `model` into this rank's pipeline stages, parallelise each, and wrap them in a schedule.
-
-    Returns a module viewing this rank's stages under the model's own parameter names, and the Pipeline."""
-    p, pp = cfg.parallel, mesh.dims.pp
-    if cfg.model.tie_embeddings:
-        raise ConfigError("model.tie_embeddings: the embedding and the head sit on different pipeline stages; "
-                          "set model.tie_embeddings=false or parallel.pp=1")
-    check_pipeline(p, cfg.model.n_layers, pp, n_microbatches)
-    per_rank = stages_per_rank(p)
-    num_stages = pp * per_rank
-    layers = split_layers(cfg.model.n_layers, num_stages, p.pp_split_points)
-    ids = stage_ids(mesh.coordinate["pp"], pp, per_rank, p.pp_schedule)
-    parts = [parallelize(stage_module(model, layers[i], i == 0, i == num_stages - 1), mesh, p, device, param_dtype)
-             for i in ids]
-    pipeline = Pipeline(parts, ids, num_stages, p, n_microbatches, pp_mesh.get_group(), device, cfg.model.dim)
+def build_pipeline(model, cfg: Config, plan: Plan, mesh: ParallelMesh, device, param_dtype, pp_mesh):
+    """Cut `model` into this rank's pipeline stages (`plan.stage_layers`), parallelise each, and wrap them in
+    a schedule. Returns a module viewing this rank's stages under the model's own parameter names, and the
+    Pipeline."""
+    n = plan.num_stages
+    ids = plan.stages_of(mesh.coordinate["pp"])
+    parts = [parallelize(stage_module(model, list(plan.stage_layers[i]), i == 0, i == n - 1), mesh, cfg.parallel,
+                         device, param_dtype) for i in ids]
+    pipeline = Pipeline(parts, ids, n, cfg.parallel, plan.accum, pp_mesh.get_group(), device, cfg.model.dim)
     return parts_view([unwrap(part) for part in parts]), pipeline
 
 

@@ -85,7 +85,7 @@ def test_reshard_tp2_to_single_process(rank_pool, tmp_path):
 
 def test_tp_config_errors():
     from meshtune.config import ConfigError, load_config
-    from meshtune.runtime.plan import describe_plan
+    from meshtune.runtime.plan_report import describe_plan
     from tests.distributed.cases import TINY
 
     with pytest.raises(ConfigError, match="model.n_kv_heads: 2 heads cannot be split over parallel.tp=4"):

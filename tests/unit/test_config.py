@@ -294,15 +294,19 @@ def test_bundled_configs_are_listed():
 @pytest.mark.parametrize("name", C.bundled_configs())
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_bundled_config_validates(name, world_size):
-    from meshtune.runtime.plan import describe_plan
+    from meshtune.runtime.plan_report import describe_plan
 
     cfg = load_config(name)
+    if cfg.model.init_device == "meta" and world_size == 1:  # the plan the trainer would refuse, refused here too
+        with pytest.raises(C.ConfigError, match=r"^model\.init_device: meta needs a sharded model"):
+            describe_plan(cfg, world_size=world_size)
+        return
     text = describe_plan(cfg, world_size=world_size)
     assert f"= {world_size} ranks" in text
 
 
 def test_describe_plan_errors_name_the_key():
-    from meshtune.runtime.plan import describe_plan
+    from meshtune.runtime.plan_report import describe_plan
 
     cfg = load_config(TINY)
     with pytest.raises(ConfigError, match=r"^train\.global_batch_size"):
@@ -371,7 +375,7 @@ def test_coordinates_match_row_major_mesh(degrees):
 @pytest.mark.parametrize("override,key", [("data.task=nosuch", "data.task"),
                                           ("model.vocab_size=100", "model.vocab_size")])
 def test_plan_catches_what_only_the_runtime_knows(override, key):
-    from meshtune.runtime.plan import describe_plan
+    from meshtune.runtime.plan_report import describe_plan
 
     with pytest.raises(ConfigError, match=key):
         describe_plan(load_config(TINY, [override]), world_size=2)

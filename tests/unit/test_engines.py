@@ -88,11 +88,36 @@ def test_engine_config_errors(overrides, key):
 
 
 def test_engine_layout_makes_every_rank_a_replica():
-    from meshtune.runtime.engines import engine_layout
-    from meshtune.runtime.mesh import ParallelDims
+    from meshtune.runtime.plan import make_plan
 
-    dims = ParallelDims(1, -1, 1, 1).resolve(4)
-    for engine, want in [("native", (1, 4)), ("deepspeed", (4, 1)), ("fairscale", (4, 1))]:
+    for engine, want, mode in [("native", (1, 4), "fsdp"), ("deepspeed", (4, 1), "deepspeed ZeRO-2"),
+                               ("fairscale", (4, 1), "fairscale OSS + DDP")]:
         cfg = load_config(None, ["data.task=sort", f"parallel.engine={engine}"])
-        got = engine_layout(cfg, dims)
-        assert (got.dp_replicate, got.dp_shard) == want and got.world_size == 4
+        plan = make_plan(cfg, 4)
+        assert (plan.dims.dp_replicate, plan.dims.dp_shard) == want and plan.dims.world_size == 4
+        assert plan.describe().endswith(f"= 4 ranks ({mode})")
+
+
+def test_validate_reports_the_engine_layout_and_its_memory():
+    """validate and the trainer share one plan: a DeepSpeed run is reported as ZeRO, not as FSDP, and ZeRO-3
+    divides parameters, gradients and optimizer state over the ranks while ZeRO-1 divides only the state."""
+    import re
+
+    from meshtune.runtime.plan_report import describe_plan
+
+    def memory(text):
+        line = next(x for x in text.splitlines() if x.startswith("per rank"))
+        return [float(v) for v in re.findall(r"(?:parameters|gradients|AdamW state) ([\d.]+) GiB", line)]
+
+    base = ["data.task=sort", "model.dim=256", "model.n_layers=4", "train.global_batch_size=32"]
+    fsdp = describe_plan(load_config(None, base), 4)
+    z3 = describe_plan(load_config(None, [*base, "parallel.engine=deepspeed", "parallel.zero_stage=3"]), 4)
+    z1 = describe_plan(load_config(None, [*base, "parallel.engine=deepspeed", "parallel.zero_stage=1"]), 4)
+    assert "(fsdp)" in fsdp.splitlines()[0] and "(deepspeed ZeRO-3)" in z3.splitlines()[0], z3
+    assert "(deepspeed ZeRO-1)" in z1.splitlines()[0] and "dp_replicate=4 x dp_shard=1" in z1.splitlines()[0]
+    p1, g1, o1 = memory(z1)
+    p3, g3, o3 = memory(z3)
+    assert p3 == pytest.approx(p1 / 4, rel=1e-3) and g3 == pytest.approx(g1 / 4, rel=1e-3) and o3 == o1
+    assert memory(fsdp) == pytest.approx([p3, g3, o3], rel=1e-2)  # FSDP2 shards the same three ways
+
+

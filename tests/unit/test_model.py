@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from meshtune.config import ModelConfig
 from meshtune.models import Transformer, build_model
-from meshtune.models.llama import Attention, ffn_hidden_dim
+from meshtune.models.llama import Attention
+from meshtune.models.sizes import ffn_hidden_dim
 
 V = 61  # odd on purpose: nothing may assume a round vocabulary
 

@@ -107,13 +107,3 @@ def build_engine(cfg: Config, mesh, device: torch.device, model: torch.nn.Module
         engine = FairScaleEngine(cfg, model, optimizer)
         return model, engine.optimizer, engine
     raise ConfigError(f"parallel.engine: {name!r} is not one of {', '.join(ENGINES)}; pick one of them")
-
-
-def engine_layout(cfg: Config, dims):
-    """The resolved mesh degrees an engine trains on. `native` keeps the configured layout; for the others
-    every rank is a data-parallel replica and the engine shards state itself (tp/pp > 1 was refused)."""
-    from dataclasses import replace
-
-    if cfg.parallel.engine == "native":
-        return dims
-    return replace(dims, dp_replicate=dims.world_size, dp_shard=1)
