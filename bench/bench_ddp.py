@@ -88,9 +88,9 @@ def build_variant(name: str, args, env, vocab: int, tmp: str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from meshtune.config import load_config
     from meshtune.models import build_model
     from meshtune.runtime.run import build_trainer
+    from meshtune.schema import load_config
 
     cfg = load_config(None, config_overrides(args, f"{tmp}/{name}", name))
     if name.startswith("meshtune"):
@@ -133,10 +133,10 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from meshtune.config import load_config
     from meshtune.data import StepSampler, build_datasets, build_tokenizer, collate
     from meshtune.runtime.env import DistEnv
     from meshtune.runtime.run import vocab_size
+    from meshtune.schema import load_config
 
     torch.set_num_threads(1)
     env = DistEnv.from_environ(use_cuda=False)

@@ -57,7 +57,7 @@ from pathlib import Path
 
 
 def config(run_dir: Path, args, steps: int, num_train: int, *extra: str):
-    from meshtune.config import load_config
+    from meshtune.schema import load_config
 
     return load_config("pretrain/tiny", [
         f"run_dir={run_dir}", f"data.task={args.task}", f"data.num_train={num_train}",

@@ -103,9 +103,9 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from meshtune.config import load_config
     from meshtune.runtime.env import DistEnv
     from meshtune.runtime.run import build_trainer
+    from meshtune.schema import load_config
 
     torch.set_num_threads(1)
     env = DistEnv.from_environ(use_cuda=False)

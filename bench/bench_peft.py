@@ -65,7 +65,7 @@ HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 def variant_config(name: str, args, base: Path, run_root: Path):
-    from meshtune.config import load_config
+    from meshtune.schema import load_config
 
     return load_config(f"finetune/{name}", [
         f"run_dir={run_root / name}", f"init_from={base}", f"data.task={args.task}", "data.train_path=",
@@ -77,10 +77,10 @@ def variant_config(name: str, args, base: Path, run_root: Path):
 
 def pretrain_base(args, tmp: Path) -> tuple[Path, float]:
     """Train pretrain/tiny on sort in this process and export it merged; returns (file, eval accuracy)."""
-    from meshtune.config import load_config
     from meshtune.export import export
     from meshtune.runtime.env import DistEnv
     from meshtune.runtime.run import build_trainer
+    from meshtune.schema import load_config
 
     cfg = load_config("pretrain/tiny", [f"run_dir={tmp / 'base'}", f"train.steps={args.base_steps}",
                                         "train.eval_every=0", "checkpoint.every=0", "checkpoint.resume=never",
@@ -126,9 +126,9 @@ def saved_activation_bytes(model, batch: dict) -> int:
 
 def share_at_scale(name: str) -> float:
     """% of parameters a recipe trains on the llama-1b shape (built on meta: nothing allocated)."""
-    from meshtune.config import load_config
     from meshtune.models import build_model
     from meshtune.recipes import apply_recipes, build_recipes, count_parameters
+    from meshtune.schema import load_config
 
     cfg = load_config(f"finetune/{name}", ["data.task=sort"])
     big = load_config("pretrain/llama-1b", ["data.task=sort", "data.train_path="]).model
@@ -249,9 +249,10 @@ def part2(args) -> dict | None:
     import torch
     import torch.nn.functional as F
 
-    from meshtune.config import LoRAConfig, ModelConfig, RecipeConfig
+    from meshtune.config import ModelConfig
     from meshtune.models import build_model
-    from meshtune.recipes import apply_recipes, build_recipes
+    from meshtune.recipes import RecipeConfig, apply_recipes, build_recipes
+    from meshtune.recipes.lora import LoRAConfig
 
     d, L, H, Hkv, ffn, V, T, B = (args.hf_dim, args.hf_layers, args.hf_heads, args.hf_kv_heads, args.hf_ffn,
                                   args.hf_vocab, args.hf_seq, args.hf_batch)

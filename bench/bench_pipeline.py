@@ -90,8 +90,8 @@ def config_overrides(args, run_dir: str, parallel: list[str], micro_count: int) 
 
 
 def build(args, env, tmp: str, name: str, parallel: list[str], micro_count: int):
-    from meshtune.config import load_config
     from meshtune.runtime.run import build_trainer
+    from meshtune.schema import load_config
 
     cfg = load_config(None, config_overrides(args, f"{tmp}/{name}", parallel, micro_count))
     trainer = build_trainer(cfg, env)

@@ -52,7 +52,7 @@ TARGETS = {"magnitude": 1.0, "2:4": 2.0, "structured": 2.0}  # accuracy points b
 
 
 def base_config(run_dir: Path, steps: int, num_eval: int, extra: list[str]):
-    from meshtune.config import load_config
+    from meshtune.schema import load_config
 
     return load_config("pretrain/tiny", [f"run_dir={run_dir}", f"train.steps={steps}", "train.eval_every=0",
                                          "checkpoint.every=0", "checkpoint.resume=never", "metrics.progress=false",

@@ -255,9 +255,9 @@ def part2(args) -> dict:
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
-    from meshtune.config import ModelConfig, QuantConfig
+    from meshtune.config import ModelConfig
     from meshtune.models import build_model
-    from meshtune.recipes.qat import base_config, prepare, qat_modules
+    from meshtune.recipes.qat import QuantConfig, base_config, prepare, qat_modules
 
     torch.manual_seed(0)
     vocab, seq, micro = 512, 128, 8

@@ -11,7 +11,7 @@ Target (issue 5): on a CUDA device, 2:4-pruned weights converted with `to_sparse
 What runs: the transformer blocks of the Llama-3.2-1B shape (dim 2048, SwiGLU 8192, 32/8 heads; --layers of
 them, no embedding or head: those stay dense in a 2:4 model) in fp16 on random inputs; every linear weight
 gets meshtune's 2:4 mask (`recipes.prune.nm_mask`: the 2 largest |w| of every 4 inputs), then
-`recipes.prune_export.semi_structured` converts them. Both models run the same (batch, seq) forward under
+`recipes.prune.export.semi_structured` converts them. Both models run the same (batch, seq) forward under
 inference_mode; median ms after warmup, tokens/s, the speedup, and the largest output difference relative to
 the output's scale (the sparse kernels sum in another order, so a few 1e-3 in fp16). Also one linear alone
 (the MLP's 2048 -> 8192 up-projection), where the kernel's speedup shows without attention around it.
@@ -29,7 +29,7 @@ import torch
 from meshtune.config import ModelConfig
 from meshtune.models import build_model
 from meshtune.recipes.prune import nm_mask
-from meshtune.recipes.prune_export import semi_structured
+from meshtune.recipes.prune.export import semi_structured
 
 LLAMA_1B = dict(dim=2048, n_heads=32, n_kv_heads=8, ffn_dim=8192, rope_theta=500000.0)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def base_config(run_dir: Path, task: str, steps: int, num_eval: int, *extra: str):
-    from meshtune.config import load_config
+    from meshtune.schema import load_config
 
     return load_config("pretrain/tiny", [
         f"run_dir={run_dir}", f"data.task={task}", f"data.num_eval={num_eval}", f"train.steps={steps}",

@@ -36,7 +36,7 @@ class _ConfigHelp(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from meshtune.config import help_text
+        from meshtune.schema import help_text
 
         parser.print_help()
         print("\nconfig keys (set in YAML or as key=value):\n" + help_text())
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from meshtune import config as C
+    from meshtune import schema as S
 
     if args.command == "ls":
         for name in C.bundled_configs():
@@ -179,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
         return (serve if args.command == "serve" else distill_data).run_cli(args)
 
     overrides = _split_overrides(args)
-    cfg = C.load_config(args.config, overrides)  # errors surface here, before any process starts
+    cfg = S.load_config(args.config, overrides)  # errors surface here, before any process starts
     if args.command == "launch":
         from meshtune.launch.torchrun import launch, node_spec
 

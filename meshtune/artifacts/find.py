@@ -17,7 +17,9 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from meshtune.config import Config, ConfigError, ModelConfig, RecipeConfig, config_from_dict, read_yaml
+from meshtune.config import ConfigError, ModelConfig, read_yaml
+from meshtune.recipes import RecipeConfig
+from meshtune.schema import Config, config_from_dict
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 DEEPSPEED_DIR = "deepspeed"  # the folder inside step_N/ that holds DeepSpeed's own checkpoint

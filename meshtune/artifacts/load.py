@@ -75,7 +75,7 @@ def full_state(art: Artifact, key: str = "checkpoint") -> dict[str, torch.Tensor
         return load_safetensors(art.path, key)
     if art.kind == "sparse":
         from meshtune.artifacts.safe import safetensors_metadata
-        from meshtune.recipes.prune_export import dense_from_sparse
+        from meshtune.recipes.prune.export import dense_from_sparse
 
         layouts = json.loads(safetensors_metadata(art.path, key)["meshtune.sparse"])
         return dense_from_sparse(load_safetensors(art.path, key), layouts)

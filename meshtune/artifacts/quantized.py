@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from meshtune.artifacts.safe import load_torch_file
-from meshtune.config import ConfigError, ModelConfig, QuantConfig
+from meshtune.config import ConfigError, ModelConfig
+from meshtune.recipes.qat import QuantConfig
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

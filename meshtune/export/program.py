@@ -15,7 +15,7 @@ def write(run, out, opts) -> list:
 
     from meshtune.export.shrunk import compressed_state
     from meshtune.models import build_model
-    from meshtune.recipes.prune_export import export_program
+    from meshtune.recipes.prune.export import export_program
 
     art = run.artifact
     state, model_cfg = compressed_state(run)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from meshtune.config import ConfigError, ModelConfig, QuantConfig
+from meshtune.config import ConfigError, ModelConfig
 from meshtune.export.base import Format, human_size, merged_state, register
+from meshtune.recipes.qat import QuantConfig
 
 FILE = "model_quantized.pt"
 

@@ -1,5 +1,5 @@
 """`--format sparse`: sparse.safetensors, each pruned weight as CSR or the packed 2:4 layout where that is
-smaller than dense (meshtune.recipes.prune_export), the layouts in the metadata. Offered by recipes whose
+smaller than dense (meshtune.recipes.prune.export), the layouts in the metadata. Offered by recipes whose
 `export_formats()` list it; they provide `sparse_tensors(state, merged) -> (tensors, layouts)`. Loaded back
 dense by `meshtune.artifacts`."""
 

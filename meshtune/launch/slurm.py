@@ -394,7 +394,8 @@ def run_cli(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _submit_cli(args: argparse.Namespace, overrides: list[str]) -> int:
-    from meshtune.config import load_config, resolve_config_path
+    from meshtune.config import resolve_config_path
+    from meshtune.schema import load_config
 
     cfg = load_config(args.config, overrides)  # config errors before anything is written or queued
     job = slurm_job(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,

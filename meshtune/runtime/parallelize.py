@@ -34,7 +34,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device: torch.device,
-                param_dtype: torch.dtype | None = None, wrap_ddp: bool = True) -> nn.Module:
+                param_dtype: torch.dtype | None = None, wrap_ddp: bool = True, recipes=()) -> nn.Module:
     """Apply the parallel layout of `mesh` to `model` and return the module to train.
 
     Args:
@@ -44,9 +44,10 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
         device: this rank's device.
         param_dtype: FSDP2 compute dtype for gathered parameters (None = the parameters' own).
         wrap_ddp: False skips the DDP wrapper (plans on the meta device: DDP changes no parameter).
+        recipes: the run's recipes, which shard their own modules under tensor parallelism.
     """
     if (tp_mesh := mesh.get("tp")) is not None:
-        apply_tp(model, tp_mesh, cfg.sequence_parallel)
+        apply_tp(model, tp_mesh, cfg.sequence_parallel, recipes)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:

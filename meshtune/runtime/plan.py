@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from meshtune.config import Config, ConfigError, ParallelConfig
+from meshtune.config import ConfigError, ParallelConfig
+from meshtune.recipes import check_plan
 from meshtune.runtime.mesh import AXES, ParallelDims
+from meshtune.schema import Config
 
 SINGLE_STAGE = ("GPipe", "1F1B")
 V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
@@ -187,4 +189,5 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Pl
                                                                   (dims.dp_replicate > 1 and dims.tp > 1))):
         raise ConfigError("model.init_device: meta needs a sharded model (parallel.dp_shard > 1 with "
                           "parallel.engine=native); use auto")
+    check_plan(cfg, plan)  # each named recipe against the layout
     return plan

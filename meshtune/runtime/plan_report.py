@@ -19,7 +19,6 @@ from dataclasses import replace
 import torch
 from torch.distributed.tensor import DTensor
 
-from meshtune.config import Config
 from meshtune.data import build_tokenizer, get_task, load_records
 from meshtune.models import build_model
 from meshtune.recipes import apply_recipes, build_recipes
@@ -28,7 +27,7 @@ from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import stage_module
 from meshtune.runtime.plan import Plan, make_plan
 from meshtune.runtime.run import vocab_size
-from meshtune.runtime.tensor_parallel import check_tp_recipes
+from meshtune.schema import Config
 
 
 def _gb(n: float) -> str:
@@ -46,14 +45,15 @@ def _rank_layout(cfg: Config, plan: Plan, vocab: int, rank: int) -> dict:
     cpu = torch.device("cpu")
     with fake_process_group(rank, plan.world_size):
         mesh = ParallelMesh(plan.dims, "cpu", rank)
-        model = apply_recipes(build_model(cfg.model, vocab, device="meta"), build_recipes(cfg.recipe))
+        recipes = build_recipes(cfg.recipe)
+        model = apply_recipes(build_model(cfg.model, vocab, device="meta"), recipes)
         if plan.dims.pp > 1:
             n = plan.num_stages
             parts = [stage_module(model, list(plan.stage_layers[i]), i == 0, i == n - 1)
                      for i in plan.stages_of(mesh.coordinate["pp"])]
         else:
             parts = [model]
-        parts = [parallelize(part, mesh, p, cpu, wrap_ddp=False) for part in parts]
+        parts = [parallelize(part, mesh, p, cpu, wrap_ddp=False, recipes=recipes) for part in parts]
         unique = {id(q): q for part in parts for q in part.parameters()}.values()
         local = [(q.to_local() if isinstance(q, DTensor) else q, q.requires_grad) for q in unique]
         groups = {a: mesh.get(a).mesh.flatten().tolist() for a in AXES if mesh.get(a) is not None}
@@ -85,7 +85,6 @@ def describe_plan(cfg: Config, world_size: int) -> str:
     for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
         if path:  # parse once here, so a malformed line is reported before any rank starts
             data_lines.append(f"{key}: {len(load_records(path, key)):,} records in {path}")
-    check_tp_recipes(cfg, dims.tp)
     n = build_model(m, vocab, device="meta").num_params()
     # the exact per-rank layout, built on a fake world: the first rank of each pipeline stage group
     per_stage = world_size // dims.pp

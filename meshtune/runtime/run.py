@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from meshtune.artifacts import ArtifactLoader, find, load_weights
-from meshtune.config import Config, ConfigError, dump_yaml, to_dict
+from meshtune.config import ConfigError, dump_yaml, to_dict
 from meshtune.data import StepSampler, build_datasets, build_tokenizer
 from meshtune.models import build_model
 from meshtune.models.hf import check_matches_hf
@@ -29,8 +29,8 @@ from meshtune.runtime.metrics import Metrics
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import Pipeline, parts_view, stage_module
 from meshtune.runtime.plan import Plan, make_plan
-from meshtune.runtime.tensor_parallel import check_tp_recipes
 from meshtune.runtime.trainer import Trainer, lr_lambda, use_bf16
+from meshtune.schema import Config
 
 
 def vocab_size(cfg: Config, tokenizer) -> int:
@@ -87,7 +87,6 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     assert sampler.accum_steps == plan.accum, (sampler.accum_steps, plan.accum)
     meta = cfg.model.init_device == "meta"
     recipes = build_recipes(cfg.recipe)
-    check_tp_recipes(cfg, mesh.dims.tp)
     model = build_model(cfg.model, vocab, device="meta" if meta else env.device)
     base_keys = set(model.state_dict())
     model = apply_recipes(model, recipes)  # module swaps before parallelize: adapters shard with their layers
@@ -98,9 +97,9 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     param_dtype = torch.bfloat16 if use_bf16(cfg.train.dtype, env.device) else None
     pipeline = None
     if (pp_mesh := mesh.get("pp")) is not None:
-        model, pipeline = build_pipeline(model, cfg, plan, mesh, env.device, param_dtype, pp_mesh)
+        model, pipeline = build_pipeline(model, cfg, plan, mesh, env.device, param_dtype, pp_mesh, recipes)
     else:
-        model = parallelize(model, mesh, cfg.parallel, env.device, param_dtype,
+        model = parallelize(model, mesh, cfg.parallel, env.device, param_dtype, recipes=recipes,
                             wrap_ddp=cfg.parallel.engine != "deepspeed")  # DeepSpeed wraps the model itself
     if meta:
         for part in pipeline.parts if pipeline else [model]:
@@ -141,14 +140,14 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                    checkpointer, metrics, step=step, pipeline=pipeline, recipes=recipes, engine=engine)
 
 
-def build_pipeline(model, cfg: Config, plan: Plan, mesh: ParallelMesh, device, param_dtype, pp_mesh):
+def build_pipeline(model, cfg: Config, plan: Plan, mesh: ParallelMesh, device, param_dtype, pp_mesh, recipes=()):
     """Cut `model` into this rank's pipeline stages (`plan.stage_layers`), parallelise each, and wrap them in
     a schedule. Returns a module viewing this rank's stages under the model's own parameter names, and the
     Pipeline."""
     n = plan.num_stages
     ids = plan.stages_of(mesh.coordinate["pp"])
     parts = [parallelize(stage_module(model, list(plan.stage_layers[i]), i == 0, i == n - 1), mesh, cfg.parallel,
-                         device, param_dtype) for i in ids]
+                         device, param_dtype, recipes=recipes) for i in ids]
     pipeline = Pipeline(parts, ids, n, cfg.parallel, plan.accum, pp_mesh.get_group(), device, cfg.model.dim)
     return parts_view([unwrap(part) for part in parts]), pipeline
 

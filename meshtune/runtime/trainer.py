@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from meshtune.config import Config, ConfigError
 from meshtune.data import StepSampler, collate, eval_batches
 from meshtune.recipes.base import Recipe
 from meshtune.runtime.checkpoint import Checkpointer
@@ -32,6 +31,7 @@ from meshtune.runtime.grads import (
 from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.metrics import Metrics, peak_memory_gb
 from meshtune.runtime.pipeline_parallel import Pipeline
+from meshtune.schema import Config
 
 
 def use_bf16(dtype: str, device: torch.device) -> bool:
@@ -63,10 +63,6 @@ class Trainer:
         self.step = step
         self.pipeline = pipeline
         self.recipes = list(recipes)
-        loss_hooks = [r.name for r in self.recipes if r.changes_loss]
-        if pipeline is not None and loss_hooks:
-            raise ConfigError(f"recipe.name: {'+'.join(loss_hooks)} changes the training loss, which the pipeline "
-                              "schedule computes on its last stage only; set parallel.pp=1")
         dp, pp = mesh.get("dp"), mesh.get("pp")
         self.dp_group = dp.get_group() if dp is not None else None
         self.pp_group = pp.get_group() if pp is not None else None

@@ -11,10 +11,10 @@ from dataclasses import replace
 import torch
 from torch.distributed.tensor import DTensor
 
-from meshtune.config import Config, load_config
 from meshtune.runtime.data_parallel import unwrap
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.run import build_trainer
+from meshtune.schema import Config, load_config
 
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=32",
         "data.task=reverse", "data.seq_len=24", "data.num_train=256", "data.num_eval=16",

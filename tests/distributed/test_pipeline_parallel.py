@@ -101,8 +101,9 @@ def test_reshard_pp2_to_single_process(rank_pool, tmp_path):
      "model.tie_embeddings"),
 ])
 def test_pipeline_config_errors(overrides, match):
-    from meshtune.config import ConfigError, load_config
+    from meshtune.config import ConfigError
     from meshtune.runtime.plan_report import describe_plan
+    from meshtune.schema import load_config
 
     with pytest.raises(ConfigError, match=match):
         describe_plan(load_config(None, [*TINY, *overrides]), world_size=2)

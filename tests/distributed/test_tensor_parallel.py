@@ -84,8 +84,9 @@ def test_reshard_tp2_to_single_process(rank_pool, tmp_path):
 
 
 def test_tp_config_errors():
-    from meshtune.config import ConfigError, load_config
+    from meshtune.config import ConfigError
     from meshtune.runtime.plan_report import describe_plan
+    from meshtune.schema import load_config
     from tests.distributed.cases import TINY
 
     with pytest.raises(ConfigError, match="model.n_kv_heads: 2 heads cannot be split over parallel.tp=4"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from meshtune.config import load_config
+from meshtune.schema import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

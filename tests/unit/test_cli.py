@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from meshtune import config as C
+from meshtune import schema as S
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "pretrain/tiny"
@@ -98,8 +99,8 @@ def test_train_help_lists_config_keys_with_docstrings():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "usage: meshtune train" in out and "key=value" in out
-    hints = typing.get_type_hints(C.Config)
-    for section in C.SECTIONS:
+    hints = typing.get_type_hints(S.Config)
+    for section in S.SECTIONS:
         cls = hints[section]
         docs = C.field_docs(cls)
         nested = typing.get_type_hints(cls)

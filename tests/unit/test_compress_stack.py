@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshtune.config import load_config
 from meshtune.recipes.distill import kd_loss
 from meshtune.recipes.prune import MASK
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.grads import summed_loss
 from meshtune.runtime.run import build_trainer
+from meshtune.schema import load_config
 from tests.distributed.cases import TINY, tiny_config
 
 SHAPE = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=32"]

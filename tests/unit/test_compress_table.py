@@ -1,13 +1,13 @@
-"""The demo's compression table (meshtune.compress_table) on tiny in-process runs and their real exports."""
+"""The demo's compression table (meshtune.demo.compress) on tiny in-process runs and their real exports."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from meshtune import compress_table
-from meshtune.compress_table import Row, eval_split, format_table, latencies, load_artifact, measure
 from meshtune.config import ConfigError
+from meshtune.demo import compress as compress_table
+from meshtune.demo.compress import Row, eval_split, format_table, latencies, load_artifact, measure
 from meshtune.export import export
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.run import build_trainer
@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
 
 
 class FakeClock:
-    """`perf_counter` for meshtune.compress_table: time moves only when a model's forward advances it, so a
+    """`perf_counter` for meshtune.demo.compress: time moves only when a model's forward advances it, so a
     latency is exactly what the test made that forward take (powers of two: the sums stay exact)."""
 
     def __init__(self):

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from meshtune import config as C
-from meshtune.config import Config, ConfigError, load_config
+from meshtune import schema as S
+from meshtune.config import ConfigError
 from meshtune.runtime.mesh import AXES, ParallelDims
+from meshtune.schema import Config, load_config
 
 TINY = "pretrain/tiny"
 
@@ -104,6 +106,23 @@ def test_unknown_key_names_full_dotted_key_and_close_match(override, key, sugges
     assert f"'{suggestion}'" in msg
 
 
+def test_string_overrides_are_taken_as_written(tmp_path):
+    """YAML would read `#2` as a comment and `yes` as a boolean; a string field takes the text as written."""
+    cfg = S.load_config(None, ["data.task=sort", "run_dir=runs/x #2", "metrics.wandb_project=yes"])
+    assert cfg.run_dir == "runs/x #2" and cfg.metrics.wandb_project == "yes"
+    assert S.load_config(None, ["data.task=sort", "run_dir=on"]).run_dir == "on"
+    assert S.load_config(None, ["data.task=sort", "train.steps=7"]).train.steps == 7  # typed keys: YAML
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  task: [a, b]\n")  # in a file, YAML types stay checked
+    assert load_error(path=str(path)).startswith("data.task: expected str")
+
+
+def test_eval_path_with_a_task_is_refused(tmp_path):
+    (tmp_path / "eval.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    msg = load_error("data.task=sort", f"data.eval_path={tmp_path / 'eval.jsonl'}")
+    assert msg.startswith("data.eval_path:") and "data.task=sort" in msg
+
+
 def test_unknown_key_in_yaml_file_without_close_match_lists_valid_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  task: add\ntrain:\n  zzzzzz: 3\n")
@@ -121,7 +140,7 @@ def test_unknown_key_in_yaml_file_without_close_match_lists_valid_keys(tmp_path)
         ("metrics.progress=1", "metrics.progress"),
         ("optim.lr=abc", "optim.lr"),
         ("optim.lr=true", "optim.lr"),
-        ("data.task=[a, b]", "data.task"),
+        ("recipe.lora.targets=wq", "recipe.lora.targets"),  # a list field still reads YAML: [wq] is right
         ("model=3", "model"),  # a value where a section belongs
     ],
 )
@@ -242,11 +261,11 @@ def _doc(text: str) -> str:
 
 
 def test_help_text_documents_every_field():
-    text = C.help_text()
+    text = S.help_text()
     top_docs = C.field_docs(Config)
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
-        if f.name in C.SECTIONS:
+        if f.name in S.SECTIONS:
             cls = hints[f.name]
             assert cls.__doc__ and f"\n{f.name}: {cls.__doc__.strip()}" in text
             _check_section_documented(text, f.name, cls)
@@ -270,7 +289,7 @@ def _check_section_documented(text: str, prefix: str, cls: type) -> None:
 
 def test_sections_are_every_dataclass_field():
     hints = typing.get_type_hints(Config)
-    assert set(C.SECTIONS) == {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+    assert set(S.SECTIONS) == {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
 
 
 @pytest.mark.parametrize("overrides", [[], ["optim.lr=1e-4", "train.dtype=bf16", "metrics.progress=false",

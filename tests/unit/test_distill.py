@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from meshtune.artifacts import find, load_model
-from meshtune.config import ConfigError, DistillConfig, RecipeConfig, load_config
+from meshtune.config import ConfigError
 from meshtune.inference import generate
-from meshtune.recipes import build_recipes
 from meshtune.recipes.distill import PROJ, kd_loss
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.run import build_trainer
+from meshtune.schema import load_config
 from tests.distributed.cases import tiny_config
 
 
@@ -104,18 +104,13 @@ def test_bad_settings(tmp_path, override, match):
         load_config(None, ["data.task=sort", "recipe.name=distill", f"recipe.distill.teacher={tmp_path}", override])
 
 
-def test_pipeline_is_refused_before_loading(teacher_run, tmp_path):
-    recipe = build_recipes(RecipeConfig(name="distill", distill=DistillConfig(teacher=str(teacher_run["run"]))))[0]
+def test_pipeline_is_refused_by_the_plan_before_loading(teacher_run, tmp_path):
+    from meshtune.runtime.plan import make_plan
 
-    class Dims:
-        pp, tp, dp_shard = 2, 1, 1
-
-    class Mesh:
-        dims = Dims()
-
+    cfg = student_cfg(tmp_path, teacher_run["run"], "parallel.pp=2", "parallel.dp_shard=1", "model.n_layers=2",
+                      "train.micro_batch_size=4")
     with pytest.raises(ConfigError, match=r"^recipe\.name: distill .* parallel\.pp=1"):
-        recipe.setup(None, Mesh(), torch.device("cpu"), None)
-    assert recipe.teacher is None
+        make_plan(cfg, 2)
 
 
 def micro_batch_losses(trainer):

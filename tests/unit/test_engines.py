@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from meshtune.config import ConfigError, load_config
+from meshtune.config import ConfigError
+from meshtune.schema import load_config
 
 BASE = ["data.task=sort", "train.global_batch_size=16", "train.micro_batch_size=2", "optim.grad_clip=0.25",
         "parallel.engine=deepspeed"]

@@ -2,9 +2,9 @@
 
 import pytest
 
-from meshtune.config import load_config
 from meshtune.runtime.mesh import AXES, ParallelDims, ParallelMesh, fake_process_group
 from meshtune.runtime.plan_report import describe_plan
+from meshtune.schema import load_config
 
 DIMS = ParallelDims(dp_replicate=4, dp_shard=8, tp=8, pp=4).resolve(1024)
 

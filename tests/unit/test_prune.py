@@ -14,12 +14,12 @@ from torch import nn
 
 from meshtune.artifacts import find, load_model
 from meshtune.artifacts.load import full_state
-from meshtune.config import ConfigError, PruneConfig, RecipeConfig
+from meshtune.config import ConfigError
 from meshtune.export import export, merged_state
 from meshtune.models import build_model
-from meshtune.recipes import apply_recipes, build_recipes
-from meshtune.recipes.prune import cubic_sparsity, is_update_step, magnitude_masks, nm_mask
-from meshtune.recipes.prune_export import semi_structured, shrink_state, sparse_tensors
+from meshtune.recipes import RecipeConfig, apply_recipes, build_recipes
+from meshtune.recipes.prune import PruneConfig, cubic_sparsity, is_update_step, magnitude_masks, nm_mask
+from meshtune.recipes.prune.export import semi_structured, shrink_state, sparse_tensors
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.run import build_trainer
 from tests.distributed.cases import tiny_config
@@ -231,7 +231,7 @@ def test_2of4_sparse_layout_round_trip_and_size():
     assert layouts["w"]["layout"] == "2:4"
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     assert nbytes == w.numel() * 2 + w.numel() // 8  # half the fp32 values + 2 bits per kept weight
-    from meshtune.recipes.prune_export import dense_from_sparse
+    from meshtune.recipes.prune.export import dense_from_sparse
 
     assert torch.equal(dense_from_sparse(tensors, layouts)["w"], w)
     csr, layouts = sparse_tensors({"w": w}, ["w"], "csr")  # 50%: 6 bytes per kept weight < 4 per weight

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meshtune.config import ConfigError, LoRAConfig, ModelConfig, QuantConfig, RecipeConfig, load_config
+from meshtune.config import ConfigError, ModelConfig
 from meshtune.models import build_model
-from meshtune.recipes import apply_recipes, build_recipes
-from meshtune.recipes.lora import lora_modules
-from meshtune.recipes.qat import QATLinear, QATLoRALinear, convert, prepare, ptq, qat_modules
+from meshtune.recipes import RecipeConfig, apply_recipes, build_recipes
+from meshtune.recipes.lora import LoRAConfig, lora_modules
+from meshtune.recipes.qat import QATLinear, QATLoRALinear, QuantConfig, convert, prepare, ptq, qat_modules
+from meshtune.schema import load_config
 
 pytest.importorskip("torchao")
 

@@ -1,4 +1,4 @@
-"""meshtune.recipes.qat_ops against torchao's fake quantizers: same values, same straight-through gradients,
+"""meshtune.recipes.qat.ops against torchao's fake quantizers: same values, same straight-through gradients,
 fewer bytes saved for backward."""
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtune.config import QuantConfig
-from meshtune.recipes.qat import QATLinear, _SharedInput, fake_quantizers
-from meshtune.recipes.qat_ops import act_codes, spec_of, weight_codes, weight_dequant
+from meshtune.recipes.qat import QATLinear, QuantConfig, _SharedInput, fake_quantizers
+from meshtune.recipes.qat.ops import act_codes, spec_of, weight_codes, weight_dequant
 
 pytest.importorskip("torchao")
 

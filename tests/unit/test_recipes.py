@@ -8,26 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meshtune.config import (
-    RECIPE_NAMES,
-    AdapterConfig,
-    ConfigError,
-    LoRAConfig,
-    ModelConfig,
-    PrefixConfig,
-    RecipeConfig,
-)
+from meshtune.config import ConfigError, ModelConfig
 from meshtune.models import build_model
 from meshtune.models.llama import apply_rope, rope_tables
 from meshtune.recipes import (
+    RecipeConfig,
     apply_recipes,
     build_recipes,
     count_parameters,
     export_state,
     registered_recipes,
 )
-from meshtune.recipes.adapters import Adapter
+from meshtune.recipes.adapters import Adapter, AdapterConfig
 from meshtune.recipes.lora import (
+    LoRAConfig,
     LoRALinear,
     adapter_config,
     lora_modules,
@@ -36,7 +30,7 @@ from meshtune.recipes.lora import (
     permute_rope_rows,
     unpermute_rope_rows,
 )
-from meshtune.recipes.prefix_tuning import PrefixAttention, prefix_causal_mask
+from meshtune.recipes.prefix_tuning import PrefixAttention, PrefixConfig, prefix_causal_mask
 
 V = 64
 MCFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
@@ -88,8 +82,16 @@ def snapshot(model) -> dict:
 # ---- registry and config --------------------------------------------------------------------------------
 
 
-def test_registry_matches_config_names():
-    assert set(registered_recipes()) == set(RECIPE_NAMES)
+def test_recipe_section_is_assembled_from_the_registry():
+    """One place announces a recipe: its spec gives the `recipe.<name>` section and the `recipe.name` choice."""
+    import dataclasses
+
+    from meshtune.recipes import SPECS
+
+    fields = [f.name for f in dataclasses.fields(RecipeConfig)]
+    assert fields == ["name", *registered_recipes()] and registered_recipes() == tuple(s.name for s in SPECS)
+    for spec in SPECS:
+        assert isinstance(getattr(RecipeConfig(), spec.name), spec.config)
 
 
 def test_build_recipes_stacks_in_order_and_empty_is_none():
@@ -120,7 +122,7 @@ def test_build_recipes_bad_name(name):
     (["recipe.prefix.reparam_hidden=-1"], "recipe.prefix.reparam_hidden"),
 ])
 def test_config_rejects_bad_recipe_values(overrides, key):
-    from meshtune.config import load_config
+    from meshtune.schema import load_config
 
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.task=sort", *overrides])
@@ -128,7 +130,7 @@ def test_config_rejects_bad_recipe_values(overrides, key):
 
 
 def test_config_accepts_recipe_sections():
-    from meshtune.config import load_config
+    from meshtune.schema import load_config
 
     cfg = load_config(None, ["data.task=sort", "recipe.name=lora+prefix", "recipe.lora.rank=4",
                              "recipe.lora.targets=[wq, wv]", "recipe.prefix.reparam_hidden=16"])

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from meshtune.config import Config, ConfigError
+from meshtune.config import ConfigError
 from meshtune.runtime.checkpoint import Checkpointer
 from meshtune.runtime.grads import clip_grad_norm_, maybe_no_sync
+from meshtune.schema import Config
 
 ENGINES = ("native", "deepspeed", "fairscale")
 INSTALL = {"deepspeed": "pip install 'meshtune[deepspeed]' (torch installed first)",

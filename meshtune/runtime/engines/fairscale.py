@@ -21,9 +21,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from meshtune.config import Config
 from meshtune.runtime.checkpoint import Checkpointer
 from meshtune.runtime.engines import NativeEngine, check_saved_by, import_engine
+from meshtune.schema import Config
 
 OPTIM_FILE = "fairscale_optim.pt"
 

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtune.config import ConfigError, RecipeConfig
+from meshtune.config import ConfigError
 from meshtune.data import IGNORE_INDEX
-from meshtune.recipes.base import Recipe, register
+from meshtune.recipes.base import Recipe
 
 PROJ = "distill_proj"  # the projection's module name on the student (a top-level child of the decoder)
 
@@ -44,14 +44,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     return temperature * temperature * div
 
 
-@register("distill")
 class DistillRecipe(Recipe):
     """Adds the distillation term to the task loss; trains every student parameter (plus the projection)."""
 
-    changes_loss = True
-    mergeable = True  # merging drops the training-only projection: the student alone is the result
-
-    def __init__(self, cfg: RecipeConfig):
+    def __init__(self, cfg):
         super().__init__(cfg)
         self.kd = cfg.distill
         self.teacher: nn.Module | None = None  # loaded in setup
@@ -63,12 +59,6 @@ class DistillRecipe(Recipe):
         """Load the frozen teacher on `device` (replicated, or FSDP2-sharded over the mesh's dp axis), check its
         vocabulary against the student's, and add the hidden-state projection if asked (training only: an
         exported or served student needs neither)."""
-        if mesh.dims.pp > 1:
-            raise ConfigError("recipe.name: distill changes the training loss, which the pipeline schedule "
-                              "computes on its last stage only; set parallel.pp=1")
-        if self.kd.hidden > 0 and mesh.dims.tp > 1:
-            raise ConfigError("recipe.distill.hidden: hidden-state matching under parallel.tp > 1 is not "
-                              "supported; set recipe.distill.hidden=0 or parallel.tp=1")
         key = "recipe.distill.teacher"
         src = loader.find(self.kd.teacher, key=key)
         if src.vocab_size != model.vocab_size:

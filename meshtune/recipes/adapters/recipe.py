@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtune.recipes.base import PeftRecipe, register
+from meshtune.recipes.base import PeftRecipe
 
 
 class Adapter(nn.Module):
@@ -57,7 +57,6 @@ def add_adapter(module: nn.Module, dim: int, bottleneck: int) -> Adapter:
     return module.adapter
 
 
-@register("adapters")
 class AdapterRecipe(PeftRecipe):
     """Add adapters after attention and/or MLP outputs of every block; train only them."""
 

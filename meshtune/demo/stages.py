@@ -12,7 +12,7 @@ LoRA, bottleneck adapters and prefix tuning, each a short 2-rank run followed by
 full fine-tuning, the adapter file for the others). The table shows trainable parameters, exported file size,
 median step time and task accuracy side by side.
 
-Stage 5 compresses the base on its own task (meshtune.compress_table): a distilled student of under a quarter
+Stage 5 compresses the base on its own task (meshtune.demo.compress): a distilled student of under a quarter
 of its parameters, 50% magnitude, 2:4 and structured pruning, int8 and int4 QAT, each a short 2-rank run with a
 bundled config and an export (merged, sparse, shrunk, quantized), plus post-training quantization of the base;
 one table compares the exported artifacts: parameters, size on disk, CPU forward latency and accuracy.
@@ -70,7 +70,7 @@ def run_demo(run_root: str = "runs/demo", nproc: int = 2) -> int:
     code = finetune_stages(root, sort_dir, nproc)
     compressed = []
     if code == 0:
-        from meshtune.compress_table import compression_stage
+        from meshtune.demo.compress import compression_stage
 
         code, compressed = compression_stage(root, sort_dir, root / "base" / "model.safetensors", nproc, NUM_EVAL)
     if code == 0:

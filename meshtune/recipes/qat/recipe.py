@@ -9,7 +9,7 @@ Schemes (`recipe.qat.scheme`), both torchao `Int8DynamicActivationIntxWeightConf
     int8-int8   the same with int8 weights.
 `apply` (before parallelize) runs torchao's prepare step (`quantize_(model, QATConfig(base, step="prepare"))`
 on the targeted linears) and swaps each resulting `FakeQuantizedLinear` for `QATLinear`: the same module and
-fake quantizers (kept for torchao's convert step), but training runs `meshtune.recipes.qat_ops`: the same
+fake quantizers (kept for torchao's convert step), but training runs `meshtune.recipes.qat.ops`: the same
 numbers as torchao's quantizers (bit-identical forward, tested) computed with plain torch ops, and a
 `QuantLinear` autograd function that saves the inputs' int8 codes + scales for backward and dequantizes there
 again, instead of autograd keeping torchao's float operands. Weights are quantized ONCE per optimizer step
@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtune.config import ConfigError, QuantConfig
-from meshtune.recipes.base import Recipe, register
-from meshtune.recipes.lora import LoRALinear, matches
-from meshtune.recipes.qat_ops import QuantInput, QuantLinear, Spec, act_codes, spec_of, weight_codes, weight_dequant
+from meshtune.config import ConfigError
+from meshtune.recipes.base import Recipe
+from meshtune.recipes.lora.recipe import LoRALinear, matches
+from meshtune.recipes.qat import QuantConfig
+from meshtune.recipes.qat.ops import QuantInput, QuantLinear, Spec, act_codes, spec_of, weight_codes, weight_dequant
 
 WEIGHT_BITS = {"int8-int4": 4, "int8-int8": 8}
 
@@ -115,7 +116,7 @@ class _SharedInput:
 
 class _WeightCache:
     """Mixin for linear layers with torchao fake quantizers: quantize the weight once per optimizer step and
-    run the layer as `QuantLinear` (int8 codes saved for backward, see meshtune.recipes.qat_ops)."""
+    run the layer as `QuantLinear` (int8 codes saved for backward, see meshtune.recipes.qat.ops)."""
 
     activation_fake_quantizer: nn.Module
     weight_fake_quantizer: nn.Module
@@ -302,7 +303,6 @@ def ptq(model: nn.Module, c: QuantConfig) -> nn.Module:
     return model
 
 
-@register("qat")
 class QATRecipe(Recipe):
     """Fake-quantize the targeted linears while training (torchao QAT); trains whatever would train anyway."""
 
@@ -316,11 +316,6 @@ class QATRecipe(Recipe):
             m.invalidate()
             if isinstance(m.weight, DTensor):  # FSDP2 shard: no full-size cache per rank
                 m.cache_weight = False
-
-    mergeable = True  # the trained weights are plain full-precision weights
-
-    def export_formats(self) -> tuple[str, ...]:
-        return ("quantized",)
 
     def quantize(self, model: nn.Module, c: QuantConfig) -> nn.Module:
         """The trained model with real quantized weights (`--format quantized`): torchao's convert step."""

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from meshtune.config import ConfigError, LoRAConfig
+from meshtune.config import ConfigError
 from meshtune.models.hf import permute_rope_rows, unpermute_rope_rows  # noqa: F401 (re-exported)
-from meshtune.recipes.base import PeftRecipe, register
+from meshtune.recipes.base import PeftRecipe
+from meshtune.recipes.lora import LoRAConfig
 
 
 class LoRALinear(nn.Linear):
@@ -168,15 +169,10 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-@register("lora")
 class LoRARecipe(PeftRecipe):
     """Swap the targeted linear layers for LoRALinear; train only lora_a / lora_b."""
 
     param_markers = ("lora_",)
-    mergeable = True
-
-    def export_formats(self) -> tuple[str, ...]:
-        return ("adapter", "peft")
 
     def apply(self, model: nn.Module) -> nn.Module:
         c = self.cfg.lora
@@ -195,6 +191,18 @@ class LoRARecipe(PeftRecipe):
 
     def merge_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return merge_lora_state(state, self.cfg.lora.alpha)
+
+    def tp_plan(self, model: nn.Module, plan: dict) -> dict:
+        """Each adapted linear keeps its base layer's style (the same input/output layouts), partitioning A and B
+        too: see `_lora_style`."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        out = dict(plan)
+        for fqn, style in plan.items():
+            if isinstance(model.get_submodule(fqn), LoRALinear):
+                assert isinstance(style, (ColwiseParallel, RowwiseParallel)), (fqn, style)
+                out[fqn] = _lora_style(style, "colwise" if isinstance(style, ColwiseParallel) else "rowwise")
+        return out
 
     def peft_files(self, adapter: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> tuple[dict, dict]:
         """(adapter_model.safetensors tensors, adapter_config.json) in PEFT's HF-Llama layout (`--format peft`)."""
@@ -264,3 +272,29 @@ def adapter_config(cfg: LoRAConfig, peft_state: dict[str, torch.Tensor]) -> dict
             "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none",
             "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "modules_to_save": None,
             "inference_mode": True}
+
+
+# Tensor parallelism: A and B shard like their base layer. For a colwise base (output features split) A is
+# replicated and B split by rows; for a rowwise base (input features split) A is split by columns and B
+# replicated, so B A x is a partial sum reduced together with W x.
+_LORA_PLACEMENTS = {"colwise": {"": 0, "lora_a": None, "lora_b": 0}, "rowwise": {"": 1, "lora_a": 1, "lora_b": None}}
+
+
+def _lora_style(style, kind: str):
+    """The same parallel style (same input/output layouts), partitioning a LoRALinear and its A/B children."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    placements = _LORA_PLACEMENTS[kind]
+
+    class LoRAStyle(type(style)):
+        # overrides a private hook of torch's ParallelStyle: the stock one assumes a plain nn.Linear
+        def _partition_linear_fn(self, name, module, device_mesh):
+            dim = placements.get(name, None)
+            for pname, param in module.named_parameters(recurse=False):
+                placement = Replicate() if dim is None else Shard(dim)
+                module.register_parameter(pname, nn.Parameter(
+                    distribute_tensor(param, device_mesh, [placement]), requires_grad=param.requires_grad))
+
+    lora = LoRAStyle.__new__(LoRAStyle)
+    lora.__dict__.update(style.__dict__)
+    return lora

@@ -17,7 +17,7 @@ concatenated weights); 2:4 keeps the 2 largest of every 4 consecutive input weig
 torch.ao.pruning.WeightNormSparsifier((1, 4), zeros_per_block=2), which cannot handle DTensors).
 
 Structured pruning removes, in every block, the same number of key/value head groups (a kv head with its
-query heads) and of MLP hidden channels, the least important; `meshtune.recipes.prune_export.shrink_state`
+query heads) and of MLP hidden channels, the least important; `meshtune.recipes.prune.export.shrink_state`
 then cuts them out into a smaller dense model. Importance (`recipe.prune.importance`) is by default the
 squared norm of all weights that read or write the group; `taylor` ranks by the first-order estimate of the
 loss change of removing it (Molchanov et al. 2019), (sum of gradient x weight over those weights)^2, averaged
@@ -29,13 +29,12 @@ ramp only ever removes more.
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 
-from meshtune.config import Config, ConfigError, PruneConfig, RecipeConfig
-from meshtune.recipes.base import Recipe, register
+from meshtune.config import ConfigError
+from meshtune.recipes.base import Recipe
+from meshtune.recipes.prune import PruneConfig, matches
 
 MASK = "weight_mask"
 STEP = "prune_step"
@@ -59,49 +58,6 @@ def is_update_step(step: int, p: PruneConfig) -> bool:
     if step == last:
         return True
     return max(p.start_step, 1) <= step < last and (step - p.start_step) % p.frequency == 0
-
-
-def matches(name: str, patterns: list[str]) -> bool:
-    """A module name matches a pattern equal to its end (`wq`, `attention.wq`) or an fnmatch glob of it."""
-    return any(name == pat or name.endswith("." + pat) or fnmatch.fnmatch(name, pat)
-               or fnmatch.fnmatch(name, "*." + pat) for pat in patterns)
-
-
-def check_prune(cfg: Config) -> None:
-    """Config checks for `recipe.prune.*` against the model and tensor-parallel sizes.
-
-    Raises:
-        ConfigError: naming the field: sparsity outside [0, 1), a bad schedule, 2:4 on an input size not
-            divisible by 4, or structured pruning removing every head / leaving sizes tp does not divide.
-    """
-    from meshtune.models.sizes import ffn_hidden_dim, head_dim
-
-    p, m, tp = cfg.recipe.prune, cfg.model, max(cfg.parallel.tp, 1)
-    if not 0 <= p.sparsity < 1:
-        raise ConfigError(f"recipe.prune.sparsity: must be in [0, 1), got {p.sparsity}")
-    if p.start_step < 0 or p.end_step < 0:
-        raise ConfigError("recipe.prune.start_step / end_step: must be >= 0")
-    if p.frequency < 1:
-        raise ConfigError(f"recipe.prune.frequency: must be >= 1, got {p.frequency}")
-    if p.method != "structured" and not p.targets:
-        raise ConfigError("recipe.prune.targets: empty; name at least one linear layer, e.g. [w1, w2, w3]")
-    hidden, kv = ffn_hidden_dim(m), m.n_kv_heads or m.n_heads
-    if p.method == "semi_structured":
-        inputs = {"wq": m.dim, "wk": m.dim, "wv": m.dim, "w1": m.dim, "w3": m.dim, "wo": m.n_heads * head_dim(m),
-                  "w2": hidden}
-        for name, size in inputs.items():
-            if matches(name, p.targets) and size % 4:
-                raise ConfigError(f"recipe.prune.method: 2:4 needs the input size of {name} ({size}) divisible by 4; "
-                                  f"drop {name} from recipe.prune.targets or use method magnitude")
-    if p.method == "structured":
-        keep_kv, keep_ffn = kv - round(p.sparsity * kv), hidden - round(p.sparsity * hidden)
-        if keep_kv < 1:
-            raise ConfigError(f"recipe.prune.sparsity: {p.sparsity} would remove all {kv} key/value heads of each "
-                              "layer; lower it")
-        if keep_kv % tp or keep_ffn % tp:
-            raise ConfigError(f"recipe.prune.sparsity: structured pruning keeps {keep_kv} kv heads and {keep_ffn} "
-                              f"MLP channels per layer, not divisible by parallel.tp={tp}; pick a sparsity "
-                              "whose kept sizes tp divides")
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -206,13 +162,10 @@ def _kv_heads(model: nn.Module, parent: str) -> tuple[int, int]:
     return getattr(owner, "n_kv_heads", 0), getattr(owner, "head_dim", 0)
 
 
-@register("prune")
 class PruneRecipe(Recipe):
     """Masks chosen linear weights and keeps them masked after every optimizer step; trains every parameter."""
 
-    mergeable = True  # the masks multiply into the weights
-
-    def __init__(self, cfg: RecipeConfig):
+    def __init__(self, cfg):
         super().__init__(cfg)
         self._taylor: dict[str, dict[str, torch.Tensor]] = {}  # block -> group -> sum of (sum g*w)^2
         self._taylor_steps = 0
@@ -305,13 +258,10 @@ class PruneRecipe(Recipe):
         for name, lin in found.items():
             lin._buffers[MASK] = _like(masks[name].to(lin.weight.device), lin.weight)
 
-    def export_formats(self) -> tuple[str, ...]:
-        return ("shrunk",) if self.cfg.prune.method == "structured" else ("sparse",)
-
     def sparse_tensors(self, state: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> tuple[dict, dict, str]:
         """`--format sparse`: (tensors, layouts, a summary) of the pruned weights of `merged` as CSR or packed 2:4
-        (meshtune.recipes.prune_export), from the masks in the run's `state`."""
-        from meshtune.recipes.prune_export import sparse_tensors
+        (meshtune.recipes.prune.export), from the masks in the run's `state`."""
+        from meshtune.recipes.prune.export import sparse_tensors
 
         pruned = [k[: -len("_mask")] for k in state if k.endswith("." + MASK)]
         layout = "2:4" if self.cfg.prune.method == "semi_structured" else "csr"
@@ -320,7 +270,7 @@ class PruneRecipe(Recipe):
 
     def shrink(self, state: dict[str, torch.Tensor], model_cfg):
         """`--format shrunk`: the merged `state` with pruned heads and MLP channels cut out, and its model config."""
-        from meshtune.recipes.prune_export import shrink_state
+        from meshtune.recipes.prune.export import shrink_state
 
         return shrink_state(state, model_cfg)
 

@@ -1,6 +1,6 @@
 """The demo's compression stage: the trained base (the teacher) and its compressed versions in one table.
 
-    code, runs = compression_stage(root, sort_dir, base_file, nproc)   # from meshtune.demo
+    code, runs = compression_stage(root, sort_dir, base_file, nproc)   # from meshtune.demo.stages
 
 Each compressed model is trained from the demo's base on the base's own task (`sort`) with a bundled config,
 a short 2-rank run through `meshtune launch`, and exported with `meshtune export` in the format that makes it
@@ -149,9 +149,10 @@ def format_table(rows: list[Row]) -> str:
 def compression_stage(root: Path, sort_dir: Path, base: Path, nproc: int, num_eval: int = 128
                       ) -> tuple[int, list[Path]]:
     """Train, export and measure every variant from the demo's base; (exit code, run dirs for the report)."""
-    from meshtune.config import bundled_configs_dir, load_config
+    from meshtune.config import bundled_configs_dir
     from meshtune.export import export
     from meshtune.launch.torchrun import launch
+    from meshtune.schema import load_config
 
     print(f"\n== stage 5 compress the base ({base}) on its own task, sort: a distilled student "
           f"({STUDENT_STEPS} steps), 50% / 2:4 / structured pruning and int8 / int4 QAT ({PRUNE_STEPS} steps "

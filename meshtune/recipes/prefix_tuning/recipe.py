@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from meshtune.config import ConfigError
 from meshtune.models.llama import Attention, apply_rope
-from meshtune.recipes.base import PeftRecipe, register
+from meshtune.recipes.base import PeftRecipe
 
 
 def prefix_causal_mask(T: int, P: int, device=None) -> torch.Tensor:
@@ -144,7 +144,6 @@ def fold_prefix_state(state: dict[str, torch.Tensor], n_kv_heads: int) -> dict[s
     return out
 
 
-@register("prefix")
 class PrefixRecipe(PeftRecipe):
     """Turn every block's attention into a PrefixAttention; train only the prefixes (or their MLP)."""
 
@@ -173,6 +172,17 @@ class PrefixRecipe(PeftRecipe):
             if isinstance(m, PrefixAttention):
                 m.fold()
         return model
+
+    def after_tp(self, model: nn.Module, tp_mesh) -> None:
+        """Key/value prefixes (P, kv heads, head dim) split by kv head, as wk/wv split theirs."""
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        for module in model.modules():
+            for name in ("prefix_k", "prefix_v"):
+                param = module._parameters.get(name)
+                if param is not None:
+                    module.register_parameter(name, nn.Parameter(distribute_tensor(param, tp_mesh, [Shard(1)]),
+                                                                 requires_grad=param.requires_grad))
 
     def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Plain prefixes per layer (`layers.{i}.attention.prefix_k` / `prefix_v`), the MLP folded away."""
