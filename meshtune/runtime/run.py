@@ -29,7 +29,8 @@ from meshtune.runtime.metrics import Metrics
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import Pipeline, parts_view, stage_module
 from meshtune.runtime.plan import Plan, make_plan
-from meshtune.runtime.trainer import Trainer, lr_lambda, use_bf16
+from meshtune.runtime.precision import use_bf16
+from meshtune.runtime.trainer import Trainer, lr_lambda
 from meshtune.schema import Config
 
 

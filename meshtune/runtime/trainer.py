@@ -31,12 +31,8 @@ from meshtune.runtime.grads import (
 from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.metrics import Metrics, peak_memory_gb
 from meshtune.runtime.pipeline_parallel import Pipeline
+from meshtune.runtime.precision import use_bf16
 from meshtune.schema import Config
-
-
-def use_bf16(dtype: str, device: torch.device) -> bool:
-    """`train.dtype`: auto = bf16 on GPU, fp32 on CPU (CPU bf16 autocast is many times slower)."""
-    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:

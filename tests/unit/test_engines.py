@@ -122,3 +122,21 @@ def test_validate_reports_the_engine_layout_and_its_memory():
     assert memory(fsdp) == pytest.approx([p3, g3, o3], rel=1e-2)  # FSDP2 shards the same three ways
 
 
+
+
+def test_every_engine_implements_the_written_protocol():
+    import inspect
+
+    from meshtune.runtime.engines import ENGINES, NativeEngine
+    from meshtune.runtime.engines.base import Engine
+    from meshtune.runtime.engines.deepspeed import DeepSpeedEngine
+    from meshtune.runtime.engines.fairscale import FairScaleEngine
+
+    classes = {"native": NativeEngine, "deepspeed": DeepSpeedEngine, "fairscale": FairScaleEngine}
+    assert set(classes) == set(ENGINES)
+    methods = {n: inspect.signature(v) for n, v in vars(Engine).items() if inspect.isfunction(v) and n[0] != "_"}
+    assert set(methods) == {"accumulate", "backward", "step", "zero_grad", "save", "load"}
+    for name, cls in classes.items():
+        assert cls.name == name and isinstance(cls.owns_precision, bool)
+        for method, sig in methods.items():
+            assert list(inspect.signature(getattr(cls, method)).parameters) == list(sig.parameters), (name, method)

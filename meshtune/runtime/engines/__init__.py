@@ -1,13 +1,7 @@
 """Data-parallel engines behind the one training loop: `parallel.engine: native | deepspeed | fairscale`.
 
-The Trainer owns the loop (micro-batches, loss scaling by global tokens, recipes' loss and
-after_optimizer_step hooks, LR schedule, eval, metrics); an engine owns only what differs between libraries:
-
-    accumulate(last)   context for one micro-batch's forward + backward (no gradient sync on inner ones)
-    backward(loss)     backward of the already scaled micro-batch loss
-    step()             clip the global gradient norm to optim.grad_clip, optimizer step; returns the norm
-    zero_grad()
-    save(...) / load(...)  the state inside Checkpointer's atomic step_N.tmp -> step_N scheme
+Each implements the `Engine` protocol (meshtune/runtime/engines/base.py): accumulate, backward, step,
+zero_grad, save and load, inside Checkpointer's atomic step_N.tmp -> step_N scheme.
 
 `native` is PyTorch's DDP / FSDP2 / TP / pipelining as parallelize() laid them out. The others wrap a
 replicated model (tp = pp = 1) and are imported only when selected, so their packages stay optional.
@@ -21,10 +15,12 @@ import torch
 
 from meshtune.config import ConfigError
 from meshtune.runtime.checkpoint import Checkpointer
+from meshtune.runtime.engines.base import Engine
 from meshtune.runtime.grads import clip_grad_norm_, maybe_no_sync
 from meshtune.schema import Config
 
 ENGINES = ("native", "deepspeed", "fairscale")
+__all__ = ["ENGINES", "Engine", "NativeEngine", "build_engine", "check_saved_by", "import_engine"]
 INSTALL = {"deepspeed": "pip install 'meshtune[deepspeed]' (torch installed first)",
            "fairscale": "pip install 'meshtune[fairscale]' (torch installed first)"}
 

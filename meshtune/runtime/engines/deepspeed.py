@@ -30,7 +30,7 @@ from meshtune.artifacts.safe import torch_loads_weights_only
 from meshtune.config import ConfigError
 from meshtune.runtime.checkpoint import Checkpointer, load_rng_state
 from meshtune.runtime.engines import check_saved_by, import_engine
-from meshtune.runtime.trainer import use_bf16
+from meshtune.runtime.precision import use_bf16
 from meshtune.schema import Config
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce: used by inference_all_reduce only
