@@ -135,7 +135,7 @@ def worker(args) -> None:
 
     from meshtune.data import StepSampler, build_datasets, build_tokenizer, collate
     from meshtune.runtime.env import DistEnv
-    from meshtune.runtime.run import vocab_size
+    from meshtune.runtime.preflight import vocab_size
     from meshtune.schema import load_config
 
     torch.set_num_threads(1)

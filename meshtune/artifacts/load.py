@@ -95,12 +95,50 @@ def full_state(art: Artifact, key: str = "checkpoint") -> dict[str, torch.Tensor
                       "dir, a checkpoint or a merged export")
 
 
-def file_keys(art: Artifact, key: str) -> set[str] | None:
-    """The model tensor names a DCP checkpoint holds (from its metadata); None for other kinds."""
+def file_shapes(art: Artifact, key: str) -> dict[str, tuple[int, ...]] | None:
+    """The model tensors an artifact holds, name -> full shape, read from metadata only (a DCP checkpoint's
+    .metadata, a merged file's safetensors header); None where only loading would tell."""
     if art.kind == "checkpoint" and art.engine != "deepspeed":
-        return {k.removeprefix("model.") for k in read_metadata(art.path).state_dict_metadata
-                if k.startswith("model.")}
+        return {k.removeprefix("model."): tuple(v.size) for k, v in read_metadata(art.path).state_dict_metadata.items()
+                if k.startswith("model.") and hasattr(v, "size")}
+    if art.kind in ("merged", "weights") and art.path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(art.path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        except (SafetensorError, OSError, ValueError) as e:
+            from meshtune.artifacts.safe import _damaged
+
+            raise _damaged(art.path, key, e) from None
     return None
+
+
+def check_fits(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], recipe_owned: set[str],
+               art: Artifact, key: str) -> None:
+    """Refuse weights that would not load into the model `expected` describes: a missing tensor the recipes do
+    not own, a tensor the model has no place for, or a shape that differs (every mismatch counted).
+
+    Raises:
+        ConfigError: naming `key`, the file and the first offending tensor.
+    """
+    def more(items: list) -> str:
+        return f" and {len(items) - 1} more" if len(items) > 1 else ""
+
+    missing = sorted(expected.keys() - shapes.keys() - recipe_owned)
+    if missing:
+        raise ConfigError(f"{key}: {art.path} has no weights for {missing[0]}{more(missing)}; it is not a checkpoint "
+                          "of this model (check model.* against the run that wrote it)")
+    extra = sorted(shapes.keys() - expected.keys())
+    if extra:
+        raise ConfigError(f"{key}: {art.path} holds {extra[0]}{more(extra)}, which this model has no place for; "
+                          "export that run with `meshtune export RUN_DIR --format merged` (recipes folded in) and "
+                          "start from that file")
+    wrong = sorted(k for k in shapes if tuple(shapes[k]) != tuple(expected[k]))
+    if wrong:
+        k = wrong[0]
+        raise ConfigError(f"{key}: {art.path} has {k} of shape {tuple(shapes[k])}, this model {tuple(expected[k])}"
+                          f"{more(wrong)}; set model.* to the sizes of the run that wrote it")
 
 
 def _load_dcp(model: nn.Module, path: Path, strict: bool) -> None:
@@ -198,35 +236,27 @@ def load_model(art: Artifact, device: str | torch.device = "cpu", shard_mesh=Non
     return model.eval()
 
 
-def load_weights(model: nn.Module, art: Artifact, expected: set[str], recipe_owned: set[str],
+def load_weights(model: nn.Module, art: Artifact, expected: dict[str, tuple[int, ...]], recipe_owned: set[str],
                  key: str = "init_from") -> None:
     """Load `art`'s weights into a model being trained (recipes applied, possibly sharded or a pipeline stage).
 
     Args:
         model: the (parallelised) model; its own state-dict names are loaded.
         art: the source (a checkpoint of any engine, a merged/sparse export, an HF directory, a tensor file).
-        expected: every state-dict name of the whole unsharded model.
+        expected: name -> full shape of every state-dict entry of the whole unsharded model.
         recipe_owned: the names the recipes added (LoRA, adapters, masks...): these may be missing, keeping
-            their initial values; any other missing name is an error, as is a name the model has no place for.
+            their initial values; any other missing name is an error, as is a name the model has no place for
+            or a shape that differs (`check_fits`).
 
     Raises:
-        ConfigError: naming `key` and the first missing or unexpected tensor, or a shape mismatch.
+        ConfigError: naming `key` and the first missing, unexpected or misshapen tensor.
     """
-    keys = file_keys(art, key)
+    shapes = file_shapes(art, key)
     state = None
-    if keys is None:
+    if shapes is None or art.kind != "checkpoint":
         state = full_state(art, key)
-        keys = set(state)
-    missing = sorted(expected - keys - recipe_owned)
-    if missing:
-        raise ConfigError(f"{key}: {art.path} has no weights for {missing[0]}" +
-                          (f" and {len(missing) - 1} more" if len(missing) > 1 else "") +
-                          "; it is not a checkpoint of this model (check model.* against the run that wrote it)")
-    extra = sorted(keys - expected)
-    if extra:
-        raise ConfigError(f"{key}: {art.path} holds {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1
-                          else "") + ", which this model has no place for; export that run with `meshtune export "
-                          "RUN_DIR --format merged` (recipes folded in) and start from that file")
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+    check_fits(shapes, expected, recipe_owned, art, key)
     try:
         if state is None:
             _load_dcp(model, art.path, strict=False)

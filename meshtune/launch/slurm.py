@@ -20,7 +20,6 @@ made it match only a line that is the bare word). This module must not import to
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -341,81 +340,28 @@ def tail(path: Path, lines: int) -> str:
         return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Command line: `meshtune slurm submit|status|cancel|logs`.
+class SlurmLauncher:
+    """`meshtune slurm submit`: RUN_DIR/submit.sbatch for the job, submitted with sbatch (the Launcher
+    interface, meshtune/launch/base.py)."""
 
+    def __init__(self, job: SlurmJob, run_dir: str | os.PathLike):
+        self.job, self.run_dir = job, run_dir
 
-def add_cli(sub: argparse._SubParsersAction, config_args, config_help: type[argparse.Action]) -> None:
-    """Add the `slurm` subcommand group to the `meshtune` parser."""
-    text = "submit a training run to SLURM and follow it"
-    slurm = sub.add_parser("slurm", help=text, description=text)
-    cmds = slurm.add_subparsers(dest="slurm_command", required=True)
-    p = cmds.add_parser("submit", help="render RUN_DIR/submit.sbatch for a config and submit it", add_help=False)
-    p.add_argument("-h", "--help", action=config_help, help="show this help and every config key")
-    config_args(p)
-    p.add_argument("--nodes", type=int, default=1, help="nodes; one torchrun per node (default 1)")
-    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node, one rank each; 0 = CPU nodes")
-    p.add_argument("--tasks-per-node", type=int, help="ranks per node on CPU nodes (default: one per GPU, or 1)")
-    p.add_argument("--cpus-per-task", type=int, help="CPUs for each node's torchrun and its ranks")
-    for flag, help_ in [("--partition", "SLURM partition"), ("--time", "time limit, e.g. 4:00:00 or 1-00:00:00"),
-                        ("--account", "account to charge"), ("--qos", "quality of service"),
-                        ("--constraint", "node features, e.g. a100"), ("--mail", "mail this address on end/failure"),
-                        ("--job-name", "job name (default meshtune-CONFIG)")]:
-        p.add_argument(flag, help=help_)
-    p.add_argument("--exclusive", action="store_true", help="do not share nodes with other jobs")
-    p.add_argument("--rdzv-port", type=int, default=29500, help="rendezvous port on the first node")
-    p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts inside the job after a failure")
-    p.add_argument("--no-requeue", action="store_true", help="do not requeue after the time-limit signal")
-    p.add_argument("--dry-run", action="store_true", help="write and print the script path, submit nothing")
-    for name, help_ in [("status", "state, run time and log file of a job"), ("cancel", "cancel a job"),
-                        ("logs", "the end of a job's stdout and stderr")]:
-        c = cmds.add_parser(name, help=help_, description=help_)
-        c.add_argument("job", metavar="JOB", help="job id, as printed by `meshtune slurm submit`")
-        if name == "logs":
-            c.add_argument("-n", "--lines", type=int, default=50, help="lines to show from each file")
-            c.add_argument("--run-dir", help="where to look once SLURM has forgotten the job")
+    def world_sizes(self) -> list[int]:
+        return [self.job.nodes * self.job.nproc_per_node]
 
-
-def run_cli(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Run one `meshtune slurm ...` command; user errors raise LaunchError (the CLI prints one line)."""
-    if args.slurm_command == "submit":
-        return _submit_cli(args, overrides)
-    if args.slurm_command == "status":
-        print(status(check_job_id(args.job)))
-    elif args.slurm_command == "cancel":
-        print(cancel(check_job_id(args.job)))
-    elif args.slurm_command == "logs":
-        if args.lines < 1:
-            raise LaunchError(f"--lines: must be >= 1, got {args.lines}")
-        for path in log_paths(check_job_id(args.job), args.run_dir):
-            if path.exists() and path.stat().st_size:
-                print(f"==> {path} <==\n{tail(path, args.lines)}")
-    return 0
-
-
-def _submit_cli(args: argparse.Namespace, overrides: list[str]) -> int:
-    from meshtune.config import resolve_config_path
-    from meshtune.schema import load_config
-
-    cfg = load_config(args.config, overrides)  # config errors before anything is written or queued
-    job = slurm_job(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-                    cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
-                    account=args.account, qos=args.qos, constraint=args.constraint, mail=args.mail,
-                    exclusive=args.exclusive, job_name=args.job_name, rdzv_port=args.rdzv_port,
-                    max_restarts=args.max_restarts, requeue=not args.no_requeue)
-    text = render_sbatch(str(resolve_config_path(args.config)), overrides, cfg.run_dir, job)
-    if not args.dry_run:
-        if shutil.which("sbatch") is None:
-            _tool("sbatch")  # raises the one-line "SLURM is not installed" error before any work
-        from meshtune.runtime.plan_report import describe_plan  # imports torch: only when really submitting
-
-        describe_plan(cfg, job.nodes * job.nproc_per_node)  # a layout error now, not after hours in the queue
-    path = write_script(text, cfg.run_dir)
-    if args.dry_run:
-        print(path)
+    def launch(self, config: str, overrides: list[str], plans: list, dry_run: bool = False) -> int:
+        """Write the script (and print its path when `dry_run`), else submit it and print the job id."""
+        text = render_sbatch(config, overrides, self.run_dir, self.job)
+        if not dry_run and shutil.which("sbatch") is None:
+            _tool("sbatch")  # raises the one-line "SLURM is not installed" error before anything is written
+        path = write_script(text, self.run_dir)
+        if dry_run:
+            print(path)
+            return 0
+        job_id = submit(path)
+        layout = plans[0].describe() if plans else f"{self.world_sizes()[0]} ranks"
+        print(f"meshtune: submitted job {job_id}: {self.job.nodes} node(s) x {self.job.nproc_per_node} rank(s), "
+              f"{layout}; script {path}; logs {Path(self.run_dir).absolute()}/slurm-{job_id}.out", file=sys.stderr)
+        print(job_id)
         return 0
-    job_id = submit(path)
-    print(f"meshtune: submitted job {job_id}: {job.nodes} node(s) x {job.nproc_per_node} rank(s); script {path}; "
-          f"logs {Path(cfg.run_dir).absolute()}/slurm-{job_id}.out", file=sys.stderr)
-    print(job_id)
-    return 0

@@ -19,6 +19,7 @@ not import torch (`meshtune launch --dry-run` and the CLI's help stay instant).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -215,5 +216,108 @@ def launch(config: str, overrides: list[str], nproc_per_node: int, dry_run: bool
     if dry_run:
         print(dry_run_text(config, overrides, nproc_per_node, spec))
         return 0
-    argv = torchrun_argv(config, overrides, nproc_per_node, nodes=spec)
-    return subprocess.call(argv, env=worker_env(dict(os.environ), nproc_per_node))
+    return run_torchrun(torchrun_argv(config, overrides, nproc_per_node, nodes=spec),
+                        worker_env(dict(os.environ), nproc_per_node))
+
+
+def run_torchrun(argv: list[str], env: dict[str, str]) -> int:
+    """Run torchrun, forwarding its output with the agent's failure banner condensed to one line."""
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    summary = FailureSummary()
+    summary.forward(proc.stderr, sys.stderr)
+    code = proc.wait()
+    if code != 0 and summary.line():
+        print(summary.line(), file=sys.stderr, flush=True)
+    # torchrun exits 1 whatever its workers did: report the first failed rank's own code (2 = a config error)
+    return summary.exitcode if code != 0 and summary.exitcode else code
+
+
+class TorchrunLauncher:
+    """`meshtune launch`: torchrun on this machine, or on each node of a multi-node job (the Launcher
+    interface, meshtune/launch/base.py)."""
+
+    def __init__(self, nproc_per_node: int, nodes: NodeSpec | None = None):
+        if nproc_per_node < 1:
+            raise LaunchError(f"--nproc-per-node: must be >= 1, got {nproc_per_node}")
+        self.nproc_per_node, self.nodes = nproc_per_node, nodes if nodes is not None else NodeSpec()
+
+    def world_sizes(self) -> list[int]:
+        return [n * self.nproc_per_node for n in sorted({self.nodes.min_nodes, self.nodes.max_nodes})]
+
+    def launch(self, config: str, overrides: list[str], plans: list, dry_run: bool = False) -> int:
+        return launch(config, overrides, self.nproc_per_node, dry_run, nodes=self.nodes)
+
+
+# torchrun's elastic agent logs (glog-style `E1202 08:00:00.123 1234 torch/distributed/...`) and its
+# ChildFailedError traceback + summary banner: tens of lines that name no cause (the failed worker printed
+# its own one line before). `FailureSummary` drops them and keeps the rank and exit code for one line.
+_AGENT_LOG = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S*torch/distributed/")
+_FIELD = re.compile(r"^\s*(rank|exitcode)\s*:\s*(-?\d+)")
+
+
+class FailureSummary:
+    """Forwards a torchrun stderr stream line by line, minus the agent's failure noise, which it condenses."""
+
+    def __init__(self):
+        self.rank: int | None = None
+        self.exitcode: int | None = None
+        self.failed = 0
+        self._held: list[str] = []  # a traceback being read: the agent's is dropped, a worker's printed
+        self._banner = self._root = False
+
+    def line(self) -> str:
+        if self.rank is None:
+            return ""
+        others = f" ({self.failed} ranks failed)" if self.failed > 1 else ""
+        return (f"meshtune launch: torchrun: rank {self.rank} exited with code {self.exitcode} (the first to fail)"
+                f"{others}; its error is the line above")
+
+    def keep(self, line: str) -> list[str]:
+        """The lines to print for one input line (none, it, or a held traceback)."""
+        text = line.rstrip("\n")
+        if self._banner:
+            if text.startswith("Root Cause"):
+                self._root = True
+            elif text.startswith("[") and text.endswith("]:") and not self._root:
+                self.failed += 1
+            elif self._root and (m := _FIELD.match(text)):
+                if m.group(1) == "rank" and self.rank is None:
+                    self.rank = int(m.group(2))
+                elif m.group(1) == "exitcode" and self.exitcode is None:
+                    self.exitcode = int(m.group(2))
+            elif self._root and text.startswith("====="):
+                self._banner = self._root = False
+            return []
+        if self._held:
+            self._held.append(line)
+            if text.startswith((" ", "\t")) or not text:
+                return []
+            held, self._held = self._held, []
+            if "torch.distributed.elastic" in text:  # the agent's ChildFailedError: its banner follows
+                self._banner = True
+                return []
+            return held
+        if text.startswith("Traceback (most recent call last):"):
+            self._held = [line]
+            return []
+        if _AGENT_LOG.match(text):
+            return []
+        return [line]
+
+    def forward(self, stream, out) -> None:
+        """Copy `stream` (bytes) to `out` (text) as it arrives; partial lines (progress bars) pass at once."""
+        buf = b""
+        while chunk := os.read(stream.fileno(), 65536):
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                for kept in self.keep(raw.decode(errors="replace") + "\n"):
+                    out.write(kept)
+            cut = buf.rfind(b"\r") + 1  # a progress bar's \r updates pass at once, before any newline
+            if cut and not self._held and not self._banner:
+                out.write(buf[:cut].decode(errors="replace"))
+                buf = buf[cut:]
+            out.flush()
+        for kept in self._held + ([buf.decode(errors="replace")] if buf else []):
+            out.write(kept)
+        out.flush()

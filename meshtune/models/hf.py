@@ -117,17 +117,17 @@ def check_matches_hf(cfg: ModelConfig, vocab_size: int, path: str | Path) -> Non
     shape reveals (rope_theta, norm_eps) and that would silently change the logits.
 
     Raises:
-        ConfigError: naming the first differing `model.*` field and the value config.json needs.
+        ConfigError: naming every differing `model.*` field at once, as the overrides that fix them.
     """
     hf = read_hf_config(path)
     ours = dataclasses.replace(cfg, n_kv_heads=cfg.n_kv_heads or cfg.n_heads, ffn_dim=_ffn(cfg), vocab_size=vocab_size)
-    for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "rope_theta", "norm_eps"):
-        if getattr(ours, f) != getattr(hf, f):
-            raise ConfigError(f"init_from: {path} has {f}={getattr(hf, f)} (config.json) but model.{f} resolves to "
-                              f"{getattr(ours, f)}; set model.{f}={getattr(hf, f)}")
+    fields = ["dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "rope_theta", "norm_eps"]
+    fixes = [f"model.{f}={getattr(hf, f)}" for f in fields if getattr(ours, f) != getattr(hf, f)]
     if cfg.tie_embeddings and not hf.tie_embeddings:
-        raise ConfigError(f"init_from: {path} has separate embedding and output weights; set "
-                          "model.tie_embeddings=false")
+        fixes.append("model.tie_embeddings=false")
+    if fixes:
+        raise ConfigError(f"init_from: {path} (config.json) differs from this run's model in {len(fixes)} "
+                          f"value(s); set {' '.join(fixes)}")
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -60,6 +60,11 @@ class Recipe:
         state a recipe keeps beside the model (a distillation teacher) or modules only training needs.
         Default: nothing."""
 
+    def preflight(self, model: nn.Module, loader) -> None:
+        """Checks a launcher runs before any rank starts, on the model built on meta with every recipe applied:
+        what `setup` would refuse (a missing teacher, another vocabulary), found from metadata only, and the
+        modules `setup` would add (so checkpoint shapes can be compared). Default: nothing."""
+
     def trainable(self, name: str, param: nn.Parameter) -> bool | None:
         """True: the parameter is this recipe's and trains; False: this recipe freezes it; None: no opinion."""
         return None

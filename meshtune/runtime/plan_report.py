@@ -19,14 +19,14 @@ from dataclasses import replace
 import torch
 from torch.distributed.tensor import DTensor
 
-from meshtune.data import build_tokenizer, get_task, load_records
+from meshtune.data import build_tokenizer, load_records
 from meshtune.models import build_model
 from meshtune.recipes import apply_recipes, build_recipes
 from meshtune.runtime.mesh import AXES, ParallelMesh, fake_process_group
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import stage_module
-from meshtune.runtime.plan import Plan, make_plan
-from meshtune.runtime.run import vocab_size
+from meshtune.runtime.plan import Plan
+from meshtune.runtime.preflight import preflight, vocab_size
 from meshtune.schema import Config
 
 
@@ -76,14 +76,12 @@ def engine_shards(plan: Plan) -> tuple[int, int, int]:
 def describe_plan(cfg: Config, world_size: int) -> str:
     """A short report of the plan and per-rank memory; raises ConfigError for an impossible plan."""
     t, m, p = cfg.train, cfg.model, cfg.parallel
+    plan = preflight(cfg, world_size)  # every check a rank would make at start-up
     vocab = vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
-    plan = make_plan(cfg, world_size, vocab)
     dims = plan.dims
-    if cfg.data.task:
-        get_task(cfg.data.task)
     data_lines = []
     for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
-        if path:  # parse once here, so a malformed line is reported before any rank starts
+        if path:
             data_lines.append(f"{key}: {len(load_records(path, key)):,} records in {path}")
     n = build_model(m, vocab, device="meta").num_params()
     # the exact per-rank layout, built on a fake world: the first rank of each pipeline stage group

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
-from meshtune.artifacts import ArtifactLoader, find, load_weights
-from meshtune.config import ConfigError, dump_yaml, to_dict
+from meshtune.artifacts import ArtifactLoader, load_weights
+from meshtune.config import dump_yaml, to_dict
 from meshtune.data import StepSampler, build_datasets, build_tokenizer
 from meshtune.models import build_model
-from meshtune.models.hf import check_matches_hf
 from meshtune.recipes import apply_recipes, build_recipes, count_parameters
 from meshtune.runtime.checkpoint import Checkpointer
 from meshtune.runtime.data_parallel import unwrap
@@ -30,17 +29,9 @@ from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import Pipeline, parts_view, stage_module
 from meshtune.runtime.plan import Plan, make_plan
 from meshtune.runtime.precision import use_bf16
+from meshtune.runtime.preflight import check_init_from_config, check_run_dir, vocab_size
 from meshtune.runtime.trainer import Trainer, lr_lambda
 from meshtune.schema import Config
-
-
-def vocab_size(cfg: Config, tokenizer) -> int:
-    if cfg.model.vocab_size == 0:
-        return -(-tokenizer.vocab_size // 8) * 8  # a multiple of 8 keeps matmuls aligned
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size}; set 0 to use the tokenizer's size")
-    return cfg.model.vocab_size
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -75,8 +66,10 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
     env.init_process_group(cfg.parallel.timeout_s)
+    check_run_dir(cfg.run_dir)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = vocab_size(cfg, tokenizer)
+    source = check_init_from_config(cfg, vocab)  # an HF config.json mismatch before any data or model is built
     plan = make_plan(cfg, env.world_size, vocab)  # the layout `meshtune validate` and `launch` checked
     mesh = ParallelMesh(plan.dims, env.device.type, env.rank)
     seed = cfg.train.seed
@@ -93,7 +86,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     model = apply_recipes(model, recipes)  # module swaps before parallelize: adapters shard with their layers
     for recipe in recipes:
         recipe.setup(model, mesh, env.device, ArtifactLoader())  # state beside the model: a distillation teacher
-    all_keys = set(model.state_dict())  # the whole model's names, before sharding or pipeline cuts
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # the whole model, before any cut
     trainable, total = count_parameters(model)
     param_dtype = torch.bfloat16 if use_bf16(cfg.train.dtype, env.device) else None
     pipeline = None
@@ -109,11 +102,8 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
             part.init_weights()
             for recipe in recipes:
                 recipe.init_weights(part)
-    if cfg.init_from:  # base weights: only the recipes' own tensors may be missing from them
-        source = find(cfg.init_from, key="init_from")
-        if source.kind == "hf":
-            check_matches_hf(cfg.model, vocab, source.path)
-        load_weights(model, source, all_keys, all_keys - base_keys, key="init_from")
+    if source is not None:  # base weights: only the recipes' own tensors may be missing from them
+        load_weights(model, source, shapes, shapes.keys() - base_keys, key="init_from")
     optimizer = build_optimizer(model, cfg)
     model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, plan.accum)
     scheduler = build_schedule(optimizer, cfg)  # after the engine: fairscale's OSS replaces the AdamW

@@ -65,7 +65,7 @@ def stop_on_one_rank_then_resume(run_dir):
     import os
     import signal
 
-    from meshtune.cli import _stop_on_signals
+    from meshtune.cli.train import _stop_on_signals
     from meshtune.runtime.run import build_trainer
 
     overrides = [*layout(1, 2, 4), "train.steps=4"]

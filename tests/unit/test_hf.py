@@ -186,6 +186,12 @@ def test_check_matches_hf_names_the_field(tmp_path):
         check_matches_hf(cfg, 304, tmp_path)
     with pytest.raises(ConfigError, match="tie_embeddings=false"):
         check_matches_hf(dataclasses.replace(cfg, tie_embeddings=True), V, tmp_path)
+    with pytest.raises(ConfigError) as info:  # every mismatching key at once, not one per run
+        check_matches_hf(dataclasses.replace(cfg, dim=2 * cfg.dim, n_layers=cfg.n_layers + 1, norm_eps=0.5), V,
+                         tmp_path)
+    msg = str(info.value)
+    assert "3 value(s)" in msg and f"model.dim={cfg.dim}" in msg and f"model.n_layers={cfg.n_layers}" in msg
+    assert f"model.norm_eps={cfg.norm_eps}" in msg and "\n" not in msg
 
 
 def test_init_from_an_hf_directory_trains_with_lora(tmp_path):

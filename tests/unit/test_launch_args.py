@@ -4,7 +4,6 @@ the dry run printed for every node, and the workers' environment. No processes a
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 
 import pytest
@@ -115,7 +114,7 @@ def test_launch_runs_torchrun_with_the_worker_env(monkeypatch):
         seen.update(argv=argv, env=env)
         return 5
 
-    monkeypatch.setattr(subprocess, "call", fake_call)
+    monkeypatch.setattr(T, "run_torchrun", fake_call)
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     spec = T.node_spec(nnodes="2", rdzv_endpoint="node0:29400")
     assert T.launch(CONFIG, ["k=v"], 2, nodes=spec) == 5
@@ -126,7 +125,7 @@ def test_launch_runs_torchrun_with_the_worker_env(monkeypatch):
 @pytest.mark.parametrize("kwargs", [dict(), dict(nnodes="2", rdzv_endpoint="node0:29400")])
 def test_launch_takes_max_restarts_from_the_node_spec_only(monkeypatch, kwargs):
     seen = {}
-    monkeypatch.setattr(subprocess, "call", lambda argv, env: seen.update(argv=argv) or 0)
+    monkeypatch.setattr(T, "run_torchrun", lambda argv, env: seen.update(argv=argv) or 0)
     spec = T.node_spec(max_restarts=3, **kwargs)
     assert T.launch(CONFIG, [], 2, nodes=spec) == 0
     assert flags(seen["argv"])["max-restarts"] == "3"
@@ -140,7 +139,7 @@ def test_launch_takes_max_restarts_from_the_node_spec_only(monkeypatch, kwargs):
 
 def test_launch_without_a_spec_is_standalone_without_restarts(monkeypatch):
     seen = {}
-    monkeypatch.setattr(subprocess, "call", lambda argv, env: seen.update(argv=argv) or 0)
+    monkeypatch.setattr(T, "run_torchrun", lambda argv, env: seen.update(argv=argv) or 0)
     assert T.launch(CONFIG, [], 2) == 0
     assert flags(seen["argv"]) == {"standalone": "", "nproc-per-node": "2", "max-restarts": "0"}
 
@@ -150,13 +149,14 @@ def test_launch_without_a_spec_is_standalone_without_restarts(monkeypatch):
 
 def test_dry_run_c10d_prints_one_command_for_every_node():
     result = meshtune("launch", TINY, "--nnodes", "2:4", "--nproc-per-node", "2", "--rdzv-endpoint", "node0:29400",
-                      "--rdzv-id", "job7", "--max-restarts", "1", "--dry-run", "optim.lr=1e-3", "run_dir=/tmp/a b")
+                      "--rdzv-id", "job7", "--max-restarts", "1", "--dry-run", "optim.lr=1e-3", "run_dir=/tmp/a b",
+                      "train.micro_batch_size=4")  # the layout is checked for 4 and 8 ranks
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("# the same command on each of the 2:4 nodes")
     argv = shlex.split(lines[1])
     assert argv[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # the env fix, copy-pasteable into a shell
-    assert argv[1:] == T.torchrun_argv(CONFIG, ["optim.lr=1e-3", "run_dir=/tmp/a b"], 2,
+    assert argv[1:] == T.torchrun_argv(CONFIG, ["optim.lr=1e-3", "run_dir=/tmp/a b", "train.micro_batch_size=4"], 2,
                                        nodes=T.node_spec("2:4", None, "node0:29400", "job7", 1))
 
 
@@ -168,7 +168,7 @@ def test_dry_run_standalone_passes_max_restarts():
 
 def test_dry_run_static_prints_each_node_rank():
     result = meshtune("launch", TINY, "--nnodes", "3", "--node-rank", "1", "--rdzv-endpoint", "node0:29400",
-                      "--dry-run")
+                      "--dry-run", "train.global_batch_size=48", "train.micro_batch_size=8")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0::2] == ["# node 0 of 3:", "# node 1 of 3 (this node):", "# node 2 of 3:"]
@@ -179,7 +179,8 @@ def test_dry_run_static_prints_each_node_rank():
 def test_dry_run_keeps_a_user_store_setting():
     code = ("import os, sys\nos.environ['TORCH_DISABLE_SHARE_RDZV_TCP_STORE'] = '0'\n"
             "from meshtune.cli import main\n"
-            f"sys.exit(main(['launch', {TINY!r}, '--nnodes', '2', '--rdzv-endpoint', 'n:1', '--dry-run']))")
+            f"sys.exit(main(['launch', {TINY!r}, '--nnodes', '2', '--rdzv-endpoint', 'n:1', '--dry-run', "
+            "'train.micro_batch_size=8']))")
     result = python("-c", code)
     assert result.returncode == 0, result.stderr
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0 " in result.stdout

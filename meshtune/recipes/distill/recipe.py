@@ -55,28 +55,43 @@ class DistillRecipe(Recipe):
         self._hidden: dict[str, torch.Tensor | None] = {"student": None, "teacher": None}
         self._hooks = []
 
-    def setup(self, model: nn.Module, mesh, device: torch.device, loader) -> None:
-        """Load the frozen teacher on `device` (replicated, or FSDP2-sharded over the mesh's dp axis), check its
-        vocabulary against the student's, and add the hidden-state projection if asked (training only: an
-        exported or served student needs neither)."""
+    def _teacher(self, model: nn.Module, loader):
+        """The teacher's artifact (metadata only), checked against the student's vocabulary."""
         key = "recipe.distill.teacher"
         src = loader.find(self.kd.teacher, key=key)
         if src.vocab_size != model.vocab_size:
             raise ConfigError(f"{key}: {self.kd.teacher} has a vocabulary of {src.vocab_size} tokens, the student "
                               f"{model.vocab_size}; white-box distillation needs the same tokenizer and "
                               "model.vocab_size (or use `meshtune distill-data` for black-box KD)")
+        return src
+
+    def _add_projection(self, model: nn.Module, teacher_dim: int) -> nn.Linear:
+        weight = model.output.weight
+        proj = nn.Linear(model.cfg.dim, teacher_dim, bias=False, device=weight.device, dtype=weight.dtype)
+        model.add_module(PROJ, proj)
+        return proj
+
+    def preflight(self, model: nn.Module, loader) -> None:
+        src = self._teacher(model, loader)
         if self.kd.hidden > 0:
-            weight = model.output.weight
-            proj = nn.Linear(model.cfg.dim, src.model_cfg.dim, bias=False, device=weight.device, dtype=weight.dtype)
-            model.add_module(PROJ, proj)
-            if weight.device.type != "meta":
+            self._add_projection(model, src.model_cfg.dim)
+
+    def setup(self, model: nn.Module, mesh, device: torch.device, loader) -> None:
+        """Load the frozen teacher on `device` (replicated, or FSDP2-sharded over the mesh's dp axis), check its
+        vocabulary against the student's, and add the hidden-state projection if asked (training only: an
+        exported or served student needs neither)."""
+        src = self._teacher(model, loader)
+        if self.kd.hidden > 0:
+            proj = self._add_projection(model, src.model_cfg.dim)
+            if proj.weight.device.type != "meta":
                 self.init_weights(model)
             # the projection runs inside the student's forward, so DDP and FSDP2 see it like any parameter
             self._hooks.append(model.norm.register_forward_hook(self._student_hook(proj)))
         mode = self.kd.teacher_shard
         shard = mode == "fsdp" or (mode == "auto" and mesh.dims.dp_shard > 1)
         self.device = device
-        self.teacher = loader.load_model(src, device, mesh.get("dp") if shard else None, key=key)
+        self.teacher = loader.load_model(src, device, mesh.get("dp") if shard else None,
+                                         key="recipe.distill.teacher")
         if self.kd.hidden > 0:
             self._hooks.append(self.teacher.norm.register_forward_hook(self._teacher_hook))
 

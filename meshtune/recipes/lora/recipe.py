@@ -26,9 +26,9 @@ adapter_config.json.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,10 @@ from torch.distributed.tensor import DTensor
 from meshtune.config import ConfigError
 from meshtune.models.hf import permute_rope_rows, unpermute_rope_rows  # noqa: F401 (re-exported)
 from meshtune.recipes.base import PeftRecipe
-from meshtune.recipes.lora import LoRAConfig
+from meshtune.recipes.targets import matches
+
+if TYPE_CHECKING:
+    from meshtune.recipes.lora import LoRAConfig
 
 
 class LoRALinear(nn.Linear):
@@ -140,11 +143,6 @@ class _LoRAFn(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             gb = (g2.t() @ xa).mul_(s)  # (out, r)
         return gx, gw, ga, gb, None
-
-
-def matches(name: str, pattern: str) -> bool:
-    """Whether the module name ends with `pattern` at a dot boundary (fnmatch globs allowed)."""
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
 
 
 def lora_targets(model: nn.Module, patterns: list[str]) -> list[str]:

@@ -3,12 +3,12 @@ exported forms in export.py."""
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Literal
 
 from meshtune.config import ConfigError
 from meshtune.recipes.registry import RecipeSpec, forward_to, is_active
+from meshtune.recipes.targets import matches_any
 
 
 @dataclass
@@ -41,12 +41,6 @@ class PruneConfig:
 
 
 
-def matches(name: str, patterns: list[str]) -> bool:
-    """A module name matches a pattern equal to its end (`wq`, `attention.wq`) or an fnmatch glob of it."""
-    return any(name == pat or name.endswith("." + pat) or fnmatch.fnmatch(name, pat)
-               or fnmatch.fnmatch(name, "*." + pat) for pat in patterns)
-
-
 def check(cfg) -> None:
     """Config checks for `recipe.prune.*` against the model and tensor-parallel sizes.
 
@@ -72,7 +66,7 @@ def check(cfg) -> None:
         inputs = {"wq": m.dim, "wk": m.dim, "wv": m.dim, "w1": m.dim, "w3": m.dim, "wo": m.n_heads * head_dim(m),
                   "w2": hidden}
         for name, size in inputs.items():
-            if matches(name, p.targets) and size % 4:
+            if matches_any(name, p.targets) and size % 4:
                 raise ConfigError(f"recipe.prune.method: 2:4 needs the input size of {name} ({size}) divisible by 4; "
                                   f"drop {name} from recipe.prune.targets or use method magnitude")
     if p.method == "structured":

@@ -29,12 +29,17 @@ ramp only ever removes more.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from meshtune.config import ConfigError
 from meshtune.recipes.base import Recipe
-from meshtune.recipes.prune import PruneConfig, matches
+from meshtune.recipes.targets import matches_any
+
+if TYPE_CHECKING:
+    from meshtune.recipes.prune import PruneConfig
 
 MASK = "weight_mask"
 STEP = "prune_step"
@@ -178,7 +183,8 @@ class PruneRecipe(Recipe):
         for name, module in model.named_modules():
             if not isinstance(module, nn.Linear) or ".layers." not in f".{name}":
                 continue  # block linears only: never the embedding or the output head
-            if (names is not None and name.rsplit(".", 1)[-1] in names) or (names is None and matches(name, p.targets)):
+            leaf = name.rsplit(".", 1)[-1]
+            if (names is not None and leaf in names) or (names is None and matches_any(name, p.targets)):
                 found[name] = module
         return found
 

@@ -34,6 +34,7 @@ quantization, the baseline QAT must beat).
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,11 @@ from torch import nn
 
 from meshtune.config import ConfigError
 from meshtune.recipes.base import Recipe
-from meshtune.recipes.lora.recipe import LoRALinear, matches
-from meshtune.recipes.qat import QuantConfig
+from meshtune.recipes.lora.recipe import LoRALinear
+from meshtune.recipes.targets import matches
+
+if TYPE_CHECKING:
+    from meshtune.recipes.qat import QuantConfig
 from meshtune.recipes.qat.ops import QuantInput, QuantLinear, Spec, act_codes, spec_of, weight_codes, weight_dequant
 
 WEIGHT_BITS = {"int8-int4": 4, "int8-int8": 8}
