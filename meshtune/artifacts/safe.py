@@ -170,7 +170,9 @@ def load_torch_file(path: str | Path, map_location="cpu"):
         with torch.serialization.safe_globals(_deepspeed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported operand" in str(e):  # not a pickle at all (nothing was run either way)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # neither a torch zip nor a pickle
             raise ConfigError(f"{path}: not a torch file (or a damaged one); the checkpoint is damaged") from None
         raise _refusal(path, _short(e)) from None
     except FileNotFoundError:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-IGNORE_INDEX = -100
+from meshtune.data.datasets import IGNORE_INDEX  # the one definition: labels the loss skips
 
 
 @contextlib.contextmanager
