@@ -77,3 +77,15 @@ class DistEnv:
         dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=self.device if self.device.type == "cuda" else None)
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group (gloo on CPU, NCCL on GPU, an in-memory store) when none exists. DeepSpeed and
+    FairScale need a default group even alone (DeepSpeed would otherwise look for MPI), and read the
+    launcher's variables, which are set for one rank where absent."""
+    if dist.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(), rank=0,
+                            world_size=1)

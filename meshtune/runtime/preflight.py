@@ -85,21 +85,14 @@ def check_resume(cfg: Config, plan: Plan, shapes: dict[str, tuple[int, ...]]) ->
     path = _resume_target(cfg)
     if path is None:
         return
+    from meshtune.runtime.engines import check_saved_by
+
     meta = read_meta(path)
-    saved = meta.get("engine", "native")
-    if saved != plan.engine:
-        raise ConfigError(f"checkpoint.resume: {path} was saved with parallel.engine={saved}, this run uses "
-                          f"{plan.engine}; resume with parallel.engine={saved}, or start from its weights via "
-                          "`meshtune export` + init_from")
+    check_saved_by(path, plan.engine)
     if plan.engine == "deepspeed":
-        if meta.get("zero_stage") != plan.zero_stage:
-            raise ConfigError(f"parallel.zero_stage: {path} was saved with ZeRO stage {meta.get('zero_stage')}, this "
-                              f"run uses {plan.zero_stage}; resume with parallel.zero_stage={meta.get('zero_stage')}")
-        if meta.get("world_size", plan.world_size) != plan.world_size:
-            raise ConfigError(f"checkpoint.resume: {path} holds DeepSpeed ZeRO partitions of {meta['world_size']} "
-                              f"ranks, this run has {plan.world_size}; resume on {meta['world_size']} ranks, or start "
-                              "from its weights (`meshtune export RUN_DIR --format merged` + init_from), or train "
-                              "with parallel.engine=native, whose checkpoints reshard")
+        from meshtune.runtime.engines.deepspeed import check_resumable
+
+        check_resumable(path, meta, plan.zero_stage, plan.world_size)
         return
     art = find(path, key="checkpoint.resume")
     saved_shapes = file_shapes(art, "checkpoint.resume")

@@ -21,7 +21,7 @@ from meshtune.models import build_model
 from meshtune.recipes import apply_recipes, build_recipes, count_parameters
 from meshtune.runtime.checkpoint import Checkpointer
 from meshtune.runtime.data_parallel import unwrap
-from meshtune.runtime.engines import build_engine
+from meshtune.runtime.engines import build_engine, check_saved_by
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.metrics import Metrics
@@ -104,13 +104,14 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                 recipe.init_weights(part)
     if source is not None:  # base weights: only the recipes' own tensors may be missing from them
         load_weights(model, source, shapes, shapes.keys() - base_keys, key="init_from")
-    optimizer = build_optimizer(model, cfg)
-    model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, plan.accum)
-    scheduler = build_schedule(optimizer, cfg)  # after the engine: fairscale's OSS replaces the AdamW
-
     checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last, model_meta={"vocab_size": vocab})
     resume = cfg.checkpoint.resume
     path = checkpointer.latest() if resume == "auto" else None if resume == "never" else Path(resume)
+    if path is not None:
+        check_saved_by(path, cfg.parallel.engine)  # another engine's files: refused before the engine starts
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, plan.accum)
+    scheduler = build_schedule(optimizer, cfg)  # after the engine: fairscale's OSS replaces the AdamW
     step = 0
     if path is not None:
         state = engine.load(checkpointer, path)
@@ -128,7 +129,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     metrics.log({"step": step, "event": "start", "trainable_params": trainable, "total_params": total,
                  "world_size": env.world_size})
     return Trainer(cfg, mesh, env.device, model, optimizer, scheduler, train_ds, eval_ds, sampler,
-                   checkpointer, metrics, step=step, pipeline=pipeline, recipes=recipes, engine=engine)
+                   checkpointer, metrics, step=step, pipeline=pipeline, recipes=recipes, engine=engine, plan=plan)
 
 
 def build_pipeline(model, cfg: Config, plan: Plan, mesh: ParallelMesh, device, param_dtype, pp_mesh, recipes=()):

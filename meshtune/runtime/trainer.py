@@ -51,7 +51,7 @@ class Trainer:
     def __init__(self, cfg: Config, mesh: ParallelMesh, device: torch.device, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler, train_ds, eval_ds, sampler: StepSampler,
                  checkpointer: Checkpointer, metrics: Metrics, step: int = 0, pipeline: Pipeline | None = None,
-                 recipes: Sequence[Recipe] = (), engine=None):
+                 recipes: Sequence[Recipe] = (), engine=None, plan=None):
         self.cfg, self.mesh, self.device = cfg, mesh, device
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_ds, self.eval_ds, self.sampler = train_ds, eval_ds, sampler
@@ -59,12 +59,13 @@ class Trainer:
         self.step = step
         self.pipeline = pipeline
         self.recipes = list(recipes)
+        self.plan = plan  # the layout this run was built from (meshtune.runtime.plan), recorded in checkpoints
         dp, pp = mesh.get("dp"), mesh.get("pp")
         self.dp_group = dp.get_group() if dp is not None else None
         self.pp_group = pp.get_group() if pp is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         if engine is None:
-            from meshtune.runtime.engines import NativeEngine
+            from meshtune.runtime.engines.native import NativeEngine
 
             engine = NativeEngine(model, optimizer, cfg.optim.grad_clip, self.pp_group)
         self.engine = engine  # backward, no-sync, clip + optimizer step, checkpoints (runtime/engines)
@@ -181,7 +182,7 @@ class Trainer:
 
     def save(self) -> None:
         meta = {"scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                "layout": self.mesh.describe()}
+                "layout": self.plan.describe() if self.plan is not None else self.mesh.describe()}
         self.engine.save(self.checkpointer, self.step, meta)
 
     def fit(self) -> dict:

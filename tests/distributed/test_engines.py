@@ -258,6 +258,11 @@ def poisoned_deepspeed(run_dir, canary):
 
     args = [*layout(2, 1, 2), *engine_args("deepspeed", 2), "train.steps=1", "checkpoint.save_final=true"]
     build_trainer(tiny_config(run_dir, *args)).fit()
+    import json
+
+    (meta,) = Path(run_dir).glob("checkpoints/step_*/meta.json")
+    recorded = json.loads(meta.read_text())["layout"]  # what ran: not the all-replicate mesh's "ddp"
+    dist.barrier()
     if dist.get_rank() == 0:
         (states,) = Path(run_dir).glob("checkpoints/step_*/deepspeed/mp_rank_00_model_states.pt")
         torch.save({"module": Payload(canary), "param_shapes": []}, states)
@@ -275,12 +280,14 @@ def poisoned_deepspeed(run_dir, canary):
             out["export"] = str(e)
     dist.barrier()
     out["canary"] = Path(canary).exists()
+    out["layout"] = recorded
     return out
 
 
 def test_deepspeed_checkpoint_with_code_is_refused(rank_pool, tmp_path):
     results = rank_pool(2).run(poisoned_deepspeed, str(tmp_path / "run"), str(tmp_path / "canary"))
     for r in results:
+        assert r["layout"].endswith("= 2 ranks (deepspeed ZeRO-2)"), r["layout"]
         assert not r["canary"], "the payload ran"
         assert "mp_rank_00_model_states.pt: refused to load" in r["resume"] and "\n" not in r["resume"], r
     assert "mp_rank_00_model_states.pt: refused to load" in results[0]["export"], results[0]

@@ -140,3 +140,31 @@ def test_every_engine_implements_the_written_protocol():
         assert cls.name == name and isinstance(cls.owns_precision, bool)
         for method, sig in methods.items():
             assert list(inspect.signature(getattr(cls, method)).parameters) == list(sig.parameters), (name, method)
+
+
+def test_fairscale_on_one_process_trains_like_native_and_records_its_layout(tmp_path):
+    """FairScale alone needs a process group (it crashed with 'Default process group has not been
+    initialized'); its checkpoint's layout names the engine, not `ddp`/`none`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.distributed.cases import TINY
+
+    pytest.importorskip("fairscale")
+    losses = {}
+    for engine in ("native", "fairscale"):
+        run = tmp_path / engine
+        result = subprocess.run([sys.executable, "-m", "meshtune", "train", "pretrain/tiny", *TINY, f"run_dir={run}",
+                                 "train.steps=3", "checkpoint.save_final=true", f"parallel.engine={engine}",
+                                 "parallel.dp_shard=1"], capture_output=True, text=True, timeout=300,
+                                cwd=Path(__file__).resolve().parents[2])
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[engine] = [r["loss"] for r in rows if "loss" in r]
+        (meta,) = [json.loads(p.read_text()) for p in run.glob("checkpoints/step_*/meta.json")]
+        assert meta["engine"] == engine
+        losses[engine + " layout"] = meta["layout"]
+    assert losses["native"] == pytest.approx(losses["fairscale"], abs=1e-5)
+    assert losses["fairscale layout"].endswith("= 1 ranks (fairscale OSS + DDP)"), losses
+    assert losses["native layout"].endswith("= 1 ranks (none)"), losses

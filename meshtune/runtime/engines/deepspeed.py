@@ -20,7 +20,6 @@ makes of these files is weights-only (`meshtune.artifacts.safe.torch_loads_weigh
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -29,7 +28,8 @@ from meshtune.artifacts.find import DEEPSPEED_DIR
 from meshtune.artifacts.safe import torch_loads_weights_only
 from meshtune.config import ConfigError
 from meshtune.runtime.checkpoint import Checkpointer, load_rng_state
-from meshtune.runtime.engines import check_saved_by, import_engine
+from meshtune.runtime.engines.native import check_saved_by, import_engine
+from meshtune.runtime.env import ensure_process_group
 from meshtune.runtime.precision import use_bf16
 from meshtune.schema import Config
 
@@ -115,14 +115,8 @@ class DeepSpeedEngine:
             # dict DeepSpeed keeps for such edits, skips the build. (On GPU there is no such op, and reading the
             # dict would probe every op builder for nothing.)
             deepspeed.ops.__compatible_ops__[SHM_OP] = False
-        import torch.distributed as dist
-
-        if not dist.is_initialized():  # one process: DeepSpeed needs a group (else it looks for MPI) and the
-            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # launcher's variables
-                os.environ.setdefault(key, value)
-            dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(), rank=0,
-                                    world_size=1)
-        self.config = build_config(cfg, mesh.dp_size, accum_steps, device)
+        self.config = build_config(cfg, mesh.dp_size, accum_steps, device)  # a bad user JSON: before any group
+        ensure_process_group(device)
         self.stage = self.config["zero_optimization"]["stage"]
         self.model, self.ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                    config=self.config)
@@ -158,18 +152,27 @@ class DeepSpeedEngine:
             raise ConfigError(f"checkpoint.resume: {path} is not a complete meshtune checkpoint (no meta.json); "
                               "give a step_N folder or use resume=auto")
         meta = json.loads(meta_file.read_text())
-        if meta.get("zero_stage") != self.stage:
-            raise ConfigError(f"parallel.zero_stage: {path} was saved with ZeRO stage {meta.get('zero_stage')}, "
-                              f"this run uses {self.stage}; resume with parallel.zero_stage={meta.get('zero_stage')}")
-        saved_world = meta.get("world_size", self.model.dp_world_size)
-        if saved_world != self.model.dp_world_size:  # ZeRO partitions are per rank: DeepSpeed cannot reshard them
-            raise ConfigError(f"checkpoint.resume: {path} holds DeepSpeed ZeRO partitions of {saved_world} ranks, "
-                              f"this run has {self.model.dp_world_size}; resume on {saved_world} ranks, or start "
-                              "from its weights (`meshtune export RUN_DIR --format merged` + init_from; the "
-                              "optimizer state restarts), or train with parallel.engine=native, whose "
-                              "checkpoints reshard")
+        check_resumable(path, meta, self.stage, self.model.dp_world_size)
         with torch_loads_weights_only(Path(path) / TAG):  # DeepSpeed's own torch.loads: no code from its files
             self.model.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
                                        load_lr_scheduler_states=False, load_module_strict=True)
         load_rng_state(path, checkpointer.rank)
         return meta
+
+
+def check_resumable(path, meta: dict, stage: int, world_size: int) -> None:
+    """A DeepSpeed checkpoint resumes only with its ZeRO stage on its world size (ZeRO partitions are per rank:
+    DeepSpeed cannot reshard them). Used by the engine and by the launcher's preflight.
+
+    Raises:
+        ConfigError: naming the key and the ways out.
+    """
+    if meta.get("zero_stage") != stage:
+        raise ConfigError(f"parallel.zero_stage: {path} was saved with ZeRO stage {meta.get('zero_stage')}, this run "
+                          f"uses {stage}; resume with parallel.zero_stage={meta.get('zero_stage')}")
+    saved = meta.get("world_size", world_size)
+    if saved != world_size:
+        raise ConfigError(f"checkpoint.resume: {path} holds DeepSpeed ZeRO partitions of {saved} ranks, this run has "
+                          f"{world_size}; resume on {saved} ranks, or start from its weights (`meshtune export "
+                          "RUN_DIR --format merged` + init_from; the optimizer state restarts), or train with "
+                          "parallel.engine=native, whose checkpoints reshard")

@@ -22,7 +22,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from meshtune.runtime.checkpoint import Checkpointer
-from meshtune.runtime.engines import NativeEngine, check_saved_by, import_engine
+from meshtune.runtime.engines.native import NativeEngine, check_saved_by, import_engine
+from meshtune.runtime.env import ensure_process_group
 from meshtune.schema import Config
 
 OPTIM_FILE = "fairscale_optim.pt"
@@ -33,10 +34,11 @@ class FairScaleEngine(NativeEngine):
 
     name = "fairscale"
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
         import_engine("fairscale")
         from fairscale.optim.oss import OSS
 
+        ensure_process_group(device)  # OSS partitions over the default group, also of one process
         # the same param groups (weight decay on matrices only) and hyperparameters as meshtune's AdamW
         # (the peak lr: the LR schedule built on OSS afterwards scales it again)
         groups = [{**{k: v for k, v in g.items() if k != "initial_lr"}, "lr": g.get("initial_lr", g["lr"])}
