@@ -41,6 +41,21 @@ def _after_stop(trainer, cfg) -> None:
               flush=True)
 
 
+def _save_traceback(run_dir: str, rank: str) -> str:
+    """The current exception's traceback into RUN_DIR/logs/rank<N>-traceback.txt: the terminal gets one line
+    (`MESHTUNE_TRACEBACK=1` prints the traceback instead). Returns the text that points at the file."""
+    import traceback
+    from pathlib import Path
+
+    path = Path(run_dir) / "logs" / f"rank{rank}-traceback.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return ""
+    return f" (traceback: {path})"
+
+
 def run(args) -> int:
     from meshtune.runtime.run import build_trainer
     from meshtune.runtime.watchdog import describe_failure, start_watchdog
@@ -53,11 +68,17 @@ def run(args) -> int:
         summary = trainer.fit()
     except Exception as e:  # name the rank and step: torchrun's summary names neither the cause nor them
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"meshtune: rank {os.environ.get('RANK', '0')} failed at step {trainer.step}{describe_failure(e)}: "
-              f"{type(e).__name__}: {first}", file=sys.stderr, flush=True)
+        rank = os.environ.get("RANK", "0")
+        where = _save_traceback(cfg.run_dir, rank)
+        # one write: ranks share torchrun's stderr, and a write under PIPE_BUF bytes is never interleaved
+        sys.stderr.write(f"meshtune: rank {rank} failed at step {trainer.step}{describe_failure(e)}: "
+                         f"{type(e).__name__}: {first}{where}\n")
+        sys.stderr.flush()
         if watchdog is not None:
             watchdog.after_failure(e)  # a broken collective: names the silent peers and exits right away
-        raise
+        if os.environ.get("MESHTUNE_TRACEBACK"):
+            raise
+        return 1
     finally:
         if watchdog is not None:
             watchdog.stop()

@@ -67,3 +67,22 @@ def test_launch_two_ranks_then_resume(tmp_path):
     assert load_config(run_dir / "config.yaml").train.steps == 40
     assert checkpoints(run_dir) == ["step_000030", "step_000040"]  # step 15 pruned by keep_last=2
     assert (run_dir / "checkpoints" / "step_000040" / "meta.json").is_file()
+
+
+def test_a_failure_only_a_worker_can_see_is_its_line_then_one_summary_line(tmp_path):
+    """A loss that diverges (only training finds it): each rank's one line, then torchrun's failure banner
+    condensed to one line; no traceback on the terminal (it is in RUN_DIR/logs), the exit code kept."""
+    run_dir = tmp_path / "nan"
+    argv = [sys.executable, "-m", "meshtune", "launch", "pretrain/tiny", "--nproc-per-node", "2", "model.dim=32",
+            "model.n_layers=1", "train.steps=6", "train.log_every=1", "optim.lr=1e30", "optim.warmup_steps=0",
+            f"run_dir={run_dir}", "metrics.progress=false"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    failed = [line for line in lines if line.startswith("meshtune: rank ")]
+    assert failed and all("FloatingPointError: step " in line and "loss is nan" in line for line in failed), lines
+    assert lines[-1].startswith("meshtune launch: torchrun: rank ") and "exited with code 1" in lines[-1], lines
+    assert len(lines) == len(failed) + 1, lines  # nothing else: no traceback, no ChildFailedError banner
+    rank = failed[0].split()[2]
+    assert "FloatingPointError" in (run_dir / "logs" / f"rank{rank}-traceback.txt").read_text()
