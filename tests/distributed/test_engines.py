@@ -131,11 +131,26 @@ def lora_zero3_export(run_dir):
     got = load_file(str(export(run_dir, "adapter", quiet=True)[0]))
     merged = load_file(str(export(run_dir, "merged", quiet=True)[0]))
     peft = export(run_dir, "peft", quiet=True)
+    # the DeepSpeed run dir as a model to serve or distil from (it had no DCP .metadata: FileNotFoundError)
+    import torch
+
+    from meshtune.artifacts import find, load_model
+    from meshtune.inference import load_for_generation
+
+    served, _, _ = load_for_generation(run_dir)
+    teacher = load_model(find(run_dir, key="recipe.distill.teacher"))
+    ref.model.eval()
+    x = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        want = unwrap(ref.model)(x)
+        serve_diff = float((served(x) - want).abs().max())
+        teacher_diff = float((teacher(x) - want).abs().max())
     dist.barrier()
     return {"losses": losses, "ref_losses": ref_losses, "keys": (sorted(got), sorted(expected)),
             "shapes": all(got[k].shape == expected[k].shape for k in expected),
             "numel": min(t.numel() for t in got.values()), "diff": max_diff(got, dict(expected)),
-            "merged_keys": len(merged), "peft_files": [p.name for p in peft]}
+            "merged_keys": len(merged), "peft_files": [p.name for p in peft], "serve_diff": serve_diff,
+            "teacher_diff": teacher_diff}
 
 
 def test_lora_under_zero3_exports_full_adapter(rank_pool, tmp_path):
@@ -145,6 +160,7 @@ def test_lora_under_zero3_exports_full_adapter(rank_pool, tmp_path):
     assert r["diff"] < 1e-4, r
     assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
     assert r["merged_keys"] > 0 and "adapter_model.safetensors" in r["peft_files"]
+    assert r["serve_diff"] < 1e-4 and r["teacher_diff"] < 1e-4, r  # the same model as the native reference
 
 
 def resume_case(run_dir, engine, stage):

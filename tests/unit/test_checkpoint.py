@@ -101,3 +101,19 @@ def test_resume_into_a_different_model_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.resume: .* does not fit this model"):
         _trainer(tmp_path, "checkpoint.resume=auto", "model.dim=64")
     assert complete_checkpoints(tmp_path / "checkpoints")  # the failed resume touched nothing
+
+
+def test_init_from_with_a_recipe_refuses_weights_missing_base_blocks(tmp_path):
+    """With a recipe active init_from loaded non-strictly: a file without layer 1 loaded silently and left it
+    random. Only the recipe's own tensors may be missing now; the LoRA run from a full file still starts."""
+    one_layer = _trainer(tmp_path / "small", "model.n_layers=1")
+    short = tmp_path / "one_layer.safetensors"
+    save_safetensors(one_layer.model.state_dict(), short)
+    with pytest.raises(ConfigError, match=rf"^init_from: {short} has no weights for layers\.1\.\S+ and \d+ more"):
+        _trainer(tmp_path / "lora", "recipe.name=lora", f"init_from={short}")
+    full = _trainer(tmp_path / "full")
+    path = tmp_path / "full.safetensors"
+    save_safetensors(full.model.state_dict(), path)
+    lora = _trainer(tmp_path / "lora2", "recipe.name=lora", f"init_from={path}")
+    got = {k: v for k, v in full_params(lora.model).items() if ".lora_" not in k}
+    assert max_diff(got, full_params(full.model)) == 0.0

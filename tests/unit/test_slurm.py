@@ -347,6 +347,16 @@ def test_submit_dry_run_writes_only(tmp_path, stubs):
     assert stubs.calls("sbatch") == []
 
 
+def test_submit_dry_run_checks_the_layout_validate_checks(tmp_path, stubs):
+    """The dry run used to skip the layout check: 2 nodes x 2 ranks cannot split a global batch of 8 into
+    micro-batches of 8; nothing is written."""
+    result = cli("slurm", "submit", TINY, "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "2",
+                 f"run_dir={tmp_path}/r", "--dry-run", "train.global_batch_size=8", "train.micro_batch_size=8",
+                 env=stubs.env)
+    assert_config_error(result, "train.global_batch_size")
+    assert not (tmp_path / "r").exists() and stubs.calls("sbatch") == []
+
+
 def test_submit_dry_run_does_not_import_torch(tmp_path):
     code = ("import sys\nfrom meshtune.cli import main\n"
             f"rc = main(['slurm', 'submit', {TINY!r}, '--gpus-per-node', '0', 'run_dir={tmp_path}/r', '--dry-run'])\n"
