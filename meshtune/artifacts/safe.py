@@ -167,7 +167,9 @@ def load_torch_file(path: str | Path, map_location="cpu"):
     """
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(_deepspeed_globals()):
+        with torch.serialization.safe_globals(_deepspeed_globals()), warnings.catch_warnings():
+            # torch warns about a foreign pickle protocol just before it refuses the file: the refusal says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         with open(path, "rb") as f:

@@ -185,10 +185,12 @@ def test_a_subprocess_sees_the_same_one_line(files, tmp_path, command):
     """The process boundary: exit code 2, one stderr line, no traceback, no torchrun banner."""
     extra = ["--nproc-per-node", "2"] if command == "launch" else []
     two = ["train.micro_batch_size=4"] if command == "launch" else []
+    evil = files["root"] / "evil.pt"  # also: the pickle refusal comes with no torch warning before it
     result = subprocess.run([sys.executable, "-m", "meshtune", command, "pretrain/tiny", *extra, *TINY, *two,
-                             f"run_dir={tmp_path / 'run'}", f"init_from={files['wide']}"],
+                             f"run_dir={tmp_path / 'run'}", f"init_from={evil}"],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("meshtune: error: init_from: "), lines
+    assert len(lines) == 1 and lines[0].startswith(f"meshtune: error: {evil}: refused to load"), lines
+    assert not Path("/tmp/meshtune-canary-battery").exists()
     assert not (tmp_path / "run").exists()

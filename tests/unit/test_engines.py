@@ -145,26 +145,26 @@ def test_every_engine_implements_the_written_protocol():
 def test_fairscale_on_one_process_trains_like_native_and_records_its_layout(tmp_path):
     """FairScale alone needs a process group (it crashed with 'Default process group has not been
     initialized'); its checkpoint's layout names the engine, not `ddp`/`none`."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    import torch.distributed as dist
 
-    from tests.distributed.cases import TINY
+    from meshtune.runtime.env import DistEnv
+    from meshtune.runtime.run import build_trainer
+    from tests.distributed.cases import tiny_config
 
     pytest.importorskip("fairscale")
-    losses = {}
+    out = {}
     for engine in ("native", "fairscale"):
         run = tmp_path / engine
-        result = subprocess.run([sys.executable, "-m", "meshtune", "train", "pretrain/tiny", *TINY, f"run_dir={run}",
-                                 "train.steps=3", "checkpoint.save_final=true", f"parallel.engine={engine}",
-                                 "parallel.dp_shard=1"], capture_output=True, text=True, timeout=300,
-                                cwd=Path(__file__).resolve().parents[2])
-        assert result.returncode == 0, result.stderr[-2000:]
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        losses[engine] = [r["loss"] for r in rows if "loss" in r]
+        cfg = tiny_config(str(run), "train.steps=3", "checkpoint.save_final=true", f"parallel.engine={engine}",
+                          "parallel.dp_shard=1")
+        try:
+            history = build_trainer(cfg, DistEnv()).fit()["history"]
+        finally:
+            if dist.is_initialized():  # the one-process group FairScale needed: not left to later tests
+                dist.destroy_process_group()
         (meta,) = [json.loads(p.read_text()) for p in run.glob("checkpoints/step_*/meta.json")]
-        assert meta["engine"] == engine
-        losses[engine + " layout"] = meta["layout"]
-    assert losses["native"] == pytest.approx(losses["fairscale"], abs=1e-5)
-    assert losses["fairscale layout"].endswith("= 1 ranks (fairscale OSS + DDP)"), losses
-    assert losses["native layout"].endswith("= 1 ranks (none)"), losses
+        out[engine] = ([r["loss"] for r in history if "loss" in r], meta["engine"], meta["layout"])
+    assert out["native"][0] == pytest.approx(out["fairscale"][0], abs=1e-5)
+    assert out["fairscale"][1:] == ("fairscale", "pp=1 x dp_replicate=1 x dp_shard=1 x tp=1 = 1 ranks "
+                                                 "(fairscale OSS + DDP)")
+    assert out["native"][1:] == ("native", "pp=1 x dp_replicate=1 x dp_shard=1 x tp=1 = 1 ranks (none)")

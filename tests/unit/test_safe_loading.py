@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,7 @@ import torch
 from meshtune.config import ConfigError
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.run import build_trainer
-from tests.distributed.cases import TINY, tiny_config
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.distributed.cases import tiny_config
 
 
 class Payload:
@@ -133,15 +129,3 @@ def test_payload_in_a_torch_file(trained, tmp_path):
     fake_export = tmp_path / "model_quantized.pt"
     torch.save({"meshtune": Payload(canary), "quantized": {}}, fake_export)
     refused(lambda: CompletionModel(str(fake_export)), fake_export, canary)
-
-
-def test_cli_prints_one_line_and_exits_2(poisoned, tmp_path):
-    run, step, canary = poisoned
-    result = subprocess.run([sys.executable, "-m", "meshtune", "train", "pretrain/tiny", *TINY,
-                             f"run_dir={tmp_path / 'new'}", f"init_from={step}"],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("meshtune: error: ") and "refused to load" in lines[0], lines
-    assert not canary.exists()
-    assert not (tmp_path / "new").exists()  # nothing written for a refused start
