@@ -55,7 +55,9 @@ def deepspeed_state(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights (frozen ones included) of a meshtune DeepSpeed checkpoint of any ZeRO stage,
     in one process, with DeepSpeed's zero_to_fp32; its torch.loads are weights-only."""
     from meshtune.artifacts.safe import torch_loads_weights_only
+    from meshtune.quiet import quiet_deepspeed
 
+    quiet_deepspeed()
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as e:

@@ -39,6 +39,9 @@ def load_quantized(path: str | Path) -> nn.Module:
     Raises:
         ConfigError: when the file is missing, unsafe or not a meshtune quantized export.
     """
+    from meshtune.quiet import quiet_torchao
+
+    quiet_torchao()
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
     from meshtune.models import build_model

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshtune.config import ConfigError
+from meshtune.quiet import quiet_torchao
 from meshtune.recipes.base import Recipe
 from meshtune.recipes.lora.recipe import LoRALinear
 from meshtune.recipes.targets import matches
@@ -228,6 +229,7 @@ class QATLoRALinear(LoRALinear, _WeightCache):
 
 def fake_quantizers(linear: nn.Linear, c: QuantConfig) -> tuple[nn.Module | None, nn.Module | None]:
     """torchao's (activation, weight) fake quantizers for `linear` from its QAT prepare step."""
+    quiet_torchao()
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
@@ -288,6 +290,7 @@ def convert(model: nn.Module, c: QuantConfig) -> nn.Module:
     """torchao's convert step: the fake-quantized layers become real int8 / int4 quantized linears.
 
     LoRA is merged into the base weights first, so the quantized weight includes the update."""
+    quiet_torchao()
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
@@ -299,6 +302,7 @@ def convert(model: nn.Module, c: QuantConfig) -> nn.Module:
 @torch.no_grad()
 def ptq(model: nn.Module, c: QuantConfig) -> nn.Module:
     """Post-training quantization of the targeted linears of a plain (unprepared) model with the same config."""
+    quiet_torchao()
     from torchao.quantization import quantize_
 
     strip_lora(model)

@@ -27,6 +27,7 @@ import torch
 from meshtune.artifacts.find import DEEPSPEED_DIR
 from meshtune.artifacts.safe import torch_loads_weights_only
 from meshtune.config import ConfigError
+from meshtune.quiet import quiet_deepspeed
 from meshtune.runtime.checkpoint import Checkpointer, load_rng_state
 from meshtune.runtime.engines.native import check_saved_by, import_engine
 from meshtune.runtime.env import ensure_process_group
@@ -108,6 +109,7 @@ class DeepSpeedEngine:
 
     def __init__(self, cfg: Config, mesh, device: torch.device, model: torch.nn.Module, optimizer,
                  accum_steps: int):
+        quiet_deepspeed()
         deepspeed = import_engine("deepspeed")
         if device.type == "cpu":
             # DeepSpeed's CPU comm backend JIT-compiles SHM_OP when it starts (g++ and ninja, ~40 s cold) though
