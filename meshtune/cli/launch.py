@@ -3,6 +3,9 @@
 Every check a rank would make at start-up runs here first (meshtune/runtime/preflight.py), once per world
 size the job can have: a bad input is one line and exit code 2 before torchrun starts. `--dry-run` checks
 the layout without torch and prints each node's command.
+
+SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 to this process reach torchrun once, which passes them to the ranks:
+they checkpoint after the current step and stop, and the launcher exits with code 75 (exit_codes.STOPPED).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ def add(sub):
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous store on the first node; "
                    "needed with more than one node")
     p.add_argument("--rdzv-id", help="job id shared by all nodes of one job (default meshtune)")
+    p.add_argument("--grace-period", type=int, metavar="S", help="seconds the ranks get to checkpoint and stop "
+                   "after SIGTERM/SIGINT/SIGUSR1 before torchrun kills them (default: torchrun's, 30)")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command for each node, run nothing")
     return p
 
@@ -41,5 +46,5 @@ def run(args) -> int:
 
     cfg, overrides, config_path = load(args)
     nodes = node_spec(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.max_restarts)
-    launcher = TorchrunLauncher(args.nproc_per_node, nodes)
+    launcher = TorchrunLauncher(args.nproc_per_node, nodes, args.grace_period)
     return launcher.launch(config_path, overrides, plans_for(cfg, launcher, args.dry_run), args.dry_run)

@@ -24,6 +24,9 @@ def add(sub):
     p.add_argument("--rdzv-port", type=int, default=29500, help="rendezvous port on the first node")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts inside the job after a failure")
     p.add_argument("--no-requeue", action="store_true", help="do not requeue after the time-limit signal")
+    p.add_argument("--signal-before", type=int, default=120, metavar="S", help="seconds before the time limit "
+                   "that SIGUSR1 makes the ranks checkpoint and stop (default 120; SLURM may send it up to 60 s "
+                   "earlier)")
     p.add_argument("--dry-run", action="store_true", help="write and print the script path, submit nothing")
     for name, help_ in [("status", "state, run time and log file of a job"), ("cancel", "cancel a job"),
                         ("logs", "the end of a job's stdout and stderr")]:
@@ -62,7 +65,8 @@ def _submit(args) -> int:
                     cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
                     account=args.account, qos=args.qos, constraint=args.constraint, mail=args.mail,
                     exclusive=args.exclusive, job_name=args.job_name, rdzv_port=args.rdzv_port,
-                    max_restarts=args.max_restarts, requeue=not args.no_requeue)
+                    max_restarts=args.max_restarts, requeue=not args.no_requeue,
+                    signal_before_s=args.signal_before)
     launcher = SlurmLauncher(job, cfg.run_dir)
     # the layout now, not after hours in the queue; a dry run checks it without torch
     return launcher.launch(config_path, overrides, plans_for(cfg, launcher, args.dry_run), args.dry_run)

@@ -1,8 +1,9 @@
 """`meshtune train CONFIG [k=v ...]`: train in this process, alone or as one rank under torchrun.
 
-SIGTERM (preemption, scancel, torchrun shutting down) and SIGUSR1 (SLURM's warning before the time limit)
-make every rank checkpoint after the current step and stop; a failure is reported as one line naming the
-rank, the step and the call it failed in (runtime/watchdog.py names silent peers).
+SIGTERM (preemption, scancel, torchrun shutting down), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before
+the time limit), to any one rank, make every rank checkpoint after the current step and stop: exit code 75
+(exit_codes.STOPPED), or 0 for a rank under torchrun, whose launcher then exits 75. A failure is reported as
+one line naming the rank, the step and the call it failed in (runtime/watchdog.py names silent peers).
 """
 
 from __future__ import annotations
@@ -17,28 +18,54 @@ def add(sub):
     return config_command(sub, "train", "train in this process (alone or as a torchrun rank)")
 
 
+class _StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 ask the trainer to checkpoint and stop after the current step. Installed
+    before the trainer is built, so a signal during start-up (SLURM may send its warning early) is kept
+    and passed on once the trainer exists, instead of killing the rank."""
+
+    def __init__(self):
+        import signal
+
+        self.trainer, self.pending = None, None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.trainer is None:
+            self.pending = signum
+        else:
+            self.trainer.request_stop(signum)
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+        if self.pending is not None:
+            trainer.request_stop(self.pending)
+
+
 def _stop_on_signals(trainer) -> None:
+    _StopSignals().attach(trainer)
+
+
+def _after_stop(trainer, cfg) -> int:
+    """Report a stop on a signal (the checkpoint is saved) and return this process's exit code.
+
+    The first rank of each node prints the line (`meshtune launch` reads it on its node to exit with
+    STOPPED). Under torchrun a rank exits 0, so that torchrun neither restarts the group nor reports a
+    failure; alone, `meshtune train` exits STOPPED itself."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: trainer.request_stop(signum))
+    from meshtune.exit_codes import OK, STOPPED, STOPPED_LINE
 
-
-def _after_stop(trainer, cfg) -> None:
-    """Report the stop; under SLURM, a time-limit stop (SIGUSR1) requeues the job, which resumes."""
-    import signal
-    import subprocess
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    name = signal.Signals(trainer.stop_signal).name
-    print(f"meshtune: stopped at step {trainer.step} on {name}; checkpoint saved in {cfg.run_dir}/checkpoints, "
-          "`checkpoint.resume: auto` continues from it", flush=True)
-    job = os.environ.get("SLURM_JOB_ID")
-    if job and trainer.stop_signal == signal.SIGUSR1:
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        print(f"meshtune: scontrol requeue {job}: " + ("ok" if result.returncode == 0 else result.stderr.strip()),
-              flush=True)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        name = signal.Signals(trainer.stop_signal).name
+        sys.stderr.write(f"{STOPPED_LINE}{trainer.step} on {name}; checkpoint saved in {cfg.run_dir}/checkpoints, "
+                         f"`checkpoint.resume: auto` continues from it (exit code {STOPPED})\n")
+        sys.stderr.flush()
+    return OK if "TORCHELASTIC_RUN_ID" in os.environ else STOPPED
 
 
 def _save_traceback(run_dir: str, rank: str) -> str:
@@ -61,8 +88,9 @@ def run(args) -> int:
     from meshtune.runtime.watchdog import describe_failure, start_watchdog
 
     cfg, _, _ = load(args)
+    signals = _StopSignals()
     trainer = build_trainer(cfg)
-    _stop_on_signals(trainer)
+    signals.attach(trainer)
     watchdog = start_watchdog(lambda: trainer.step, cfg.parallel.timeout_s)  # a stuck rank: named, exits
     try:
         summary = trainer.fit()
@@ -82,10 +110,13 @@ def run(args) -> int:
     finally:
         if watchdog is not None:
             watchdog.stop()
-    if summary["stopped"]:
-        _after_stop(trainer, cfg)
     import torch.distributed as dist
 
+    if summary["stopped"]:
+        code = _after_stop(trainer, cfg)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return code
     if dist.is_initialized():
         dist.destroy_process_group()
     last = summary["final_eval"] or {}

@@ -7,8 +7,9 @@
 The script (written to RUN_DIR/submit.sbatch, resubmittable with plain `sbatch`) runs one `srun` task per
 node; each runs torchrun, and the nodes meet at a c10d rendezvous on the job's first node. Logs go to
 RUN_DIR/slurm-JOBID.out/.err, appended to across requeues. SLURM sends SIGUSR1 to the batch shell
-`SIGNAL_BEFORE_S` seconds before the time limit; the script forwards it through srun and torchrun to the
-ranks (which checkpoint and stop) and then requeues the job, which resumes from that checkpoint.
+`--signal-before` seconds (default SIGNAL_BEFORE_S) before the time limit; the script forwards it through
+srun and torchrun to the ranks (which checkpoint at the step they reached and stop), requeues the job, which
+resumes from that checkpoint, and exits 75 (exit_codes.STOPPED).
 
 Every user value is quoted for the reader it reaches: `shlex.quote` for bash, and double quotes with
 backslash escapes for sbatch's own `#SBATCH` parser (which no shell reads, but which a newline would end:
@@ -29,13 +30,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshtune.launch.torchrun import LaunchError, train_argv
+from meshtune.exit_codes import STOPPED
+from meshtune.launch.torchrun import TORCHRUN_SIGNALS, LaunchError, train_argv
 
 SCRIPT_NAME = "submit.sbatch"
 SIGNAL_BEFORE_S = 120
-# torchrun handles SIGTERM/SIGINT/SIGHUP/SIGQUIT by stopping its workers with the same signal; SIGUSR1 would
-# kill it outright (the default action) and orphan the workers, so it must be on this list too.
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 _TIME = re.compile(r"^(\d+|\d+:\d+|\d+:\d+:\d+|\d+-\d+|\d+-\d+:\d+|\d+-\d+:\d+:\d+|UNLIMITED|INFINITE)$")
 _JOB = re.compile(r"^\d+(_\d+)?$")
 _HETJOB = re.compile(r"hetjob|packjob", re.IGNORECASE | re.ASCII)  # sbatch's strcasestr: ASCII case only
@@ -60,6 +59,7 @@ class SlurmJob:
     rdzv_port: int = 29500
     max_restarts: int = 0
     requeue: bool = True
+    signal_before_s: int = SIGNAL_BEFORE_S
 
     @property
     def nproc_per_node(self) -> int:
@@ -77,11 +77,14 @@ def slurm_job(**kwargs) -> SlurmJob:
     job = SlurmJob(**kwargs)
     for flag, value, low in [("--nodes", job.nodes, 1), ("--gpus-per-node", job.gpus_per_node, 0),
                              ("--tasks-per-node", job.tasks_per_node, 1), ("--cpus-per-task", job.cpus_per_task, 1),
-                             ("--rdzv-port", job.rdzv_port, 1), ("--max-restarts", job.max_restarts, 0)]:
+                             ("--rdzv-port", job.rdzv_port, 1), ("--max-restarts", job.max_restarts, 0),
+                             ("--signal-before", job.signal_before_s, 1)]:
         if value is not None and value < low:
             raise LaunchError(f"{flag}: must be >= {low}, got {value}")
     if job.rdzv_port > 65535:
         raise LaunchError(f"--rdzv-port: must be <= 65535, got {job.rdzv_port}")
+    if job.signal_before_s > 65535:  # sbatch's limit for --signal's @time
+        raise LaunchError(f"--signal-before: must be <= 65535 seconds, got {job.signal_before_s}")
     if job.time is not None and not _TIME.match(job.time):
         raise LaunchError(f"--time: {job.time!r} is not a SLURM time limit; write MINUTES, HH:MM:SS or D-HH:MM:SS")
     for flag in ("partition", "account", "qos", "constraint", "mail", "job_name"):
@@ -156,7 +159,7 @@ def render_sbatch(config: str, overrides: list[str], run_dir: str | os.PathLike,
     d["--output"] = _directive_value("run_dir", _log_pattern(run_dir, "out"), "choose a run_dir without it")
     d["--error"] = _directive_value("run_dir", _log_pattern(run_dir, "err"), "choose a run_dir without it")
     d["--open-mode"] = "append"  # a requeued run continues its log instead of truncating it
-    d["--signal"] = f"B:USR1@{SIGNAL_BEFORE_S}"  # to the batch shell, which forwards it (see below)
+    d["--signal"] = f"B:USR1@{job.signal_before_s}"  # to the batch shell, which forwards it (see below)
     lines = [f"#SBATCH {flag}={value}" for flag, value in d.items()]
     if job.exclusive:
         lines.append("#SBATCH --exclusive")
@@ -187,12 +190,14 @@ if [ -z "$head" ]; then
 fi
 # restarted gloo workers read stale addresses from torchrun's shared store on torch 2.13 unless this is set
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${{TORCH_DISABLE_SHARE_RDZV_TCP_STORE-1}}"
-# torchrun stops its workers with the signal it receives, SIGUSR1 included (default: SIGUSR1 kills torchrun)
-export TORCHELASTIC_SIGNALS_TO_HANDLE="${{TORCHELASTIC_SIGNALS_TO_HANDLE-{TORCHRUN_SIGNALS}}}"
+# torchrun stops its workers with the signal it receives, SIGUSR1 included (by default SIGUSR1 kills torchrun
+# and the ranks train on unsupervised): torch 2.13 reads PET_SIGNALS_TO_HANDLE, older releases the other
+export PET_SIGNALS_TO_HANDLE="${{PET_SIGNALS_TO_HANDLE-{TORCHRUN_SIGNALS}}}"
+export TORCHELASTIC_SIGNALS_TO_HANDLE="${{TORCHELASTIC_SIGNALS_TO_HANDLE-$PET_SIGNALS_TO_HANDLE}}"
 {cpus}echo "meshtune: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST," \
   "rendezvous at $head:{job.rdzv_port}"
 
-# SIGUSR1 arrives {SIGNAL_BEFORE_S} s before the time limit; bash runs the trap only between commands, so srun
+# SIGUSR1 arrives {job.signal_before_s} s before the time limit; bash runs the trap only between commands, so srun
 # runs in the background and the script waits for it.
 signalled=0
 srun_pid=
@@ -213,7 +218,8 @@ while :; do
   break
 done
 if [ "$signalled" = 1 ]; then
-{requeue}fi
+{requeue}  exit {STOPPED}  # stopped before the time limit (meshtune's exit code for a stop on a signal)
+fi
 exit "$rc"
 """
 

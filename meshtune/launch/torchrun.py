@@ -21,18 +21,32 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 from meshtune.config import ConfigError
+from meshtune.exit_codes import STOPPED, STOPPED_LINE
 
 DEFAULT_RDZV_ID = "meshtune"
 
+# torchrun stops its workers with the signal it receives (then SIGKILLs them after its grace period) for
+# the signals on this list; any other signal, SIGUSR1 by default, kills torchrun and leaves the workers
+# training unsupervised. torch 2.13 reads the list from --signals-to-handle (or PET_SIGNALS_TO_HANDLE) and
+# overwrites TORCHELASTIC_SIGNALS_TO_HANDLE with it; older releases read only the latter: set both.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # With torch 2.13, torchrun's agent shares its rendezvous TCPStore with the workers by default; after a
 # restart the new gloo workers then read the previous round's addresses (connection refused, or a node
 # hangs). Measured on 2 namespace "hosts": elastic restart fails without this and passes with it.
-WORKER_ENV_DEFAULTS = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+WORKER_ENV_DEFAULTS = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS,
+                       "TORCHELASTIC_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS}
+# seconds torchrun waits for its workers to stop after a signal before it SIGKILLs them (torchrun's default);
+# `meshtune launch --grace-period S` sets it, and a rank warns when one checkpoint save takes longer
+GRACE_ENV, DEFAULT_GRACE_S = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 30
+# the signals `meshtune launch` passes on to torchrun (which runs in a session of its own, see run_torchrun)
+FORWARDED = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
 
 
 class LaunchError(ConfigError):
@@ -172,11 +186,14 @@ def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, *, nod
             *train_argv(config, overrides)]
 
 
-def worker_env(environ: dict[str, str], nproc_per_node: int) -> dict[str, str]:
-    """The launcher's environment plus the defaults workers need; a value the user set is kept."""
+def worker_env(environ: dict[str, str], nproc_per_node: int, grace_s: int | None = None) -> dict[str, str]:
+    """The launcher's environment plus the defaults workers need; a value the user set is kept.
+    `grace_s` (`--grace-period`) replaces torchrun's wait between a signal and SIGKILL."""
     env = dict(environ)
     for key, value in WORKER_ENV_DEFAULTS.items():
         env.setdefault(key, value)
+    if grace_s is not None:
+        env[GRACE_ENV] = env["PET_SHUTDOWN_TIMEOUT"] = str(grace_s)
     # one intra-op thread per rank unless the user chose: N ranks x all cores each would oversubscribe
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     return env
@@ -200,7 +217,7 @@ def dry_run_text(config: str, overrides: list[str], nproc_per_node: int, spec: N
 
 
 def launch(config: str, overrides: list[str], nproc_per_node: int, dry_run: bool = False, *,
-           nodes: NodeSpec | None = None) -> int:
+           nodes: NodeSpec | None = None, grace_s: int | None = None) -> int:
     """Run torchrun on this node (or print each node's command when `dry_run`); returns its exit code.
 
     Args:
@@ -211,41 +228,97 @@ def launch(config: str, overrides: list[str], nproc_per_node: int, dry_run: bool
         nodes: the spec from `node_spec()`, the one source of the rendezvous flags and of torchrun's
             restarts after a failure (`node_spec(max_restarts=N)`); None = standalone on this machine,
             no restarts.
+        grace_s: seconds torchrun gives the workers to checkpoint and stop after a signal before it
+            SIGKILLs them (None: torchrun's default, 30).
     """
     spec = nodes if nodes is not None else NodeSpec()
     if dry_run:
         print(dry_run_text(config, overrides, nproc_per_node, spec))
         return 0
     return run_torchrun(torchrun_argv(config, overrides, nproc_per_node, nodes=spec),
-                        worker_env(dict(os.environ), nproc_per_node))
+                        worker_env(dict(os.environ), nproc_per_node, grace_s))
+
+
+def _die_with_parent() -> None:
+    """In torchrun's process, before exec: SIGTERM when the launcher dies (even by SIGKILL), so a session of
+    its own never outlives the launcher. Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run_torchrun(argv: list[str], env: dict[str, str]) -> int:
-    """Run torchrun, forwarding its output with the agent's failure banner condensed to one line."""
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    """Run torchrun, forwarding its output with the agent's failure banner condensed to one line.
+
+    torchrun runs in a session of its own, so a signal meant for the job (SIGTERM, Ctrl-C's SIGINT on the
+    terminal's process group, SIGUSR1) reaches it exactly once: from this process, which passes the first
+    one on and waits for the ranks to checkpoint and stop. Returns exit_codes.STOPPED when they did, the
+    first failed rank's own exit code when one failed (torchrun says 1 whatever its workers did), else
+    torchrun's."""
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     summary = FailureSummary()
-    summary.forward(proc.stderr, sys.stderr)
-    code = proc.wait()
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        if received:  # torchrun is stopping its workers already; a second signal would cut that short
+            print(f"meshtune launch: already stopping on {signal.Signals(received[0]).name}: the ranks save a "
+                  "checkpoint; torchrun kills them if they take longer than its grace period", file=sys.stderr,
+                  flush=True)
+            return
+        received.append(signum)
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, forward) for sig in (getattr(signal, n) for n in FORWARDED)}
+    try:
+        summary.forward(proc.stderr, sys.stderr)
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if summary.stopped:
+        return STOPPED
     if code != 0 and summary.line():
         print(summary.line(), file=sys.stderr, flush=True)
-    # torchrun exits 1 whatever its workers did: report the first failed rank's own code (2 = a config error)
-    return summary.exitcode if code != 0 and summary.exitcode else code
+    elif received:
+        print(f"meshtune launch: torchrun ended on {signal.Signals(received[0]).name} (exit code {code}) before "
+              "the ranks reported a checkpoint", file=sys.stderr, flush=True)
+    code = summary.exitcode if code != 0 and summary.exitcode else code
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class TorchrunLauncher:
     """`meshtune launch`: torchrun on this machine, or on each node of a multi-node job (the Launcher
     interface, meshtune/launch/base.py)."""
 
-    def __init__(self, nproc_per_node: int, nodes: NodeSpec | None = None):
+    def __init__(self, nproc_per_node: int, nodes: NodeSpec | None = None, grace_s: int | None = None):
         if nproc_per_node < 1:
             raise LaunchError(f"--nproc-per-node: must be >= 1, got {nproc_per_node}")
+        if grace_s is not None and grace_s < 1:
+            raise LaunchError(f"--grace-period: must be >= 1 second, got {grace_s}")
         self.nproc_per_node, self.nodes = nproc_per_node, nodes if nodes is not None else NodeSpec()
+        self.grace_s = grace_s
 
     def world_sizes(self) -> list[int]:
         return [n * self.nproc_per_node for n in sorted({self.nodes.min_nodes, self.nodes.max_nodes})]
 
     def launch(self, config: str, overrides: list[str], plans: list, dry_run: bool = False) -> int:
-        return launch(config, overrides, self.nproc_per_node, dry_run, nodes=self.nodes)
+        return launch(config, overrides, self.nproc_per_node, dry_run, nodes=self.nodes, grace_s=self.grace_s)
 
 
 # torchrun's elastic agent logs (glog-style `E1202 08:00:00.123 1234 torch/distributed/...`) and its
@@ -262,6 +335,7 @@ class FailureSummary:
         self.rank: int | None = None
         self.exitcode: int | None = None
         self.failed = 0
+        self.stopped = False  # a rank said the job stopped on a signal with a checkpoint (cli/train.py)
         self._held: list[str] = []  # a traceback being read: the agent's is dropped, a worker's printed
         self._banner = self._root = False
 
@@ -269,6 +343,9 @@ class FailureSummary:
         if self.rank is None:
             return ""
         others = f" ({self.failed} ranks failed)" if self.failed > 1 else ""
+        if self.exitcode is not None and self.exitcode < 0:  # killed (by a peer that found it frozen, or the OS)
+            return (f"meshtune launch: torchrun: rank {self.rank} was killed by {_signal_name(-self.exitcode)} "
+                    f"(the first to end){others}; the lines above say why")
         return (f"meshtune launch: torchrun: rank {self.rank} exited with code {self.exitcode} (the first to fail)"
                 f"{others}; its error is the line above")
 
@@ -300,6 +377,8 @@ class FailureSummary:
         if text.startswith("Traceback (most recent call last):"):
             self._held = [line]
             return []
+        if text.startswith(STOPPED_LINE):
+            self.stopped = True
         if _AGENT_LOG.match(text):
             return []
         return [line]

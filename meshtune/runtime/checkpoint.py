@@ -16,8 +16,12 @@ rank and live in meta.json; RNG states are per rank (a rank with no saved state 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -52,18 +56,65 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only file system, ...): the message names the
+    folder, the cause and the last complete checkpoint, which is left as it was."""
+
+
+def _os_cause(e: BaseException) -> str | None:
+    """The strerror of the first OSError in `e`, its causes, or (a DCP CheckpointException) its ranks' errors."""
+    seen, todo = set(), [e]
+    while todo:
+        exc = todo.pop(0)
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno:
+            return os.strerror(exc.errno)
+        todo += [exc.__cause__, exc.__context__, *(f[0] for f in (getattr(exc, "failures", None) or {}).values())]
+    return None
+
+
+def _free_bytes(path: Path) -> int | None:
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    try:
+        return shutil.disk_usage(existing).free if existing is not None else None
+    except OSError:
+        return None
+
+
 class Checkpointer:
     """Saves and restores a training run's state under `run_dir/checkpoints`."""
 
-    def __init__(self, run_dir: str | Path, rank: int, keep_last: int = 2, model_meta: dict | None = None):
+    def __init__(self, run_dir: str | Path, rank: int, keep_last: int = 2, model_meta: dict | None = None,
+                 grace_s: float | None = None):
         self.root = Path(run_dir) / "checkpoints"
         self.rank = rank
         self.keep_last = keep_last
+        self.grace_s = grace_s  # torchrun's wait between a signal and SIGKILL (None: not under torchrun)
+        self._warned = False
         self.model_meta = dict(model_meta or {})  # e.g. vocab_size: lets readers size the model from meta.json
+        self.last_save_s: float | None = None  # how long the last save took (in meta.json as save_s)
 
     def latest(self) -> Path | None:
         done = complete_checkpoints(self.root)
         return done[-1] if done else None
+
+    def warn_if_slow(self, save_s: float | None) -> None:
+        """Rank 0, once: warn when a save takes longer than torchrun's grace period after a signal, so a
+        preemption would SIGKILL the ranks mid-save (the previous checkpoint survives, the work since not)."""
+        if self.rank != 0 or self._warned or save_s is None or self.grace_s is None or save_s <= self.grace_s:
+            return
+        self._warned = True
+        print(f"meshtune: warning: a checkpoint save takes {save_s:.1f} s, longer than the {self.grace_s:.0f} s "
+              "torchrun waits after a signal before it kills the ranks: a preemption would lose it; pass "
+              f"`meshtune launch --grace-period {int(2 * save_s) + 10}`", file=sys.stderr, flush=True)
+
+    def remove_stale(self) -> None:
+        """Rank 0, at start-up: remove the `step_N.tmp` folders a crashed or failed save left."""
+        if self.rank == 0:
+            for stale in self.root.glob("step_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def save(self, step: int, model, optimizer, meta: dict, write=None) -> Path:
         """Write a checkpoint of `model`, `optimizer` and the JSON-able `meta` for `step`, atomically.
@@ -72,28 +123,49 @@ class Checkpointer:
         format, see meshtune.runtime.engines); RNG states, meta.json and the atomic rename stay the same."""
         final = self.root / f"step_{step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
-            tmp.mkdir(parents=True)
+        began = time.perf_counter()
+        try:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+                tmp.mkdir(parents=True)
+            _barrier()
+            if write is not None:
+                write(tmp)
+            else:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                with warnings.catch_warnings():  # DCP warns on every save without a process group
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+                    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            (tmp / "rng").mkdir(exist_ok=True)
+            torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
+            _barrier()
+            if self.rank == 0:
+                self.last_save_s = time.perf_counter() - began
+                text = json.dumps({**self.model_meta, **meta, "step": step, "save_s": round(self.last_save_s, 3)},
+                                  indent=1)
+                (tmp / "meta.json").write_text(text)
+                if final.exists():  # re-saving a step (e.g. resumed and saved again): replace it
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                self._prune()
+        except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
+            raise self._write_error(tmp, e) from None
         _barrier()
-        if write is not None:
-            write(tmp)
-        else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            with warnings.catch_warnings():  # DCP warns on every save without a process group
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
-        _barrier()
-        if self.rank == 0:
-            (tmp / "meta.json").write_text(json.dumps({**self.model_meta, **meta, "step": step}, indent=1))
-            if final.exists():  # re-saving a step (e.g. resumed and saved again): replace it
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self._prune()
-        _barrier()
+        self.last_save_s = time.perf_counter() - began
+        self.warn_if_slow(self.last_save_s)
         return final
+
+    def _write_error(self, tmp: Path, e: BaseException) -> CheckpointWriteError:
+        """One line for a failed save, after rank 0 removed its partial folder (which frees the space)."""
+        free = _free_bytes(tmp)
+        # torch's zip writer reports a full disk as "unexpected pos ...": with no room left, say so
+        cause = _os_cause(e) or (os.strerror(errno.ENOSPC) if free is not None and free < 1 << 20 else first_line(e))
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = self.latest()
+        kept = f"the last complete checkpoint {latest.name} is kept" if latest else "no earlier checkpoint exists"
+        room = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
+        return CheckpointWriteError(f"checkpoint: cannot write {tmp}: {cause}{room}; {kept}")
 
     def _prune(self) -> None:
         done = complete_checkpoints(self.root)

@@ -23,6 +23,9 @@ class DistEnv:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    # under torchrun: seconds it waits for the ranks to stop after a signal before it SIGKILLs them
+    # (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, set by `meshtune launch --grace-period`; torchrun's default 30)
+    grace_s: float | None = None
 
     @property
     def is_main(self) -> bool:
@@ -66,7 +69,8 @@ class DistEnv:
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
-        return cls(rank, world, local_rank, local_world, device)
+        grace = float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30) if "TORCHELASTIC_RUN_ID" in env else None
+        return cls(rank, world, local_rank, local_world, device, grace)
 
     def init_process_group(self, timeout_s: float = 600.0) -> None:
         """Join the default process group (idempotent; a single process needs none)."""

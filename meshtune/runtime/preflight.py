@@ -62,8 +62,10 @@ def check_run_dir(run_dir: str) -> None:
     if path.is_file():
         raise ConfigError(f"run_dir: {path} is a file; give a directory (it is created if missing)")
     existing = next((p for p in [path, *path.parents] if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"run_dir: {existing} is not writable (permission denied); give a run_dir you can write")
+    for folder in [existing, path / "checkpoints", path / "logs"]:
+        if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            why = "a read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY else "permission denied"
+            raise ConfigError(f"run_dir: {folder} is not writable ({why}); give a run_dir you can write")
 
 
 def _resume_target(cfg: Config) -> Path | None:

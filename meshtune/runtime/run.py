@@ -104,7 +104,9 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                 recipe.init_weights(part)
     if source is not None:  # base weights: only the recipes' own tensors may be missing from them
         load_weights(model, source, shapes, shapes.keys() - base_keys, key="init_from")
-    checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last, model_meta={"vocab_size": vocab})
+    checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last, model_meta={"vocab_size": vocab},
+                                grace_s=env.grace_s)
+    checkpointer.remove_stale()
     resume = cfg.checkpoint.resume
     path = checkpointer.latest() if resume == "auto" else None if resume == "never" else Path(resume)
     if path is not None:
@@ -120,6 +122,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
         step = state["step"]
         if env.is_main:
             print(f"meshtune: resumed from {path} at step {step}", flush=True)
+        checkpointer.warn_if_slow(state.get("save_s"))
     if env.is_main:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))

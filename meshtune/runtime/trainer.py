@@ -79,10 +79,13 @@ class Trainer:
         self.stop_signal = signum
 
     def _agree_to_stop(self) -> bool:
-        """Whether any rank was asked to stop: every rank must leave the loop at the same step."""
-        flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.device)
+        """Whether any rank was asked to stop: every rank must leave the loop at the same step, and knows the
+        signal (the largest number, when ranks got different ones)."""
+        flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
         if self.mesh.mesh is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.stop_signal = int(flag.item())
         return bool(flag.item())
 
     def _autocast(self):

@@ -12,6 +12,10 @@ and exits the process (exit code EXIT_STUCK), so torchrun stops the job (or rest
 adds to the job's TCPStore: a rank whose counter stands still is the one that stopped answering; a rank that
 is alive but stuck outside a collective reports itself. A collective's own timeout (the process group's,
 also `parallel.timeout_s`) may fire first: `describe_failure` names the operation of that error.
+
+Every store call has a deadline (`BoundedStore`): a TCPStore client whose host process is stopped (SIGSTOP
+of rank 0, which hosts the store) waits in recv() forever, holding the client's lock. A store that has not
+answered for `timeout_s` ends the rank with a line naming rank 0 as unreachable.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from types import FrameType, TracebackType
 
-EXIT_STUCK = 3
+from meshtune.exit_codes import STUCK as EXIT_STUCK
+
 _DIST = os.sep + os.path.join("torch", "distributed") + os.sep
 _C10D = os.path.join("distributed", "distributed_c10d.py")
 
@@ -58,6 +63,56 @@ def describe_failure(exc: BaseException) -> str:
     return f" in {op}" + (f" ({site})" if site else "")
 
 
+class StoreSilent(TimeoutError):
+    """The job's store did not answer a call in time; `silent_s` is how long its oldest call has waited."""
+
+    def __init__(self, silent_s: float):
+        super().__init__(f"the store has not answered for {silent_s:.1f} s")
+        self.silent_s = silent_s
+
+
+class BoundedStore:
+    """A store whose calls return within their `wait_s` or raise StoreSilent.
+
+    Calls take turns (the client is not thread-safe) and each runs on a daemon thread. A call that does not
+    return in time keeps waiting there (a TCPStore client cannot be interrupted, and holds its lock), so
+    a later call waits for it at most its own `wait_s`, then raises StoreSilent with how long the store
+    has been silent, without touching the client.
+    """
+
+    def __init__(self, store):
+        self._store = store
+        self._turn = threading.Condition()
+        self._waiting_since: float | None = None  # when the call in flight began, if one is
+
+    def call(self, method: str, *args, wait_s: float):
+        deadline = time.monotonic() + wait_s
+        with self._turn:
+            while self._waiting_since is not None:
+                if not self._turn.wait(max(0.0, deadline - time.monotonic())) and self._waiting_since is not None:
+                    raise StoreSilent(time.monotonic() - self._waiting_since)
+            began = self._waiting_since = time.monotonic()
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                box["value"] = getattr(self._store, method)(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = e
+            with self._turn:
+                self._waiting_since = None
+                self._turn.notify_all()
+
+        thread = threading.Thread(target=run, name="meshtune-store-call", daemon=True)
+        thread.start()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            raise StoreSilent(time.monotonic() - began)
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+
 class Heartbeats:
     """Every rank adds 1 to its own counter in the job's TCPStore at each watchdog tick; a counter that stands
     still belongs to a rank that stopped answering (SIGSTOP, a hung interpreter, a dead host). The store is
@@ -75,15 +130,24 @@ class Heartbeats:
                               timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
         # a restarted group (torchrun --max-restarts) must not read the previous round's counters
         self.store = dist.PrefixStore(f"meshtune/alive/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        self.store.set(f"pid{rank}", f"{_machine()} {os.getpid()}")
+        self.bounded, self.timeout_s = BoundedStore(self.store), timeout_s
+        self.call("set", f"pid{rank}", f"{_machine()} {os.getpid()}")
         self.where: dict[int, tuple[str, int]] = {}  # rank -> (host, pid), filled while the store answers
 
-    def beat(self) -> None:
-        self.store.add(str(self.rank), 1)
+    def call(self, method: str, *args, wait_s: float | None = None):
+        """A store call that returns within `wait_s` (default: the store timeout) or raises StoreSilent."""
+        return self.bounded.call(method, *args, wait_s=self.timeout_s if wait_s is None else wait_s)
+
+    def beat(self, wait_s: float | None = None) -> None:
+        """Add 1 to this rank's counter (and learn every rank's host and pid while they are missing).
+
+        Raises:
+            StoreSilent: the store did not answer within `wait_s`; its `silent_s` grows over the calls."""
+        self.call("add", str(self.rank), 1, wait_s=wait_s)
         if len(self.where) < self.world_size:
             keys = [f"pid{r}" for r in range(self.world_size)]
-            if self.store.check(keys):
-                for r, value in enumerate(self.store.multi_get(keys)):
+            if self.call("check", keys, wait_s=wait_s):
+                for r, value in enumerate(self.call("multi_get", keys, wait_s=wait_s)):
                     host, pid = value.decode().split()
                     self.where[r] = (host, int(pid))
 
@@ -91,12 +155,18 @@ class Heartbeats:
         """Tell the peers this rank stopped beating because it failed and reports why itself (a collective's
         error, or its own watchdog), so that no peer takes it for frozen and kills it while it exits."""
         try:
-            self.store.set(f"failed{self.rank}", "1")
+            self.call("set", f"failed{self.rank}", "1")
         except Exception:
-            pass  # the store is gone: peers fall back to the heartbeat alone
+            pass  # the store is gone or frozen: peers fall back to the heartbeat alone
 
     def counts(self) -> list[int]:
-        return [self.store.add(str(r), 0) for r in range(self.world_size)]
+        return [self.call("add", str(r), 0) for r in range(self.world_size)]
+
+    def unreachable(self, silent_s: float) -> str:
+        """The line for a store that has not answered for `silent_s`; rank 0 is killed if it is on this node."""
+        return self._report([0] if self.rank != 0 else [], [],
+                            f"the job's store at {self.host} has not answered for {silent_s:.1f} s: the process "
+                            "hosting it (rank 0) is frozen or dead")
 
     def silent(self, wait_s: float) -> str:
         """A line naming the ranks whose heartbeat did not move in `wait_s`; those on this node are killed."""
@@ -111,6 +181,9 @@ class Heartbeats:
         except Exception:  # the store itself is gone: its host process (rank 0 with torchrun) is stopped or dead
             quiet, failed = ([0] if self.rank != 0 else []), []
             what = f"the job's store at {self.host} does not answer: the process hosting it (rank 0) is frozen or dead"
+        return self._report(quiet, failed, what)
+
+    def _report(self, quiet: list[int], failed: list[int], what: str) -> str:
         if failed and not quiet:
             return f"meshtune: rank(s) {', '.join(map(str, failed))} failed and report(s) it; no rank is frozen"
         if not quiet:
@@ -194,7 +267,12 @@ class Watchdog:
         while not self._stop.wait(self.poll_s):
             if self.heartbeats is not None:
                 try:
-                    self.heartbeats.beat()
+                    self.heartbeats.beat(wait_s=self.poll_s)
+                except StoreSilent as e:
+                    if e.silent_s >= self.timeout_s:  # rank 0 (the store's host) is frozen: end this rank
+                        self.on_stuck(f"meshtune: rank {self.rank} at step {self.step()}: "
+                                      + self.heartbeats.unreachable(e.silent_s).removeprefix("meshtune: "))
+                        return
                 except Exception:
                     pass  # the store may be gone with a dead rank 0; reported when stuck
             now = sys._current_frames().get(self.ident)
@@ -217,15 +295,17 @@ class Watchdog:
 
     def after_failure(self, exc: BaseException) -> None:
         """After this rank's training raised: if it came from a collective, the process group is broken;
-        name the silent peers (killing frozen ones on this node), print the traceback and exit at once
-        (tearing the group down would wait out the timeout again for every pending operation)."""
+        name the silent peers (killing frozen ones on this node) and exit at once (tearing the group down
+        would wait out the timeout again for every pending operation). The traceback is the caller's to
+        save or print (`MESHTUNE_TRACEBACK=1`, cli/train.py)."""
         self.stop()
         if not describe_failure(exc):
             return
         if self.heartbeats is not None:
             self.heartbeats.mark_failed()
             print(self.heartbeats.silent(max(2 * self.poll_s, 1.0)), file=sys.stderr, flush=True)
-        traceback.print_exception(exc, file=sys.stderr)
+        if os.environ.get("MESHTUNE_TRACEBACK"):
+            traceback.print_exception(exc, file=sys.stderr)
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)

@@ -1,5 +1,7 @@
 """Distributed checkpoints: bitwise resume, resharding across layouts, atomic commit (real gloo ranks)."""
 
+import signal
+
 from tests.distributed.cases import full_params, layout, max_diff, step_losses, tiny_config
 
 
@@ -71,7 +73,7 @@ def stop_on_one_rank_then_resume(run_dir):
     overrides = [*layout(1, 2, 4), "train.steps=4"]
     straight = build_trainer(tiny_config(f"{run_dir}/straight", *overrides)).fit()
     trainer = build_trainer(tiny_config(f"{run_dir}/cut", *overrides))
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     _stop_on_signals(trainer)
     try:
         if trainer.mesh.rank == 1:
@@ -84,7 +86,7 @@ def stop_on_one_rank_then_resume(run_dir):
     start = resumed.step
     rest = resumed.fit()
     losses = [r["loss"] for r in first["history"] + rest["history"] if "loss" in r]
-    return {"stopped": first["stopped"], "stop_step": first["step"], "start": start,
+    return {"stopped": first["stopped"], "stop_step": first["step"], "start": start, "signal": trainer.stop_signal,
             "losses": losses, "ref": [r["loss"] for r in straight["history"] if "loss" in r],
             "pid": os.getpid()}
 
@@ -105,5 +107,6 @@ def _signal_during_step(step_fn, trainer, at):
 def test_signal_on_one_rank_stops_all_with_a_checkpoint(rank_pool, tmp_path):
     for r in rank_pool(2).run(stop_on_one_rank_then_resume, str(tmp_path)):
         assert r["stopped"] and r["stop_step"] == 2 and r["start"] == 2
+        assert r["signal"] == signal.SIGUSR1  # rank 0 knows the signal only rank 1 received
         assert r["losses"] == r["ref"]  # the interrupted-and-resumed curve is the uninterrupted one
     assert (tmp_path / "cut" / "checkpoints" / "step_000002" / "meta.json").is_file()  # saved by the stop

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -32,19 +33,37 @@ def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.dcp, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointWriteError) as failed:
         trainer.save()
     root = tmp_path / "checkpoints"
-    assert (root / "step_000004.tmp").is_dir()  # the half-written attempt is left aside...
-    assert complete_checkpoints(root) == [good]  # ...and never picked on resume
-    resumed = _trainer(tmp_path, "checkpoint.resume=auto")
-    assert resumed.step == 2
-
+    assert re.fullmatch(rf"checkpoint: cannot write {re.escape(str(root / 'step_000004.tmp'))}: disk full "
+                        r"\([\d.]+ MiB free there\); the last complete checkpoint step_000002 is kept",
+                        str(failed.value)), failed.value
+    assert not (root / "step_000004.tmp").exists()  # the failed attempt is removed (it frees the space)...
+    assert complete_checkpoints(root) == [good]  # ...and the last good one kept
     monkeypatch.undo()
+    (root / "step_000006.tmp").mkdir()  # what a rank killed mid-save leaves
+    resumed = _trainer(tmp_path, "checkpoint.resume=auto")
+    assert resumed.step == 2 and not list(root.glob("*.tmp"))  # never picked, removed at start-up
+
     step_losses(resumed, 2)
     resumed.save()
-    assert not list(root.glob("*.tmp"))  # a later good save clears it
     assert [p.name for p in complete_checkpoints(root)] == ["step_000002", "step_000004"]
+
+
+def test_a_save_longer_than_torchrun_grace_period_warns_once(tmp_path, capsys):
+    import json
+
+    trainer = _trainer(tmp_path)
+    trainer.checkpointer.grace_s = 0.0  # any save is longer than no grace at all
+    step_losses(trainer, 1)
+    trainer.save()
+    trainer.save()
+    err = capsys.readouterr().err
+    assert err.count("meshtune: warning: a checkpoint save takes ") == 1, err
+    assert "longer than the 0 s torchrun waits after a signal" in err and "--grace-period " in err
+    meta = json.loads((tmp_path / "checkpoints" / "step_000001" / "meta.json").read_text())
+    assert meta["save_s"] >= 0  # read back at a resume, which warns at start
 
 
 def test_keep_last_retention(tmp_path):

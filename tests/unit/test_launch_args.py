@@ -107,6 +107,14 @@ def test_worker_env_disables_the_shared_store_and_keeps_user_values():
     assert kept["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0" and kept["OMP_NUM_THREADS"] == "7"
 
 
+def test_worker_env_forwards_usr1_and_sets_the_grace_period():
+    env = T.worker_env({}, 2)
+    assert env["PET_SIGNALS_TO_HANDLE"].split(",")[-1] == "SIGUSR1" and T.GRACE_ENV not in env
+    assert T.worker_env({}, 2, grace_s=90)[T.GRACE_ENV] == "90"  # torchrun waits 90 s before SIGKILL
+    with pytest.raises(T.LaunchError, match="--grace-period: must be >= 1"):
+        T.TorchrunLauncher(2, grace_s=0)
+
+
 def test_launch_runs_torchrun_with_the_worker_env(monkeypatch):
     seen = {}
 
@@ -155,8 +163,11 @@ def test_dry_run_c10d_prints_one_command_for_every_node():
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("# the same command on each of the 2:4 nodes")
     argv = shlex.split(lines[1])
-    assert argv[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # the env fix, copy-pasteable into a shell
-    assert argv[1:] == T.torchrun_argv(CONFIG, ["optim.lr=1e-3", "run_dir=/tmp/a b", "train.micro_batch_size=4"], 2,
+    n = len(T.WORKER_ENV_DEFAULTS)  # the env fixes (shared store, signal forwarding), copy-pasteable into a shell
+    assert argv[:n] == [f"{k}={v}" for k, v in T.WORKER_ENV_DEFAULTS.items()]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in argv[:n] and \
+        "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in argv[:n]
+    assert argv[n:] == T.torchrun_argv(CONFIG, ["optim.lr=1e-3", "run_dir=/tmp/a b", "train.micro_batch_size=4"], 2,
                                        nodes=T.node_spec("2:4", None, "node0:29400", "job7", 1))
 
 

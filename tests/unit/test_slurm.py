@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from meshtune import config as C
+from meshtune.exit_codes import STOPPED
 from meshtune.launch import slurm as S
 from meshtune.launch.torchrun import LaunchError
 from tests.unit.test_cli import REPO, TINY, assert_config_error
@@ -123,6 +124,16 @@ def test_gpu_script_directives(tmp_path):
     text = script.read_text()
     assert "--nproc-per-node 8" in text and 'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"' in text
     assert script == run_dir / "submit.sbatch" and os.access(script, os.X_OK)
+
+
+def test_signal_lead_time_and_torchrun_forwarding_usr1(tmp_path):
+    script = render(tmp_path, signal_before_s=45)
+    assert "--signal=B:USR1@45" in directives(script)
+    # torch 2.13 takes torchrun's signal list from PET_SIGNALS_TO_HANDLE (TORCHELASTIC_... alone is overwritten)
+    assert 'export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"' in \
+        script.read_text()
+    with pytest.raises(LaunchError, match="--signal-before: must be >= 1"):
+        S.slurm_job(signal_before_s=0)
 
 
 @pytest.mark.parametrize("job, nproc", [(dict(), 1), (dict(tasks_per_node=2), 2), (dict(gpus_per_node=4), 4)])
@@ -296,7 +307,7 @@ def test_usr1_is_forwarded_to_srun_and_the_job_requeued(tmp_path, stubs):
     wait_until_the_script_waits_for_srun(proc, stubs)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err  # srun's exit code, once the stub has handled USR1
+    assert proc.returncode == STOPPED, err  # stopped before the time limit, requeued: meshtune's code for it
     assert (stubs.logdir / "srun.got-usr1").read_text().strip() == "usr1"
     assert ["requeue", "4242"] in stubs.calls("scontrol")
     assert "SIGUSR1 before the time limit" in out and "requeueing job 4242" in out
@@ -309,7 +320,7 @@ def test_no_requeue_option(tmp_path, stubs):
     wait_until_the_script_waits_for_srun(proc, stubs)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err  # the signal reached srun (the stub exits 9 if it never does)
+    assert proc.returncode == STOPPED, err  # the signal reached srun (the stub exits 9 if it never does)
     assert "SIGUSR1 before the time limit" in out and (stubs.logdir / "srun.got-usr1").exists()
     assert all(c[0] != "requeue" for c in stubs.calls("scontrol"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -136,3 +137,48 @@ def test_a_silent_peer_is_killed_as_frozen_unless_it_marked_itself_failed():
             peer.kill()
             peer.wait()
         del master
+
+
+def test_a_frozen_store_host_ends_the_rank_naming_rank_0():
+    """The store's host (rank 0 under torchrun) is SIGSTOPped: a TCPStore call to it would wait forever,
+    holding the client's lock. Every heartbeat call has a deadline; once the store has been silent for
+    timeout_s the watchdog ends this rank with a line naming rank 0, and kills it (it runs on this node)."""
+    import signal
+    import subprocess
+    import sys
+
+    from meshtune.runtime.watchdog import Heartbeats, StoreSilent, _machine
+
+    host = subprocess.Popen([sys.executable, "-c", (
+        "import socket, sys, time, torch.distributed as d\nfrom datetime import timedelta\n"
+        "s = d.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))\n"
+        "print(s.port, flush=True)\ntime.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(host.stdout.readline())
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        beats = Heartbeats(1, 2, environ=env)
+        beats.call("set", "pid0", f"{_machine()} {host.pid}")  # rank 0 "is" the store's host process
+        beats.beat(wait_s=5)
+        assert beats.where[0] == (_machine(), host.pid)
+        os.kill(host.pid, signal.SIGSTOP)
+        try:  # a bounded call, where TCPStore.add alone would never return
+            beats.beat(wait_s=0.2)
+        except StoreSilent as e:
+            assert e.silent_s >= 0.2
+        else:
+            raise AssertionError("a call to a stopped store returned")
+        messages = []
+        dog = Watchdog(1, 0.5, step=lambda: 9, heartbeats=beats, on_stuck=messages.append)
+        with dog:
+            deadline = time.monotonic() + 30  # only a bound: the watchdog reports at 0.5 s of silence
+            while not messages and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert len(messages) == 1, messages
+        assert messages[0].startswith("meshtune: rank 1 at step 9: the job's store at 127.0.0.1 has not answered "
+                                      "for "), messages[0]
+        assert messages[0].endswith("(rank 0) is frozen or dead; killed frozen rank(s) 0 on this node"), messages[0]
+        assert host.wait(10) == -signal.SIGKILL
+        beats.mark_failed()  # returns (bounded) although the store never answers again
+    finally:
+        host.kill()
+        host.wait()
