@@ -23,22 +23,33 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+_POOLS: dict = {}  # world size -> RankPool, for the session (pytest runs one session per process)
+
+
 @pytest.fixture(scope="session")
 def rank_pool():
     """Factory: `rank_pool(world_size)` returns a session-wide RankPool of that size.
 
-    Pools start on first use and stay up for the session, so a case pays only for itself.
+    Pools start on first use, so a case pays only for itself; their ranks stop at the end of each test
+    module (`_stop_idle_pools`) and respawn in ~0.1 s when the next module needs them.
     Case functions must be module-level in an importable module (e.g. tests.distributed.test_ddp).
     """
     from tests.rankpool import RankPool
 
-    pools: dict[int, RankPool] = {}
-
     def get(world_size: int) -> RankPool:
-        if world_size not in pools:
-            pools[world_size] = RankPool(world_size)
-        return pools[world_size]
+        if world_size not in _POOLS:
+            _POOLS[world_size] = RankPool(world_size)
+        return _POOLS[world_size]
 
     yield get
-    for pool in pools.values():
+    for pool in _POOLS.values():
+        pool.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_idle_pools():
+    """Idle ranks are not free: each holds the gloo groups its cases left, whose threads wake on their own.
+    Stopping them between modules keeps them from slowing the subprocess tests that follow."""
+    yield
+    for pool in _POOLS.values():
         pool.close()
