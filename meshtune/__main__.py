@@ -1,3 +1,15 @@
+import os
+import sys
+
 from meshtune.cli import main
 
-raise SystemExit(main())
+code = main()
+if "TORCHELASTIC_RUN_ID" in os.environ:
+    # A rank under torchrun ends here without the interpreter's teardown: gloo's C++ threads still holding
+    # work at finalization can abort the process (`terminate called without an active exception`, exit -6,
+    # seen after a restarted round; pytorch/pytorch#190489) and turn a finished job into a failed one.
+    # Everything is written by now (metrics closed, checkpoint committed, process group destroyed).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+raise SystemExit(code)

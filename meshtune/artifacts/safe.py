@@ -166,11 +166,20 @@ def load_torch_file(path: str | Path, map_location="cpu"):
         ConfigError: for a file that is missing, truncated or not a torch file.
     """
     path = Path(path)
-    try:
-        with torch.serialization.safe_globals(_deepspeed_globals()), warnings.catch_warnings():
+
+    def load(allowed: list):
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
             # torch warns about a foreign pickle protocol just before it refuses the file: the refusal says it
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
+
+    try:
+        try:
+            return load([])
+        except pickle.UnpicklingError as e:  # DeepSpeed's files name a few of its classes: import it only then
+            if "deepspeed" not in str(e):
+                raise
+            return load(_deepspeed_globals())
     except pickle.UnpicklingError as e:
         with open(path, "rb") as f:
             head = f.read(4)

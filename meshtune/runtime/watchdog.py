@@ -133,6 +133,11 @@ class Heartbeats:
         self.bounded, self.timeout_s = BoundedStore(self.store), timeout_s
         self.call("set", f"pid{rank}", f"{_machine()} {os.getpid()}")
         self.where: dict[int, tuple[str, int]] = {}  # rank -> (host, pid), filled while the store answers
+        try:  # every rank gets here right after building the trainer: learn where they run before training
+            self.call("wait", [f"pid{r}" for r in range(world_size)], wait_s=timeout_s + 1)
+            self.beat()
+        except Exception:
+            pass  # a slow peer: the heartbeats fill `where` later
 
     def call(self, method: str, *args, wait_s: float | None = None):
         """A store call that returns within `wait_s` (default: the store timeout) or raises StoreSilent."""
