@@ -1,7 +1,7 @@
-"""Surviving faults: kill-and-resume, kill during a checkpoint save, and hang detection, on 2 CPU ranks.
+"""Surviving faults: kill-and-resume, kill during a checkpoint save, hangs and signals, on 2 CPU ranks.
 
-    python bench/bench_faults.py                          # ~15-25 min on 2 busy cores: all three, counts printed
-    python bench/bench_faults.py --kills 3 --save-kills 2 --hangs 1      # quicker
+    python bench/bench_faults.py                          # ~20-30 min on 2 busy cores: all four, counts printed
+    python bench/bench_faults.py --kills 3 --save-kills 2 --hangs 1 --signals 1     # quicker
 
 Targets (issue "Launching at scale"):
   * kill-and-resume: 10 runs, each with one worker SIGKILLed at a random step under `meshtune launch
@@ -11,9 +11,11 @@ Targets (issue "Launching at scale"):
     shards written but no meta.json, or meta.json written but not yet renamed) and SIGKILLed there; the
     restarted run must resume from the previous complete checkpoint (not the torn one) and finish with the
     uninterrupted final loss.
-  * hang: one rank frozen with SIGSTOP, or sleeping before a collective (injected), with
-    parallel.timeout_s=T. Measured: seconds from the fault to meshtune's message naming rank and operation,
-    and to the job's exit, against T + 10 s.
+  * hang: rank 1 or rank 0 (the host of the job's store) frozen with SIGSTOP, or rank 1 sleeping before a
+    collective (injected), with parallel.timeout_s=T. Measured: seconds from the fault to meshtune's message
+    naming rank and operation, and to the job's exit, against T + 10 s.
+  * signals: SIGTERM to the launcher, SIGINT to its process group (Ctrl-C), SIGUSR1 to torchrun, SIGTERM to
+    rank 1. Counted: jobs that exit 75 with one checkpoint, at the step they stopped.
 Every run is `meshtune launch pretrain/tiny --nproc-per-node 2` (FSDP2 over 2 ranks), logging every step.
 """
 
@@ -157,16 +159,16 @@ def kill_in_save(tmp: Path, n: int, steps: int, every: int, ref: float, rng: ran
 def hang(tmp: Path, n: int, timeout_s: float) -> list[tuple[str, float | None, float | None]]:
     rows = []
     for i in range(n):
-        for kind in ("sigstop", "sleep"):
+        for kind in ("sigstop", "sigstop0", "sleep"):
             run_dir = tmp / f"hang{i}{kind}"
             mark = tmp / f"hang{i}.mark"
             env = {"MESHTUNE_FAULT": "hang:1:4", "MESHTUNE_FAULT_MARK": str(mark)} if kind == "sleep" else {}
             proc = launch(run_dir, ["train.steps=100000", "checkpoint.every=0", f"parallel.timeout_s={timeout_s}"],
                           env, restarts=0)  # the job must fail, not restart
-            if kind == "sigstop":
+            if kind.startswith("sigstop"):  # rank 1, or rank 0 (the host of the job's store)
                 until(lambda d=run_dir: max(losses(d), default=0) >= 3, proc, 300)
                 ranks = workers(proc.pid)
-                os.kill(ranks[1], signal.SIGSTOP)
+                os.kill(ranks[0 if kind == "sigstop0" else 1], signal.SIGSTOP)
             else:
                 until(mark.exists, proc, 300)
             t0 = time.monotonic()
@@ -177,7 +179,7 @@ def hang(tmp: Path, n: int, timeout_s: float) -> list[tuple[str, float | None, f
                 time.sleep(0.05)
             done = time.monotonic() - t0 if proc.poll() is not None else None
             wait(proc, 1)
-            if kind == "sigstop":
+            if kind.startswith("sigstop"):
                 for pid in ranks:
                     try:
                         os.kill(pid, signal.SIGKILL)
@@ -196,11 +198,48 @@ def hang(tmp: Path, n: int, timeout_s: float) -> list[tuple[str, float | None, f
     return rows
 
 
+SIGNAL_TARGETS = [("launcher", "SIGTERM"), ("launcher group", "SIGINT"), ("torchrun", "SIGUSR1"),
+                  ("rank 1", "SIGTERM")]
+
+
+def signals(tmp: Path, n: int) -> list[str]:
+    """A signal to the launcher, its process group (Ctrl-C), torchrun or one rank: OK when the job exits 75
+    (exit_codes.STOPPED) with one checkpoint, at the step the metrics say it stopped."""
+    rows = []
+    for i in range(n):
+        for target, name in SIGNAL_TARGETS:
+            run_dir = tmp / f"signal{i}{target.replace(' ', '')}"
+            proc = launch(run_dir, ["train.steps=100000", "checkpoint.every=0"], restarts=0)
+            until(lambda d=run_dir: max(losses(d), default=0) >= 3, proc, 300)
+            sig, ranks = getattr(signal, name), workers(proc.pid)
+            if target == "launcher":
+                os.kill(proc.pid, sig)
+            elif target == "launcher group":
+                os.killpg(proc.pid, sig)
+            elif target == "torchrun":
+                torchrun = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+                os.kill(int(torchrun.stdout.split()[0]), sig)
+            else:
+                os.kill(ranks[1], sig)
+            t0 = time.monotonic()
+            code = wait(proc, 120)
+            took = time.monotonic() - t0
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            stops = [r["step"] for r in records if r.get("event") == "stopped"]
+            ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+            ok = code == 75 and len(stops) == 1 and ckpts == [f"step_{stops[0]:06d}"]
+            rows.append(f"signal {i}: {name} to the {target}: exit {code} after {took:.1f} s, stopped at step(s) "
+                        f"{stops}, checkpoints {ckpts} -> {'OK' if ok else 'FAIL'}")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--save-kills", type=int, default=10)
     p.add_argument("--hangs", type=int, default=2, help="trials of each hang kind")
+    p.add_argument("--signals", type=int, default=2, help="trials of each signal target")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--every", type=int, default=4, help="checkpoint.every")
     p.add_argument("--timeout-s", type=float, default=5.0, help="parallel.timeout_s for the hang trials")
@@ -228,13 +267,17 @@ def main() -> None:
                            "last complete checkpoint and finish with the uninterrupted final loss")
         if args.hangs:
             rows = hang(tmp, args.hangs, args.timeout_s)
-            for kind in ("sigstop", "sleep"):
+            for kind in ("sigstop", "sigstop0", "sleep"):
                 got = [r for r in rows if r[0] == kind]
                 within = sum(d is not None and d <= args.timeout_s + 10 for _, _, d in got)
                 msgs = [round(s, 2) for _, s, _ in got if s is not None]
                 exits = [round(d, 2) for _, _, d in got if d is not None]
                 summary.append(f"hang ({kind}, timeout_s={args.timeout_s}): message after {msgs} s, job exit after "
                                f"{exits} s; {within} of {len(got)} exit within timeout_s + 10 s")
+        if args.signals:
+            rows = signals(tmp, args.signals)
+            summary.append(f"signals: {sum(r.endswith('OK') for r in rows)} of {len(rows)} end with exit 75 and one "
+                           "checkpoint at the stop step")
         print(f"\n== summary ({time.monotonic() - t_start:.0f} s) ==")
         print("\n".join(summary))
     finally:

@@ -67,6 +67,9 @@ def write_conf(path: Path, root: Path, cluster: str, ctld_host: str, nodes: str,
 SlurmctldHost={ctld_host}
 SlurmUser=root
 AuthType=auth/munge
+# a requeued job may start again only once its old credential expired (default 120 s): a shorter one keeps
+# requeue tests short without starting the job early (StartTime=now did: "Job credential revoked")
+AuthInfo=cred_expire=10
 CredType=cred/munge
 {extra}StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n

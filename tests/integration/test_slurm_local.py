@@ -2,7 +2,8 @@
 
 Needs root and Debian's slurm packages (installed on first use, ~15 s); skipped with the reason otherwise.
 A 2-rank training job runs to completion through the rendered script; a running job is cancelled; a job
-signalled as at its time limit checkpoints, is requeued, resumes and ends with the uninterrupted run's loss.
+that reaches its real time limit gets SIGUSR1, stops at one step with a checkpoint there, is requeued,
+resumes and ends with the uninterrupted run's loss.
 Every wait is bounded.
 """
 
@@ -31,15 +32,17 @@ def cluster(tmp_path_factory):
     slurm.stop()
 
 
-def meshtune(cluster: LocalSlurm, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in cluster.env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+def meshtune(cluster: LocalSlurm, *args: str, timeout: float = 180, env: dict | None = None
+             ) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in {**cluster.env, **(env or {})}.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     return subprocess.run([sys.executable, "-m", "meshtune", *args], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=timeout)
 
 
-def submit(cluster: LocalSlurm, run_dir: Path, *extra: str) -> str:
+def submit(cluster: LocalSlurm, run_dir: Path, *extra: str, time_limit: str = "15", env: dict | None = None) -> str:
     result = meshtune(cluster, "slurm", "submit", "pretrain/tiny", "--nodes", "1", "--gpus-per-node", "0",
-                      "--tasks-per-node", "2", "--time", "15", f"run_dir={run_dir}", *TRAIN, *extra)
+                      "--tasks-per-node", "2", "--time", time_limit, f"run_dir={run_dir}", *TRAIN, *extra, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -103,17 +106,31 @@ def test_cancel_a_running_job(cluster, tmp_path):
     assert cluster.wait_job(job, timeout=120).get("JobState") == "CANCELLED"
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, uninterrupted, tmp_path):
+def test_time_limit_signal_stops_every_rank_at_one_step_requeues_and_resumes(cluster, uninterrupted, tmp_path):
+    """The real time limit: `--time 2 --signal-before 40` asks for SIGUSR1 80 s into the job (SLURM may send
+    it up to 60 s earlier), and every step sleeps 2 s (tests/infra/faultinject), so the first run is always
+    cut short. No periodic checkpoint: the only one is the stop's. Every rank stops at one step, the
+    checkpoint there holds every rank's state, the script requeues the job and exits 75, and the resumed
+    run ends with the uninterrupted run's final loss."""
     run_dir = tmp_path / "run"
-    job = submit(cluster, run_dir, "train.steps=40")
-    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and losses(run_dir), 180, "the first metrics line")
-    # what --signal=B:USR1@120 does before the time limit
-    cluster.run(["scancel", "--batch", "--signal=USR1", job])
+    slow = {"MESHTUNE_FAULT": "slow:2", "PYTHONPATH": f"{REPO / 'tests' / 'infra' / 'faultinject'}:{REPO}"}
+    job = submit(cluster, run_dir, "train.steps=40", "--signal-before", "40", time_limit="2", env=slow)
     wait_for(lambda: cluster.job_state(job).get("Restarts") == "1" and
-             cluster.job_state(job).get("JobState") == "PENDING", 120, "the requeue")
-    cluster.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])  # skip the ~120 s requeue hold
+             cluster.job_state(job).get("JobState") == "PENDING", 240, "the time-limit signal and the requeue")
+    first = job_log(run_dir, job)
+    stops = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r.get("event") == "stopped"]
+    assert len(stops) == 1 and stops[0]["signal"] == 10, (stops, first)  # SIGUSR1, agreed by every rank
+    step = stops[0]["step"]
+    assert 0 < step < 40, (step, first)
+    assert f"meshtune: stopped at step {step} on SIGUSR1" in first and "requeueing job" in first, first
+    saved = run_dir / "checkpoints" / f"step_{step:06d}"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [saved.name], first
+    assert sorted(p.name for p in (saved / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
+    # time enough for the rest (no second signal); the requeue hold is cred_expire + 1 s (tests/infra/slurm_local)
+    cluster.run(["scontrol", "update", f"jobid={job}", "TimeLimit=15"])
     state = cluster.wait_job(job, timeout=300)
     log = job_log(run_dir, job)
     assert state.get("JobState") == "COMPLETED" and state.get("ExitCode") == "0:0", (state, log)
-    assert "SIGUSR1 before the time limit" in log and "resumed from" in log, log
+    assert f"resumed from {saved}" in log, log
     assert losses(run_dir)[40] == losses(uninterrupted[0])[40]  # the same curve as the uninterrupted run

@@ -3,6 +3,7 @@
     MESHTUNE_FAULT=save:meta:STEP     rank 0 sleeps inside Checkpointer.save of STEP, shards written, no meta.json yet
     MESHTUNE_FAULT=save:rename:STEP   ... meta.json written, just before step_N.tmp is renamed to step_N
     MESHTUNE_FAULT=hang:RANK:STEP     RANK sleeps before the loss all-reduce after step STEP (a stuck rank)
+    MESHTUNE_FAULT=slow:SECONDS       every rank sleeps SECONDS after each step (a long run, in few steps)
     MESHTUNE_FAULT_MARK=PATH          touched when the fault starts (so a test knows when to kill); a fault
                                       whose mark exists does not fire again (after a restart)
 
@@ -51,18 +52,29 @@ if _FAULT.startswith("save:"):
 
     pathlib.Path.write_text, pathlib.Path.rename = write_text, rename
 
-elif _FAULT.startswith("hang:"):
+elif _FAULT.startswith(("hang:", "slow:")):
     import importlib.abc
     import importlib.util
     import sys
 
-    _, _rank, _step = _FAULT.split(":")
-
     def _patch(module) -> None:
+        if _FAULT.startswith("slow:"):
+            import time
+
+            train_step, pause = module.Trainer.train_step, float(_FAULT.split(":")[1])
+
+            def slow_train_step(self, *args):
+                out = train_step(self, *args)
+                time.sleep(pause)
+                return out
+
+            module.Trainer.train_step = slow_train_step
+            return
+        _, rank, step = _FAULT.split(":")
         mean_loss = module.Trainer.mean_loss
 
         def stuck_mean_loss(self, *args):
-            if os.environ.get("RANK") == _rank and self.step == int(_step):
+            if os.environ.get("RANK") == rank and self.step == int(step):
                 _sleep()
             return mean_loss(self, *args)
 
