@@ -84,6 +84,8 @@ def _save_traceback(run_dir: str, rank: str) -> str:
 
 
 def run(args) -> int:
+    from torch.distributed.checkpoint import CheckpointException  # a BaseException: caught by name below
+
     from meshtune.runtime.run import build_trainer
     from meshtune.runtime.watchdog import describe_failure, start_watchdog
 
@@ -94,7 +96,7 @@ def run(args) -> int:
     watchdog = start_watchdog(lambda: trainer.step, cfg.parallel.timeout_s)  # a stuck rank: named, exits
     try:
         summary = trainer.fit()
-    except Exception as e:  # name the rank and step: torchrun's summary names neither the cause nor them
+    except (Exception, CheckpointException) as e:  # name the rank and step: torchrun's summary names neither
         first = (str(e).strip().splitlines() or [""])[0][:300]
         rank = os.environ.get("RANK", "0")
         where = _save_traceback(cfg.run_dir, rank)
