@@ -33,8 +33,10 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        ranks = descendants(proc.pid)  # the ranks run in sessions of their own: a group kill misses them
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        kill_all(ranks)
+        out, _ = proc.communicate(timeout=30)
         raise AssertionError(f"the job still ran {timeout} s after the fault:\n{out[-4000:]}") from None
     return proc.returncode, out
 
@@ -47,6 +49,11 @@ def summary(out: str) -> str:
 def children(pid: int) -> list[int]:
     r = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return sorted(int(x) for x in r.stdout.split())
+
+
+def descendants(pid: int) -> list[int]:
+    found = children(pid)
+    return found + [d for c in found for d in descendants(c)]
 
 
 def torchrun(launcher: int) -> int:
