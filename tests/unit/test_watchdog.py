@@ -119,7 +119,8 @@ def test_a_silent_peer_is_killed_as_frozen_unless_it_marked_itself_failed():
             env["TORCHELASTIC_RESTART_COUNT"] = str(int(failed))  # a fresh set of counters for each case
             peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
             peers.append(peer)
-            rank0, rank1 = Heartbeats(0, 2, environ=env), Heartbeats(1, 2, environ=env)
+            # rank 0 waits (its store timeout) for rank 1, made next, to publish its pid
+            rank0, rank1 = Heartbeats(0, 2, timeout_s=1.0, environ=env), Heartbeats(1, 2, environ=env)
             rank1.store.set("pid1", f"{_machine()} {peer.pid}")  # rank 1 "is" the sleeping child process
             rank0.beat()
             rank1.beat()
