@@ -42,9 +42,9 @@ TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # hangs). Measured on 2 namespace "hosts": elastic restart fails without this and passes with it.
 WORKER_ENV_DEFAULTS = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS,
                        "TORCHELASTIC_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS}
-# seconds torchrun waits for its workers to stop after a signal before it SIGKILLs them (torchrun's default);
-# `meshtune launch --grace-period S` sets it, and a rank warns when one checkpoint save takes longer
-GRACE_ENV, DEFAULT_GRACE_S = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 30
+# seconds torchrun waits for its workers to stop after a signal before it SIGKILLs them (default 30);
+# `meshtune launch --grace-period S` sets it, and a rank (runtime/env.py) warns when a save takes longer
+GRACE_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 # the signals `meshtune launch` passes on to torchrun (which runs in a session of its own, see run_torchrun)
 FORWARDED = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
 
