@@ -123,7 +123,7 @@ class Checkpointer:
         format, see meshtune.runtime.engines); RNG states, meta.json and the atomic rename stay the same."""
         final = self.root / f"step_{step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        began = time.perf_counter()
+        began, free_before = time.perf_counter(), _free_bytes(self.root)
         try:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
@@ -149,23 +149,31 @@ class Checkpointer:
                 tmp.rename(final)
                 self._prune()
         except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
-            raise self._write_error(tmp, e) from None
+            raise self._write_error(tmp, e, free_before) from None
         _barrier()
         self.last_save_s = time.perf_counter() - began
         self.warn_if_slow(self.last_save_s)
         return final
 
-    def _write_error(self, tmp: Path, e: BaseException) -> CheckpointWriteError:
-        """One line for a failed save, after rank 0 removed its partial folder (which frees the space)."""
+    def _write_error(self, tmp: Path, e: BaseException, free_before: int | None) -> CheckpointWriteError:
+        """One line for a failed save; rank 0 then removes its partial folder (which frees the space).
+
+        torch's zip writer reports a full disk as "unexpected pos ...", not as ENOSPC: the save counts as
+        out of space when no room is left now, or when less was free as it began than the last complete
+        checkpoint takes (rank 0 may have freed the space before a peer looks)."""
+        latest = self.latest()
+        needed = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()) if latest else None
         free = _free_bytes(tmp)
-        # torch's zip writer reports a full disk as "unexpected pos ...": with no room left, say so
-        cause = _os_cause(e) or (os.strerror(errno.ENOSPC) if free is not None and free < 1 << 20 else first_line(e))
+        full = (free is not None and free < 1 << 20) or (needed is not None and free_before is not None and
+                                                         free_before < needed)
+        cause = _os_cause(e) or (os.strerror(errno.ENOSPC) if full else first_line(e))
+        if cause == os.strerror(errno.ENOSPC) and free_before is not None:
+            cause += f" ({free_before / 2**20:.1f} MiB were free" + (
+                f", the last checkpoint takes {needed / 2**20:.1f} MiB)" if needed else ")")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        latest = self.latest()
         kept = f"the last complete checkpoint {latest.name} is kept" if latest else "no earlier checkpoint exists"
-        room = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
-        return CheckpointWriteError(f"checkpoint: cannot write {tmp}: {cause}{room}; {kept}")
+        return CheckpointWriteError(f"checkpoint: cannot write {tmp}: {cause}; {kept}")
 
     def _prune(self) -> None:
         done = complete_checkpoints(self.root)

@@ -2,7 +2,6 @@
 
 import os
 import pickle
-import re
 
 import pytest
 import torch
@@ -36,9 +35,8 @@ def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(ckpt.CheckpointWriteError) as failed:
         trainer.save()
     root = tmp_path / "checkpoints"
-    assert re.fullmatch(rf"checkpoint: cannot write {re.escape(str(root / 'step_000004.tmp'))}: disk full "
-                        r"\([\d.]+ MiB free there\); the last complete checkpoint step_000002 is kept",
-                        str(failed.value)), failed.value
+    assert str(failed.value) == (f"checkpoint: cannot write {root / 'step_000004.tmp'}: disk full; the last "
+                                 "complete checkpoint step_000002 is kept")
     assert not (root / "step_000004.tmp").exists()  # the failed attempt is removed (it frees the space)...
     assert complete_checkpoints(root) == [good]  # ...and the last good one kept
     monkeypatch.undo()
