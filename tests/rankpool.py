@@ -19,9 +19,8 @@ On the first rank error, a rank that dies, or no answer within `timeout_s`, the 
 respawns it. Process groups a case creates (`new_group`, `init_device_mesh`) are left alive:
 destroying a group only some ranks still use can hang, and DTensor and DeepSpeed cache groups across
 cases. A few idle groups are cheap, hundreds are not (each gloo group keeps threads that wake on their
-own): a pool whose ranks hold more than _MAX_GROUPS respawns (~0.1 s) before its next case, and
-`restart()` drops them all at once. A case that destroys the default group is reported as an error (and
-the pool respawns).
+own): tests/conftest.py stops the pools after each test module, and `restart()` drops them at once. A
+case that destroys the default group is reported as an error (and the pool respawns).
 """
 
 import atexit
@@ -39,7 +38,6 @@ from pathlib import Path
 # torch is imported inside functions: conftest imports this module only when a test needs a pool.
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 _STARTUP_TIMEOUT_S = 120.0  # importing torch on 4 ranks sharing 2 cores takes seconds
-_MAX_GROUPS = 24  # a pool whose ranks hold more process groups respawns before the next case (see run)
 _GRACE_S = 2.0  # let gloo's own timeout (which carries a traceback) fire before ours
 _POLL_S = 0.1
 # Imported once by the forkserver (a fresh interpreter, never a fork of pytest) before it forks
@@ -113,7 +111,6 @@ def _worker(rank, world_size, port, timeout_s, repo_root, tasks, results):
         sys.path.insert(0, repo_root)
     import torch
     import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _world
 
     torch.set_num_threads(1)
     try:
@@ -142,8 +139,7 @@ def _worker(rank, world_size, port, timeout_s, repo_root, tasks, results):
             reply = ("err", traceback.format_exc())
         if reply[0] == "ok" and not dist.is_initialized():
             reply = ("err", "the case destroyed the default process group")
-        groups = len(_world.pg_map) if dist.is_initialized() else 0
-        results.put((reply[0], rank, case_id, (reply[1], groups) if reply[0] == "ok" else reply[1]))
+        results.put((reply[0], rank, case_id, reply[1]))
 
 
 class RankPool:
@@ -171,7 +167,6 @@ class RankPool:
         self.seed = seed
         self._procs = []
         self._case_id = 0
-        self._groups = 0  # process groups the ranks hold (cases leave theirs alive)
         atexit.register(self.close)
 
     def run(self, fn, *args, **kwargs) -> list:
@@ -185,8 +180,6 @@ class RankPool:
                 the pool is killed and respawns on the next call.
         """
         payload = pickle.dumps((fn, args, kwargs))  # fails here, not in a rank, for lambdas
-        if self._groups > _MAX_GROUPS:
-            self.close()  # respawning takes ~0.1 s; hundreds of idle gloo groups cost a third of a core
         for attempt in range(3):  # the free port we picked can be taken before rank 0 binds it
             if self._procs:
                 break
@@ -199,8 +192,7 @@ class RankPool:
         for task_queue in self._tasks:
             task_queue.put((self._case_id, payload, self.seed))
         replies = self._collect(self._case_id, self.timeout_s + _GRACE_S)
-        self._groups = max(groups for _, groups in replies.values())
-        return [pickle.loads(replies[r][0]) for r in range(self.world_size)]
+        return [pickle.loads(replies[r]) for r in range(self.world_size)]
 
     def restart(self) -> None:
         """Kill the ranks (dropping every process group cases left); the next run respawns."""
@@ -280,4 +272,3 @@ class RankPool:
                 q.cancel_join_thread()
                 q.close()
         self._procs, self._tasks, self._results = [], [], None
-        self._groups = 0

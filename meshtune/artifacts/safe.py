@@ -149,6 +149,10 @@ def dcp_load(state: dict, path: str | Path, allow_partial: bool = False) -> None
 def _deepspeed_globals() -> list:
     import importlib
 
+    from meshtune.quiet import quiet_deepspeed
+
+    quiet_deepspeed()  # importing DeepSpeed logs its accelerator line
+
     found = []
     for module, name in DEEPSPEED_GLOBALS:
         try:

@@ -46,10 +46,6 @@ class _StopSignals:
             trainer.request_stop(self.pending)
 
 
-def _stop_on_signals(trainer) -> None:
-    _StopSignals().attach(trainer)
-
-
 def _after_stop(trainer, cfg) -> int:
     """Report a stop on a signal (the checkpoint is saved) and return this process's exit code.
 

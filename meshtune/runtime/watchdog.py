@@ -167,11 +167,12 @@ class Heartbeats:
     def counts(self) -> list[int]:
         return [self.call("add", str(r), 0) for r in range(self.world_size)]
 
-    def unreachable(self, silent_s: float) -> str:
-        """The line for a store that has not answered for `silent_s`; rank 0 is killed if it is on this node."""
+    def unreachable(self, silent_s: float | None = None) -> str:
+        """The line for a store that does not answer (for `silent_s`, when known); rank 0, which hosts it under
+        torchrun, is killed if it is frozen on this node."""
+        how = "does not answer" if silent_s is None else f"has not answered for {silent_s:.1f} s"
         return self._report([0] if self.rank != 0 else [], [],
-                            f"the job's store at {self.host} has not answered for {silent_s:.1f} s: the process "
-                            "hosting it (rank 0) is frozen or dead")
+                            f"the job's store at {self.host} {how}: the process hosting it (rank 0) is frozen or dead")
 
     def silent(self, wait_s: float) -> str:
         """A line naming the ranks whose heartbeat did not move in `wait_s`; those on this node are killed."""
@@ -180,12 +181,11 @@ class Heartbeats:
             time.sleep(wait_s)
             after = self.counts()
             silent = [r for r in range(self.world_size) if after[r] == before[r] and r != self.rank]
-            failed = [r for r in silent if self.store.check([f"failed{r}"])]
+            failed = [r for r in silent if self.call("check", [f"failed{r}"])]
             quiet = [r for r in silent if r not in failed]
             what = f"no heartbeat from rank(s) {', '.join(map(str, quiet))} for {wait_s:.1f} s"
         except Exception:  # the store itself is gone: its host process (rank 0 with torchrun) is stopped or dead
-            quiet, failed = ([0] if self.rank != 0 else []), []
-            what = f"the job's store at {self.host} does not answer: the process hosting it (rank 0) is frozen or dead"
+            return self.unreachable()
         return self._report(quiet, failed, what)
 
     def _report(self, quiet: list[int], failed: list[int], what: str) -> str:

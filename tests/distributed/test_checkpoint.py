@@ -67,14 +67,14 @@ def stop_on_one_rank_then_resume(run_dir):
     import os
     import signal
 
-    from meshtune.cli.train import _stop_on_signals
+    from meshtune.cli.train import _StopSignals
     from meshtune.runtime.run import build_trainer
 
     overrides = [*layout(1, 2, 4), "train.steps=4"]
     straight = build_trainer(tiny_config(f"{run_dir}/straight", *overrides)).fit()
     trainer = build_trainer(tiny_config(f"{run_dir}/cut", *overrides))
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    _stop_on_signals(trainer)
+    _StopSignals().attach(trainer)
     try:
         if trainer.mesh.rank == 1:
             trainer.train_step = _signal_during_step(trainer.train_step, trainer, at=2)
