@@ -58,19 +58,42 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_da
 def validate(cfg: Config) -> None:
     """The core sections' checks, then `recipe.name` and every recipe's own."""
     check_core(cfg)
+    check_model(cfg.model)
     check_recipes(cfg)
+
+
+def check_model(m: ModelConfig) -> None:
+    """model.family is known and has every feature model.* asks for; rope scaling and layer types are whole."""
+    from meshtune.models.families import check_features
+    from meshtune.models.rope import check_rope_scaling
+    from meshtune.models.sizes import layer_windows
+
+    check_features(m)
+    check_rope_scaling(m.rope_scaling, m.max_seq_len)
+    layer_windows(m)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (or the defaults when `path` is None), apply overrides, type-check and validate."""
     data = read_yaml(resolve_config_path(str(path))) if path is not None else {}
     apply_overrides(data, list(overrides), schema=Config)
+    _fill_from_init(data)
     cfg = build(Config, data)
     if not cfg.run_dir:
         stem = Path(str(path)).stem if path is not None else "default"
         cfg.run_dir = str(Path("runs") / stem)
     validate(cfg)
     return cfg
+
+
+def _fill_from_init(data: dict) -> None:
+    """`init_from=<HF dir>`: model.* (and data.tokenizer) come from its config.json unless the user set them."""
+    init = data.get("init_from")
+    if isinstance(init, str) and init:
+        from meshtune.models.hf_config import fill_from_hf, is_hf_dir
+
+        if is_hf_dir(init):
+            fill_from_hf(data, init)
 
 
 def config_from_dict(data: dict) -> Config:

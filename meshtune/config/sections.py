@@ -46,6 +46,22 @@ class ModelConfig:
     head_dim: int = 0
     """Width of one attention head; 0 = model.dim / model.n_heads. Structured pruning sets it when it removes
     heads (fewer heads of the same width), so the shrunk model keeps its weights."""
+    family: str = "llama"
+    """Model family (meshtune/models/families/): llama, mistral, qwen2, qwen3. It names the Hugging Face
+    architecture an export writes and the module names recipes address; `init_from=<HF dir>` sets it."""
+    rope_scaling: dict = field(default_factory=dict)
+    """Scaled rotary embeddings, in Hugging Face's `rope_scaling` keys: {} = plain RoPE, or e.g.
+    {rope_type: llama3, factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0,
+    original_max_position_embeddings: 8192}; rope_type is one of linear, dynamic, llama3, yarn."""
+    attn_bias: bool = False
+    """Bias terms on the query, key and value projections (Qwen2 / Qwen2.5)."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head before the rotary embedding (Qwen3)."""
+    sliding_window: int = 0
+    """Attend to at most this many tokens (the current one included); 0 = the whole causal prefix (Mistral)."""
+    layer_types: list[Literal["full_attention", "sliding_attention"]] = field(default_factory=list)
+    """Per-layer attention kind when only some layers slide; [] = every layer slides when model.sliding_window
+    is set."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ __all__ = ["Transformer", "build_model"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from meshtune.models import llama
+        from meshtune.models import decoder
 
-        return getattr(llama, name)
+        return getattr(decoder, name)
     raise AttributeError(f"module 'meshtune.models' has no attribute {name!r}")

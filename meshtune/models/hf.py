@@ -1,14 +1,16 @@
-"""Hugging Face Llama-family checkpoints in and out: config.json + safetensors <-> meshtune's decoder.
+"""Hugging Face checkpoints in and out: config.json + safetensors <-> meshtune's decoder, for every family.
 
-    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))   # ModelConfig, vocab_size set
+    cfg = read_hf_config(hf_dir)                     # ModelConfig (family, vocab_size set), from config.json
     model = build_model(cfg, cfg.vocab_size)
     model.load_state_dict(load_hf_state_dict(hf_dir))
     ...                                                                               # train
     save_hf_checkpoint(model.state_dict(), cfg, cfg.vocab_size, "out/hf", tokenizer_dir=hf_dir)
 
-Reading needs only json and safetensors (transformers stays optional). Names follow the table below; q/k
-projection rows are permuted because meshtune's rotary embedding rotates interleaved pairs (Meta's layout)
-while Hugging Face's rotates halves (its convert_llama_weights_to_hf `permute`).
+Reading needs only json and safetensors (transformers stays optional). Tensor names come from the family spec
+(meshtune/models/families/); the expected tensors and shapes from the decoder itself, built on the meta device.
+Query/key rows (weights, biases and the per-head q/k norms) are permuted because meshtune's rotary embedding
+rotates interleaved pairs (Meta's layout) while Hugging Face's rotates halves (its convert_llama_weights_to_hf
+`permute`).
 """
 
 from __future__ import annotations
@@ -22,22 +24,24 @@ from pathlib import Path
 import torch
 
 from meshtune.config import ConfigError, ModelConfig
+from meshtune.models.families import family
+from meshtune.models.hf_config import (  # noqa: F401 (re-exported: the torch-free half)
+    INDEX_FILE,
+    SINGLE_FILE,
+    hf_config_dict,
+    is_hf_dir,
+    mismatches,
+    model_config_from_hf,
+    model_fields_from_hf,
+    read_hf_config,
+    read_hf_json,
+)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
-# meshtune name within a block -> HF name within `model.layers.{i}.`
-_LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-_HF_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+# copied next to an export with the tokenizer: the sampling defaults the model was released with
+COPIED_FILES = ("generation_config.json",)
 _IGNORED_HF_KEY = re.compile(r"\.rotary_emb\.inv_freq$")  # a buffer some older checkpoints saved
-_FROM_HF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
-_FROM_HF_TOP = {v + ".weight": k + ".weight" for k, v in _TOP_NAMES.items()}
 
 
 def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -52,109 +56,63 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def is_hf_dir(path: str | Path) -> bool:
-    """True for a directory holding config.json and model.safetensors or its sharded index."""
-    p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file() and ((p / SINGLE_FILE).is_file() or (p / INDEX_FILE).is_file())
-
-
-def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """A Hugging Face Llama/Mistral config.json (as a dict) -> ModelConfig, with `vocab_size` filled in.
-
-    Mistral's sliding window equals full attention up to the window, so `max_seq_len` is capped at it.
-
-    Raises:
-        ConfigError: for features meshtune's decoder cannot reproduce, naming the config.json key.
-    """
-    def refuse(key: str, why: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}={hf.get(key)!r} {why}")
-
-    model_type = hf.get("model_type")
-    if model_type not in ("llama", "mistral"):
-        raise refuse("model_type", "is not supported; meshtune loads Llama-family checkpoints (llama, mistral) "
-                     "whose attention and MLP have no biases (qwen2 has q/k/v biases)")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise refuse(key, "is not supported: meshtune's decoder has no bias terms; use a checkpoint without them")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise refuse("hidden_act", "is not supported: meshtune's MLP is SwiGLU (silu)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-        raise refuse(key, "is not supported: meshtune implements plain RoPE only (no scaled/extended variants); "
-                     "use a checkpoint with default rotary embeddings")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if not isinstance(hf.get(key), int):
-            raise refuse(key, "is missing or not an integer; not a complete Llama config")
-    dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, dim // n_heads):
-        raise refuse("head_dim", f"differs from hidden_size / num_attention_heads = {dim // n_heads}, which "
-                     "meshtune's decoder requires")
-    max_seq_len = hf.get("max_position_embeddings", 2048)
-    if hf.get("sliding_window") and hf.get("use_sliding_window", True):
-        max_seq_len = min(max_seq_len, hf["sliding_window"])
-    return ModelConfig(
-        dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads, ffn_dim=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"], max_seq_len=max_seq_len,
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-    )
-
-
-def read_hf_config(path: str | Path) -> ModelConfig:
-    """`model_config_from_hf` of `path/config.json`."""
-    f = Path(path) / "config.json"
-    try:
-        return model_config_from_hf(json.loads(f.read_text()), source=str(f))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{f}: cannot read a Hugging Face config ({e})") from None
-
-
 def check_matches_hf(cfg: ModelConfig, vocab_size: int, path: str | Path) -> None:
     """Refuse to load `path` into a model built from `cfg` when they differ, including in values that no tensor
-    shape reveals (rope_theta, norm_eps) and that would silently change the logits.
+    shape reveals (rope_theta, norm_eps, rope_scaling) and that would silently change the logits.
 
     Raises:
         ConfigError: naming every differing `model.*` field at once, as the overrides that fix them.
     """
-    hf = read_hf_config(path)
-    ours = dataclasses.replace(cfg, n_kv_heads=cfg.n_kv_heads or cfg.n_heads, ffn_dim=_ffn(cfg), vocab_size=vocab_size)
-    fields = ["dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "rope_theta", "norm_eps"]
-    fixes = [f"model.{f}={getattr(hf, f)}" for f in fields if getattr(ours, f) != getattr(hf, f)]
-    if cfg.tie_embeddings and not hf.tie_embeddings:
+    fields = model_fields_from_hf(read_hf_json(path), source=str(Path(path) / "config.json"))
+    ours = dataclasses.replace(cfg, vocab_size=vocab_size)
+    fixes = mismatches(ours, fields, set(fields) - {"tie_embeddings"})
+    if cfg.tie_embeddings and not fields["tie_embeddings"]:
         fixes.append("model.tie_embeddings=false")
     if fixes:
         raise ConfigError(f"init_from: {path} (config.json) differs from this run's model in {len(fixes)} "
                           f"value(s); set {' '.join(fixes)}")
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """meshtune parameter name -> shape, for every tensor of an untied decoder."""
-    d, hd, kv = cfg.dim, cfg.dim // cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
-    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,), "output.weight": (cfg.vocab_size, d)}
-    block = {"attention.wq": (d, d), "attention.wk": (kv * hd, d), "attention.wv": (kv * hd, d),
-             "attention.wo": (d, d), "feed_forward.w1": (cfg.ffn_dim, d), "feed_forward.w3": (cfg.ffn_dim, d),
-             "feed_forward.w2": (d, cfg.ffn_dim), "attention_norm": (d,), "ffn_norm": (d,)}
-    for i in range(cfg.n_layers):
-        shapes.update({f"layers.{i}.{name}.weight": s for name, s in block.items()})
-    return shapes
+def _shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """meshtune parameter name -> shape, for every tensor of the decoder `cfg` builds (tied head included)."""
+    from meshtune.models.decoder import build_model
+
+    return {k: tuple(v.shape) for k, v in build_model(cfg, vocab_size, "meta").state_dict(keep_vars=True).items()}
 
 
-def _meshtune_name(hf_key: str) -> str | None:
-    m = _HF_LAYER_KEY.match(hf_key)
-    if m:
-        name = _FROM_HF_LAYER.get(m.group(2))
-        return f"layers.{m.group(1)}.{name}.weight" if name else None
-    return _FROM_HF_TOP.get(hf_key)
+def hf_names(cfg: ModelConfig, names) -> dict[str, str]:
+    """meshtune parameter name -> Hugging Face name, through the family's spec."""
+    fam = family(cfg.family)
+    out = {}
+    for name in names:
+        module, leaf = name.rsplit(".", 1)
+        if module.startswith("layers."):
+            _, i, rest = module.split(".", 2)
+            if rest not in fam.hf_block:
+                continue
+            out[name] = f"model.layers.{i}.{fam.hf_block[rest]}.{leaf}"
+        elif module in fam.hf_top:
+            out[name] = f"{fam.hf_top[module]}.{leaf}"
+    return out
 
 
 def _rope_heads(name: str, cfg: ModelConfig) -> int | None:
-    """Heads whose rows to permute for a q/k projection, else None."""
-    if name.endswith("attention.wq.weight"):
-        return cfg.n_heads
-    return (cfg.n_kv_heads or cfg.n_heads) if name.endswith("attention.wk.weight") else None
+    """Heads whose rows to permute for a tensor in query/key head layout (q/k weights and biases, the per-head
+    q/k norms), else None."""
+    n = family(cfg.family).names
+    module = name.rsplit(".", 1)[0].split(".", 2)[-1]
+    return {n.q: cfg.n_heads, n.k: cfg.n_kv_heads or cfg.n_heads, n.q_norm: 1, n.k_norm: 1}.get(module)
+
+
+def _files(path: Path) -> tuple[list[str], Path | None]:
+    index = path / INDEX_FILE
+    if not index.is_file():
+        return [SINGLE_FILE], None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{index}: not a safetensors index ({e!r}); re-save the checkpoint") from None
+    return sorted(set(weight_map.values())), index
 
 
 def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -169,82 +127,48 @@ def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     cfg = read_hf_config(path)
-    index = path / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    else:
-        files = [SINGLE_FILE]
+    shapes = _shapes(cfg, cfg.vocab_size)
+    from_hf = {v: k for k, v in hf_names(cfg, shapes).items()}
+    files, index = _files(path)
     state: dict[str, torch.Tensor] = {}
-    shapes = _expected_shapes(cfg)
     for fname in files:
         if not (path / fname).is_file():
-            raise ConfigError(f"{index}: lists {fname}, which is missing from {path}")
+            raise ConfigError(f"{index}: lists {fname}, which is missing from {path}; download it again")
         for key, t in load_file(str(path / fname)).items():
             if _IGNORED_HF_KEY.search(key):
                 continue
-            name = _meshtune_name(key)
-            if name is None or name not in shapes:
-                raise ConfigError(f"{path / fname}: unexpected tensor {key!r}; meshtune maps only Llama decoder "
-                                  "weights (no biases, no extra modules)")
+            name = from_hf.get(key)
+            if name is None:
+                raise ConfigError(f"{path / fname}: unexpected tensor {key!r}; config.json describes a "
+                                  f"{cfg.family} model without it (does config.json belong to these weights?)")
             if tuple(t.shape) != shapes[name]:
                 raise ConfigError(f"{path / fname}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies "
-                                  f"{shapes[name]}")
+                                  f"{shapes[name]} (does config.json belong to these weights?)")
             heads = _rope_heads(name, cfg)
             state[name] = unpermute_rope_rows(t, heads).contiguous() if heads else t
     if "output.weight" not in state and cfg.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     missing = [k for k in shapes if k not in state]
     if missing:
-        hf_name = _hf_name(missing[0])
-        raise ConfigError(f"{path}: tensor {hf_name!r} is missing from the checkpoint files {files} "
-                          f"({len(missing)} missing in all)")
+        raise ConfigError(f"{path}: tensor {hf_names(cfg, missing)[missing[0]]!r} is missing from the checkpoint "
+                          f"files {files} ({len(missing)} missing in all)")
     return state
 
 
-def _hf_name(name: str) -> str:
-    """meshtune parameter name -> HF name."""
-    parts = name.removesuffix(".weight")
-    if parts in _TOP_NAMES:
-        return _TOP_NAMES[parts] + ".weight"
-    _, i, rest = parts.split(".", 2)
-    return f"model.layers.{i}.{_LAYER_NAMES[rest]}.weight"
-
-
-def hf_config_dict(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json of a LlamaForCausalLM equal to meshtune's decoder with `cfg` (read by transformers 4.x and 5.x)."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads, "head_dim": cfg.dim // cfg.n_heads,
-        "intermediate_size": _ffn(cfg), "vocab_size": vocab_size, "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_scaling": None,
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "attention_dropout": 0.0, "initializer_range": cfg.init_std, "torch_dtype": str(dtype).removeprefix("torch."),
-        "use_cache": True,
-    }
-
-
-def _ffn(cfg: ModelConfig) -> int:
-    from meshtune.models.sizes import ffn_hidden_dim
-
-    return ffn_hidden_dim(cfg)
-
-
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """meshtune weights -> HF LlamaForCausalLM names, q/k rows permuted to HF's rotate-half layout.
+    """meshtune weights -> the family's HF names, q/k rows permuted to HF's rotate-half layout.
 
-    Raises ConfigError for a tensor that has no HF Llama name (an unmerged adapter) or a missing one."""
+    Raises ConfigError for a tensor that has no HF name (an unmerged adapter) or a missing one."""
     vocab = cfg.vocab_size or state["tok_embeddings.weight"].shape[0]
-    cfg = dataclasses.replace(cfg, ffn_dim=_ffn(cfg), vocab_size=vocab)
-    shapes = _expected_shapes(cfg)
+    cfg = dataclasses.replace(cfg, vocab_size=vocab)
+    shapes = _shapes(cfg, vocab)
     if cfg.tie_embeddings:
         del shapes["output.weight"]
     extra = sorted(set(state) - set(shapes) - {"output.weight"})
     if extra:
-        raise ConfigError(f"save_hf_checkpoint: {extra[0]!r} has no Hugging Face Llama name; merge or drop "
+        raise ConfigError(f"save_hf_checkpoint: {extra[0]!r} has no Hugging Face {cfg.family} name; merge or drop "
                           "recipe tensors (LoRA, adapters) before exporting")
+    names = hf_names(cfg, shapes)
     tensors = {}
     for name in shapes:
         if name not in state:
@@ -252,13 +176,13 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         t = state[name].detach().to("cpu")
         heads = _rope_heads(name, cfg)
         # clone: safetensors refuses tensors that share storage (tied weights, views)
-        tensors[_hf_name(name)] = (permute_rope_rows(t, heads) if heads else t).contiguous().clone()
+        tensors[names[name]] = (permute_rope_rows(t, heads) if heads else t).contiguous().clone()
     return tensors
 
 
 def save_hf_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, out_dir: str | Path,
                        max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write a meshtune state dict as an HF Llama checkpoint directory that `from_pretrained` loads.
+    """Write a meshtune state dict as an HF checkpoint directory of its family that `from_pretrained` loads.
 
     Args:
         state: full (unsharded) meshtune weights, e.g. `model.state_dict()` or `get_model_state_dict(...,
@@ -272,11 +196,11 @@ def save_hf_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_s
         `out_dir` as a Path.
 
     Raises:
-        ConfigError: for a tensor that has no HF Llama name (e.g. an unmerged adapter), or a missing one.
+        ConfigError: for a tensor that has no HF name in its family (e.g. an unmerged adapter), or a missing one.
     """
     from safetensors.torch import save_file
 
-    cfg = dataclasses.replace(cfg, ffn_dim=_ffn(cfg), vocab_size=vocab_size)
+    cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
     tensors = to_hf_state_dict(state, cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -303,10 +227,10 @@ def save_hf_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab_s
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
-    hf_cfg = hf_config_dict(cfg, vocab_size, dtype=tensors["model.embed_tokens.weight"].dtype)
+    hf_cfg = hf_config_dict(cfg, vocab_size, str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch."))
     if tokenizer_dir is not None:
         src = Path(tokenizer_dir)
-        for fname in TOKENIZER_FILES:
+        for fname in TOKENIZER_FILES + COPIED_FILES:
             if (src / fname).is_file():
                 shutil.copyfile(src / fname, out / fname)
         if (src / "config.json").is_file():

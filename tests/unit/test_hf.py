@@ -123,26 +123,30 @@ def llama_json(**changes) -> dict:
 
 
 @pytest.mark.parametrize("changes,key", [
-    ({"model_type": "qwen2", "attention_bias": True}, "model_type"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"model_type": "gpt2"}, "model_type"),
-    ({"head_dim": 32}, "head_dim"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"hidden_size": None}, "hidden_size"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": None}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters.*longrope"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "low_freq_factor"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0, "beta": 1}, "rope_parameters": None}, "rope_scaling.*beta"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
 ])
 def test_unsupported_config_names_key(changes, key):
-    with pytest.raises(ConfigError, match=key):
+    with pytest.raises(ConfigError, match=key) as info:
         model_config_from_hf(llama_json(**changes))
+    assert "\n" not in str(info.value)
 
 
-def test_mistral_sliding_window_caps_max_seq_len():
-    cfg = model_config_from_hf(llama_json(model_type="mistral", sliding_window=32, max_position_embeddings=4096))
-    assert cfg.max_seq_len == 32
-    legacy = model_config_from_hf(llama_json(rope_parameters=None, rope_theta=5e5))  # transformers 4.x layout
-    assert legacy.rope_theta == 5e5
+def test_config_json_of_either_transformers_generation():
+    legacy = model_config_from_hf(llama_json(rope_parameters=None, rope_theta=5e5,  # transformers 4.x layout
+                                             rope_scaling={"type": "linear", "factor": 2.0}))
+    assert legacy.rope_theta == 5e5 and legacy.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    new = model_config_from_hf(llama_json(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}))
+    assert new == legacy
+    mistral = model_config_from_hf(llama_json(model_type="mistral", sliding_window=32, max_position_embeddings=4096))
+    assert (mistral.family, mistral.sliding_window, mistral.max_seq_len) == ("mistral", 32, 4096)
 
 
 def test_missing_and_unexpected_tensors_name_the_key(tmp_path):
@@ -156,7 +160,7 @@ def test_missing_and_unexpected_tensors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         load_hf_state_dict(tmp_path)
     save_file({**full, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, str(f), metadata={"format": "pt"})
-    with pytest.raises(ConfigError, match=r"model\.safetensors.*q_proj\.bias"):
+    with pytest.raises(ConfigError, match=r"model\.safetensors.*q_proj\.bias.*does config.json belong"):
         load_hf_state_dict(tmp_path)
 
 

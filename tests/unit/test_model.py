@@ -1,4 +1,4 @@
-"""Unit tests for the Llama-style decoder (meshtune.models.llama): one process, tiny sizes."""
+"""Unit tests for the Llama-style decoder (meshtune.models.decoder): one process, tiny sizes."""
 
 import copy
 import math
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from meshtune.config import ModelConfig
 from meshtune.models import Transformer, build_model
-from meshtune.models.llama import Attention
+from meshtune.models.decoder import Attention
 from meshtune.models.sizes import ffn_hidden_dim
 
 V = 61  # odd on purpose: nothing may assume a round vocabulary

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from meshtune.config import ConfigError, ModelConfig
 from meshtune.models import build_model
-from meshtune.models.llama import apply_rope, rope_tables
+from meshtune.models.decoder import apply_rope, window_mask
+from meshtune.models.rope import rope_tables
 from meshtune.recipes import (
     RecipeConfig,
     apply_recipes,
@@ -30,7 +31,7 @@ from meshtune.recipes.lora import (
     permute_rope_rows,
     unpermute_rope_rows,
 )
-from meshtune.recipes.prefix_tuning import PrefixAttention, PrefixConfig, prefix_causal_mask
+from meshtune.recipes.prefix_tuning import PrefixAttention, PrefixConfig
 
 V = 64
 MCFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
@@ -446,7 +447,7 @@ def test_adapter_hook_survives_deepcopy():
 
 
 def test_prefix_mask():
-    m = prefix_causal_mask(3, 2)
+    m = window_mask(3, 5, 5)  # 3 queries after 2 prefix positions
     assert m.tolist() == [[True, True, True, False, False],
                           [True, True, True, True, False],
                           [True, True, True, True, True]]
@@ -491,7 +492,7 @@ def test_prefix_matches_explicit_attention():
     k = torch.cat([attn.prefix_k.expand(2, -1, -1, -1), k], 1).repeat_interleave(2, dim=2)
     v = torch.cat([attn.prefix_v.expand(2, -1, -1, -1), v], 1).repeat_interleave(2, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q, k) / HEAD_DIM**0.5
-    scores = scores.masked_fill(~prefix_causal_mask(T, 3), float("-inf"))
+    scores = scores.masked_fill(~window_mask(T, T + 3, T + 3), float("-inf"))
     y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(2, T, -1)
     torch.testing.assert_close(attn(x, cos, sin), attn.wo(y), atol=1e-5, rtol=1e-5)
 

@@ -26,14 +26,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from meshtune.config import ConfigError
-from meshtune.models.llama import Attention, apply_rope
+from meshtune.models.decoder import Attention
 from meshtune.recipes.base import PeftRecipe
-
-
-def prefix_causal_mask(T: int, P: int, device=None) -> torch.Tensor:
-    """Boolean (T, P + T) mask, True = may attend: all P prefix positions, then causal over the sequence."""
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return torch.cat([torch.ones(T, P, dtype=torch.bool, device=device), causal], dim=1)
 
 
 class PrefixAttention(Attention):
@@ -107,22 +101,12 @@ class PrefixAttention(Attention):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.length == 0:
             return super().forward(x, cos, sin)
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, D)
-        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.qkv(x, cos, sin)
+        B = x.shape[0]
         pk, pv = self.prefix()  # (P, Hkv, D), not rotated: prefixes have no position
         k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=1)  # (B, P+T, Hkv, D)
         v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=1)
-        n_rep = q.shape[2] // k.shape[2]
-        if n_rep > 1:  # query head h reads kv head h // n_rep
-            k = k.repeat_interleave(n_rep, dim=2)
-            v = v.repeat_interleave(n_rep, dim=2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T or P+T, D)
-        mask = prefix_causal_mask(T, self.length, x.device)  # (T, P+T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hq, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.attend(q, k, v)  # every query reads all P prefix positions, then causally
 
     def extra_repr(self) -> str:
         return f"prefix_length={self.length}, reparam_hidden={self.reparam_hidden}"

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshtune.config import ConfigError, ModelConfig
-from meshtune.models.sizes import ffn_hidden_dim, head_dim
+from meshtune.models.rope import check_rope_scaling, rope_tables
+from meshtune.models.sizes import ffn_hidden_dim, head_dim, layer_windows
 
 
 def validate_model_config(cfg: ModelConfig, vocab_size: int) -> None:
@@ -48,13 +49,8 @@ def validate_model_config(cfg: ModelConfig, vocab_size: int) -> None:
             f"head dim model.dim / model.n_heads = {head_dim(cfg)} must be even for rotary "
             "embeddings; change model.dim or model.n_heads"
         )
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each (max_seq_len, head_dim // 2), in float32."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)  # (T, D/2)
-    return angles.cos(), angles.sin()
+    check_rope_scaling(cfg.rope_scaling, cfg.max_seq_len)
+    layer_windows(cfg)  # checks model.layer_types against model.n_layers
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -88,38 +84,73 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and rotary positions."""
+def window_mask(q_len: int, kv_len: int, window: int, device=None) -> torch.Tensor:
+    """(q_len, kv_len) bool, True where query i (the last q_len of kv_len positions) may read key j: causal and
+    at most `window` positions back, itself included (transformers' sliding_window_overlay)."""
+    i = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    j = torch.arange(kv_len, device=device)[None, :]
+    return (j <= i) & (i - j < window)
 
-    def __init__(self, cfg: ModelConfig):
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and rotary positions; optional q/k/v
+    biases (Qwen2), per-head q/k RMSNorm (Qwen3) and a sliding window (Mistral; Beltagy et al. 2020)."""
+
+    def __init__(self, cfg: ModelConfig, window: int = 0):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = head_dim(cfg)
-        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.window = window
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries (B, T, Hq, D) and keys (B, T, Hkv, D), normed (qk_norm) and rotated, and values."""
         B, T, _ = x.shape
         # -1 heads, not self.n_heads: under tensor parallelism each rank holds a slice of the heads
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, D)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D)) v over the causal (windowed) positions, then the output projection.
+
+        q is (B, Tq, Hq, D); k and v (B, Tkv, Hkv, D) with Tkv >= Tq (prefix tuning prepends keys)."""
+        B, T = q.shape[:2]
         n_rep = q.shape[2] // k.shape[2]
         if n_rep > 1:  # query head h reads kv head h // n_rep
             k = k.repeat_interleave(n_rep, dim=2)  # (B, T, Hq, D)
             v = v.repeat_interleave(n_rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, Hq, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, D)
+        if self.window and k.shape[2] > self.window:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, k.shape[2], self.window, q.device))
+        elif k.shape[2] == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, k.shape[2], k.shape[2], q.device))
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.attend(*self.qkv(x, cos, sin))
 
     def init_weights(self, std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
             nn.init.normal_(lin.weight, mean=0.0, std=std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
+        if hasattr(self, "q_norm"):
+            self.q_norm.init_weights()
+            self.k_norm.init_weights()
 
 
 class FeedForward(nn.Module):
@@ -143,10 +174,10 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then + feed_forward(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, window)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
 
@@ -171,12 +202,13 @@ class Transformer(nn.Module):
         self.vocab_size = vocab_size
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(vocab_size, cfg.dim)
         # a ModuleDict keyed "0", "1", ...: pipeline stages delete entries and the rest keep their names
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        windows = layer_windows(cfg)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, windows[i]) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, vocab_size, bias=False)
         self._tie_weights()
         # non-persistent: derived from the config, so checkpoints hold only parameters
-        cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -221,7 +253,7 @@ class Transformer(nn.Module):
         """Recompute the rotary tables (derived from the config, never saved) in place; draws no random numbers.
 
         Call after `to_empty(device=...)` when every parameter is then loaded from a checkpoint."""
-        cos, sin = rope_tables(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta,
+        cos, sin = rope_tables(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta, self.cfg.rope_scaling,
                                device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
