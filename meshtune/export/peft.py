@@ -1,5 +1,5 @@
-"""`--format peft`: adapter_config.json + adapter_model.safetensors in Hugging Face PEFT's layout for an HF
-Llama, loadable with `peft.PeftModel.from_pretrained(hf_llama, dir)`. Default out: RUN_DIR/peft."""
+"""`--format peft`: adapter_config.json + adapter_model.safetensors in Hugging Face PEFT's layout for the
+model family's HF model, loadable with `peft.PeftModel.from_pretrained(hf_model, dir)`. Default out: RUN_DIR/peft."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def write(run, out, opts) -> list:
     (recipe,) = run.recipes  # check_format: every recipe offers peft
     m = run.artifact.model_cfg
     try:
-        tensors, conf = recipe.peft_files(export_state(run.state, run.recipes), m.n_heads, m.n_kv_heads or m.n_heads)
+        tensors, conf = recipe.peft_files(export_state(run.state, run.recipes), m)
     except ValueError as e:
         raise ConfigError(f"--format peft: {e}") from None
     from meshtune.config import read_yaml

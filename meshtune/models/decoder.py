@@ -323,6 +323,9 @@ class Transformer(nn.Module):
             })
             if sequence_parallel:
                 plan.update({p + "attention_norm": SequenceParallel(), p + "ffn_norm": SequenceParallel()})
+            if self.cfg.qk_norm:  # one weight over every head, heads split: replicated, its gradient summed
+                plan.update({p + f"attention.{n}": SequenceParallel(sequence_dim=2, use_local_output=True)
+                             for n in ("q_norm", "k_norm")})
         return plan
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

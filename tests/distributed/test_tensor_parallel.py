@@ -12,13 +12,13 @@ def tp_layout(dp_shard: int, tp: int, micro: int, sp: bool, dp_replicate: int = 
             f"parallel.sequence_parallel={str(sp).lower()}", f"train.micro_batch_size={micro}"]
 
 
-def tp_vs_reference(run_dir, dp_shard, tp, micro, sp, steps, dp_replicate=1):
+def tp_vs_reference(run_dir, dp_shard, tp, micro, sp, steps, dp_replicate=1, extra=()):
     """First-step gradients, then `steps` training losses, against one process with one big batch."""
     from torch.distributed.tensor import DTensor
 
     from meshtune.runtime.run import build_trainer
 
-    cfg = tiny_config(run_dir, *tp_layout(dp_shard, tp, micro, sp, dp_replicate))
+    cfg = tiny_config(run_dir, *tp_layout(dp_shard, tp, micro, sp, dp_replicate), *extra)
     ref, trainer = reference_trainer(cfg), build_trainer(cfg)
     ref.forward_backward(ref.next_micro_batches())
     trainer.forward_backward(trainer.next_micro_batches())
@@ -44,6 +44,22 @@ def test_tensor_parallel_matches_single_process(rank_pool, tmp_path, world, dp_s
         assert r["sharded"]  # the weights really are split over the tp (and dp) axes
         assert r["grad_diff"] < TOL, r
         assert r["losses"][-1] < r["losses"][0]
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
+        assert r["param_diff"] < 1e-4, r
+
+
+FAMILY_FEATURES = {  # what TP must split right beyond a plain Llama block
+    "qwen3": ["model.family=qwen3", "model.qk_norm=true", "model.head_dim=12"],  # per-head norms, wide heads
+    "qwen2": ["model.family=qwen2", "model.attn_bias=true", "model.sliding_window=6"],  # q/k/v biases, window
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_FEATURES))
+def test_family_features_under_fsdp2_x_tp2_sp(rank_pool, tmp_path, family):
+    """4 ranks, FSDP2 x TP 2 with sequence parallelism: q/k norms (one weight read by every head, heads split)
+    and q/k/v biases (split with their rows) train like one process."""
+    for r in rank_pool(4).run(tp_vs_reference, str(tmp_path), 2, 2, 4, True, 3, extra=FAMILY_FEATURES[family]):
+        assert r["sharded"] and r["grad_diff"] < TOL, r
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
         assert r["param_diff"] < 1e-4, r
 

@@ -12,41 +12,11 @@ from meshtune.models import build_model
 from meshtune.models.families import FAMILIES, family
 from meshtune.models.hf import load_hf_state_dict, read_hf_config, save_hf_checkpoint
 from meshtune.schema import load_config
+from tests import hf_models
 
 transformers = pytest.importorskip("transformers")
-V, T, WINDOW = 96, 24, 8
-BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, attn_implementation="sdpa")
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16, "rope_theta": 500000.0}
-
-# id -> (transformers config class, model class, config kwargs)
-CASES = {
-    "llama3.2-tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_parameters=LLAMA3)),
-    "llama-linear": ("LlamaConfig", "LlamaForCausalLM",
-                     dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})),
-    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM",
-                   dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                         "original_max_position_embeddings": 16})),
-    "llama-dynamic": ("LlamaConfig", "LlamaForCausalLM",
-                      dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
-    "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
-    "qwen2.5-tied-bias": ("Qwen2Config", "Qwen2ForCausalLM",
-                          dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW,
-                               max_window_layers=1)),
-    "qwen3-qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=False)),
-}
-
-
-def hf_model(case: str, seed: int = 0):
-    conf_cls, model_cls, extra = CASES[case]
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, conf_cls)(**BASE, **extra)).eval()
-    with torch.no_grad():  # norms start at ones and biases at zero: randomise them so a mis-mapped one shows
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.uniform_(0.5, 1.5)
-    return model
+V, T, WINDOW = hf_models.V, 24, hf_models.WINDOW
+CASES, hf_model = hf_models.CASES, hf_models.hf_model
 
 
 def tokens(seed: int = 1) -> torch.Tensor:
@@ -76,7 +46,7 @@ def test_logits_match_transformers_and_export_round_trips(saved, tmp_path):
     x = tokens()
     gap = (logits(model, x) - logits(hf, x)).abs().max().item()
     assert gap < 1e-4, f"{case}: max |meshtune - transformers| = {gap:.2e}"
-    if case.startswith(("mistral", "qwen2")):  # the window matters at this length: full attention differs
+    if cfg.sliding_window:  # the window matters at this length: full attention differs
         full = build_model(type(cfg)(**{**cfg.__dict__, "sliding_window": 0, "layer_types": []}), cfg.vocab_size)
         full.load_state_dict(model.state_dict())
         assert (logits(full.eval(), x) - logits(hf, x)).abs().max() > 1e-3

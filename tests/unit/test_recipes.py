@@ -328,7 +328,7 @@ def test_peft_names_and_lora_b_permutation():
     _, model, (recipe,) = adapted("lora", lora=LoRAConfig(rank=4))
     train_steps(model)
     state = recipe.export_state(model.state_dict())
-    peft = peft_state_dict(state, MCFG.n_heads, MCFG.n_kv_heads)
+    peft = peft_state_dict(state, MCFG)
     hf = {"q_proj": "attention.wq", "k_proj": "attention.wk", "v_proj": "attention.wv", "o_proj": "attention.wo",
           "gate_proj": "feed_forward.w1", "up_proj": "feed_forward.w3", "down_proj": "feed_forward.w2"}
     expected = {f"base_model.model.model.layers.{i}.{'self_attn' if m.endswith('proj') and m[0] in 'qkvo' else 'mlp'}"
@@ -350,7 +350,7 @@ def test_peft_config_for_some_layers_is_a_regex():
     _, model, (recipe,) = adapted("lora", lora=LoRAConfig(targets=["layers.0.attention.wq", "wv"]))
     import re
 
-    peft = peft_state_dict(recipe.export_state(model.state_dict()), MCFG.n_heads, MCFG.n_kv_heads)
+    peft = peft_state_dict(recipe.export_state(model.state_dict()), MCFG)
     pattern = adapter_config(LoRAConfig(), peft)["target_modules"]
     assert isinstance(pattern, str)
     assert re.fullmatch(pattern, "model.layers.0.self_attn.q_proj")
@@ -360,7 +360,7 @@ def test_peft_config_for_some_layers_is_a_regex():
 def test_peft_export_rejects_unmappable():
     _, model, (recipe,) = adapted("lora", lora=LoRAConfig(targets=["output"]))
     with pytest.raises(ValueError, match="output.lora_a"):
-        peft_state_dict(recipe.export_state(model.state_dict()), MCFG.n_heads, MCFG.n_kv_heads)
+        peft_state_dict(recipe.export_state(model.state_dict()), MCFG)
 
 
 def _hf_llama_state(state: dict) -> dict:
@@ -383,7 +383,7 @@ def test_peft_loads_exported_adapter(tmp_path):
     train_steps(model)  # B != 0, so a wrong name or permutation shows
     model.eval()
     state = model.state_dict()
-    adapter = peft_state_dict(recipe.export_state(state), MCFG.n_heads, MCFG.n_kv_heads)
+    adapter = peft_state_dict(recipe.export_state(state), MCFG)
     save_file(adapter, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text(json.dumps(adapter_config(lora, adapter)))
 

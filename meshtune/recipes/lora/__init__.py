@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meshtune.config import ConfigError
+from meshtune.models.families import DECODER
 from meshtune.recipes.registry import RecipeSpec, forward_to
 
 
@@ -18,7 +19,7 @@ class LoRAConfig:
     """The update is scaled by recipe.lora.alpha / recipe.lora.rank."""
     dropout: float = 0.0
     """Dropout on the input of the LoRA path only (the frozen path sees the clean input)."""
-    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    targets: list[str] = field(default_factory=lambda: [DECODER.leaf(n) for n in DECODER.projections])
     """Linear layers to adapt: patterns matched against the end of module names (`wq`, `attention.wq`,
     `layers.0.*.w1`, fnmatch globs); each pattern must match at least one linear layer."""
 

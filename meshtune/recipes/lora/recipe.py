@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from meshtune.config import ConfigError
+from meshtune.config import ConfigError, ModelConfig
 from meshtune.models.hf import permute_rope_rows, unpermute_rope_rows  # noqa: F401 (re-exported)
 from meshtune.recipes.base import PeftRecipe
 from meshtune.recipes.targets import matches
@@ -202,9 +202,10 @@ class LoRARecipe(PeftRecipe):
                 out[fqn] = _lora_style(style, "colwise" if isinstance(style, ColwiseParallel) else "rowwise")
         return out
 
-    def peft_files(self, adapter: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> tuple[dict, dict]:
-        """(adapter_model.safetensors tensors, adapter_config.json) in PEFT's HF-Llama layout (`--format peft`)."""
-        tensors = peft_state_dict(adapter, n_heads, n_kv_heads)
+    def peft_files(self, adapter: dict[str, torch.Tensor], m: ModelConfig) -> tuple[dict, dict]:
+        """(adapter_model.safetensors tensors, adapter_config.json) in PEFT's layout for the family's HF model
+        (`--format peft`)."""
+        tensors = peft_state_dict(adapter, m)
         return tensors, adapter_config(self.cfg.lora, tensors)
 
 
@@ -224,34 +225,36 @@ def merge_lora_state(state: dict[str, torch.Tensor], alpha: float) -> dict[str, 
 # ---------------------------------------------------------------------------------------------------------
 # Hugging Face PEFT layout.
 
-HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj"}
-_LORA_KEY = re.compile(r"^layers\.(\d+)\.(attention\.w[qkvo]|feed_forward\.w[123])\.lora_([ab])\.weight$")
+_LORA_KEY = re.compile(r"^layers\.(\d+)\.(.+)\.lora_([ab])\.weight$")
 
 
-def peft_state_dict(state: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
-    """meshtune LoRA tensors -> the keys of PEFT's adapter_model.safetensors for HF Llama.
+def peft_state_dict(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """meshtune LoRA tensors -> the keys of PEFT's adapter_model.safetensors for the family's HF model.
 
-    `layers.{i}.attention.wq.lora_a.weight` -> `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`;
-    lora_B of wq / wk gets the rotary row permutation (n_heads / n_kv_heads) like the base weights do.
-    Non-LoRA keys are ignored.
+    `layers.{i}.attention.wq.lora_a.weight` -> `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
+    (names from the family spec); lora_B of the query / key projections gets the rotary row permutation
+    (n_heads / n_kv_heads) like the base weights do. Non-LoRA keys are ignored.
 
     Raises:
-        ValueError: for a LoRA tensor with no HF Llama counterpart (e.g. on the output head).
+        ValueError: for a LoRA tensor with no HF counterpart (e.g. on the output head).
     """
+    from meshtune.models.families import family
+
+    fam = family(m.family)
+    heads = {fam.names.q: m.n_heads, fam.names.k: m.n_kv_heads or m.n_heads}
+    adaptable = [n for n in fam.names.projections if n in fam.hf_block]
     out = {}
     for key, t in state.items():
         if ".lora_a." not in key and ".lora_b." not in key:
             continue
-        m = _LORA_KEY.match(key)
-        if m is None:
+        match = _LORA_KEY.match(key)
+        if match is None or match.group(2) not in adaptable:
             raise ValueError(f"{key}: no Hugging Face PEFT name for this LoRA tensor; PEFT export covers "
-                             f"{', '.join(HF_NAMES)} (set recipe.lora.targets to those)")
-        layer, module, ab = m.groups()
-        if ab == "b" and module in ("attention.wq", "attention.wk"):
-            t = permute_rope_rows(t, n_heads if module == "attention.wq" else n_kv_heads)
-        out[f"base_model.model.model.layers.{layer}.{HF_NAMES[module]}.lora_{ab.upper()}.weight"] = t.contiguous()
+                             f"{', '.join(fam.names.leaf(n) for n in adaptable)} (set recipe.lora.targets to those)")
+        layer, module, ab = match.groups()
+        if ab == "b" and module in heads:
+            t = permute_rope_rows(t, heads[module])
+        out[f"base_model.model.model.layers.{layer}.{fam.hf_block[module]}.lora_{ab.upper()}.weight"] = t.contiguous()
     return out
 
 

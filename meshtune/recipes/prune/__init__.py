@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from meshtune.config import ConfigError
+from meshtune.models.families import DECODER
 from meshtune.recipes.registry import RecipeSpec, forward_to, is_active
 from meshtune.recipes.targets import matches_any
 
@@ -36,7 +37,7 @@ class PruneConfig:
     write the group; `taylor` = the first-order estimate of the loss change when the group is removed, (sum of
     gradient x weight over its weights)^2, averaged over the steps since the last mask update (Molchanov et al.
     2019; where the weights hold no `.grad`, e.g. under DeepSpeed ZeRO, it falls back to norm)."""
-    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    targets: list[str] = field(default_factory=lambda: [DECODER.leaf(n) for n in DECODER.projections])
     """Linear layers to prune (magnitude, 2:4): patterns matched against the end of module names (fnmatch)."""
 
 
@@ -63,8 +64,9 @@ def check(cfg) -> None:
         raise ConfigError("recipe.prune.targets: empty; name at least one linear layer, e.g. [w1, w2, w3]")
     hidden, kv = ffn_hidden_dim(m), m.n_kv_heads or m.n_heads
     if p.method == "semi_structured":
-        inputs = {"wq": m.dim, "wk": m.dim, "wv": m.dim, "w1": m.dim, "w3": m.dim, "wo": m.n_heads * head_dim(m),
-                  "w2": hidden}
+        n = DECODER
+        inputs = {n.leaf(x): m.dim for x in (n.q, n.k, n.v, n.gate, n.up)}
+        inputs.update({n.leaf(n.o): m.n_heads * head_dim(m), n.leaf(n.down): hidden})
         for name, size in inputs.items():
             if matches_any(name, p.targets) and size % 4:
                 raise ConfigError(f"recipe.prune.method: 2:4 needs the input size of {name} ({size}) divisible by 4; "

@@ -24,15 +24,14 @@ import torch
 
 from meshtune.config import ModelConfig
 
-ATTN, MLP = ("wq", "wk", "wv", "wo"), ("w1", "w3", "w2")
-
 
 def shrink_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Cut structurally pruned heads and MLP channels out of a merged state dict (masks multiplied in).
 
-    A key/value group (kv head + its query heads) is removed where its wk rows are all zero, an MLP channel
-    where its w1 row is all zero; every layer must keep the same number of each (the recipe prunes the same
-    count per layer) because the model's sizes are uniform.
+    A key/value group (kv head + its query heads) is removed where its key rows are all zero, an MLP
+    channel where its gate and up rows are; q/k/v biases (Qwen2) lose the same rows, per-head q/k norms
+    (Qwen3) stay. Every layer must keep the same number of each (the recipe prunes the same count per layer)
+    because the model's sizes are uniform.
 
     Returns:
         The smaller state dict and the model config with n_heads, n_kv_heads, head_dim and ffn_dim set.
@@ -40,28 +39,38 @@ def shrink_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict
     Raises:
         ValueError: when layers kept different numbers of heads or channels.
     """
+    from meshtune.models.families import family
     from meshtune.models.sizes import head_dim
 
+    names = family(cfg.family).names
     hd, n_kv = head_dim(cfg), cfg.n_kv_heads or cfg.n_heads
     n_rep = cfg.n_heads // n_kv
     out = dict(state)
     kept_kv, kept_ffn = set(), set()
     layers = sorted({k.split(".")[1] for k in state if k.startswith("layers.")}, key=int)
+
+    def cut(module: str, rows=None, cols=None) -> None:
+        for leaf in ("weight", "bias"):
+            t = state.get(f"{module}.{leaf}")
+            if t is not None:
+                t = t[rows] if rows is not None else t
+                out[f"{module}.{leaf}"] = t[:, cols] if cols is not None and leaf == "weight" else t
+
     for i in layers:
-        a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
-        wk = state[a + "wk.weight"]
-        keep = wk.view(n_kv, hd, -1).ne(0).flatten(1).any(1)  # (n_kv,)
+        q, k, v, o = (f"layers.{i}.{n}" for n in names.attention)
+        gate, up, down = (f"layers.{i}.{n}" for n in names.mlp)
+        keep = state[k + ".weight"].view(n_kv, hd, -1).ne(0).flatten(1).any(1)  # (n_kv,)
         kept_kv.add(int(keep.sum()))
         q_rows, kv_rows = keep.repeat_interleave(n_rep * hd), keep.repeat_interleave(hd)
-        out[a + "wq.weight"] = state[a + "wq.weight"][q_rows]
-        out[a + "wk.weight"] = wk[kv_rows]
-        out[a + "wv.weight"] = state[a + "wv.weight"][kv_rows]
-        out[a + "wo.weight"] = state[a + "wo.weight"][:, q_rows]
-        ch = state[f + "w1.weight"].ne(0).any(1) | state[f + "w3.weight"].ne(0).any(1)
+        cut(q, rows=q_rows)
+        cut(k, rows=kv_rows)
+        cut(v, rows=kv_rows)
+        cut(o, cols=q_rows)
+        ch = state[gate + ".weight"].ne(0).any(1) | state[up + ".weight"].ne(0).any(1)
         kept_ffn.add(int(ch.sum()))
-        out[f + "w1.weight"] = state[f + "w1.weight"][ch]
-        out[f + "w3.weight"] = state[f + "w3.weight"][ch]
-        out[f + "w2.weight"] = state[f + "w2.weight"][:, ch]
+        cut(gate, rows=ch)
+        cut(up, rows=ch)
+        cut(down, cols=ch)
     if len(kept_kv) > 1 or len(kept_ffn) > 1:
         raise ValueError(f"layers keep different numbers of kv heads {sorted(kept_kv)} or MLP channels "
                          f"{sorted(kept_ffn)}; a shrunk model needs the same sizes in every layer")

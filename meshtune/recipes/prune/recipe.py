@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from meshtune.config import ConfigError
+from meshtune.models.families import DECODER
 from meshtune.recipes.base import Recipe
 from meshtune.recipes.targets import matches_any
 
@@ -43,8 +44,9 @@ if TYPE_CHECKING:
 
 MASK = "weight_mask"
 STEP = "prune_step"
-ATTN = ("wq", "wk", "wv", "wo")
-MLP = ("w1", "w3", "w2")
+# the decoder's module names, from the model spec (every family shares the decoder)
+ATTN = tuple(DECODER.leaf(n) for n in DECODER.attention)  # q, k, v, o
+MLP = tuple(DECODER.leaf(n) for n in DECODER.mlp)  # gate, up, down
 
 
 def cubic_sparsity(step: int, p: PruneConfig) -> float:
@@ -138,18 +140,18 @@ def structured_masks(block: dict[str, torch.Tensor], n_kv: int, head_dim: int, s
     imp.update(importance or {})
     out = {}
     if "attn" in imp:
-        wq, wk = block["wq"], block["wk"]
-        q_group = wq.shape[0] // n_kv  # rows of the query heads reading one kv head
+        q, k, v, o = ATTN
+        q_group = block[q].shape[0] // n_kv  # rows of the query heads reading one kv head
         keep = _keep_top(imp["attn"], n_kv - round(sparsity * n_kv))
         q_rows, kv_rows = keep.repeat_interleave(q_group), keep.repeat_interleave(head_dim)
-        out.update(wq=q_rows[:, None].expand(wq.shape), wk=kv_rows[:, None].expand(wk.shape),
-                   wv=kv_rows[:, None].expand(block["wv"].shape), wo=q_rows[None, :].expand(block["wo"].shape))
+        out.update({q: q_rows[:, None].expand(block[q].shape), k: kv_rows[:, None].expand(block[k].shape),
+                    v: kv_rows[:, None].expand(block[v].shape), o: q_rows[None, :].expand(block[o].shape)})
     if "mlp" in imp:
-        w1, w2 = block["w1"], block["w2"]
-        hidden = w1.shape[0]
+        gate, up, down = MLP
+        hidden = block[gate].shape[0]
         keep = _keep_top(imp["mlp"], hidden - round(sparsity * hidden))
-        out.update(w1=keep[:, None].expand(w1.shape), w3=keep[:, None].expand(block["w3"].shape),
-                   w2=keep[None, :].expand(w2.shape))
+        out.update({gate: keep[:, None].expand(block[gate].shape), up: keep[:, None].expand(block[up].shape),
+                    down: keep[None, :].expand(block[down].shape)})
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -224,6 +226,8 @@ class PruneRecipe(Recipe):
             mask = _like(getattr(lin, MASK), lin.weight)  # a resumed run loads plain full masks: shard them once
             lin._buffers[MASK] = mask
             lin.weight.mul_(mask)
+            if p.method == "structured" and lin.bias is not None:  # a removed head's q/k/v bias (Qwen2) goes too
+                lin.bias.mul_(mask.any(1))
 
     def accumulate_taylor(self, model: nn.Module, found: dict[str, nn.Linear]) -> None:
         """Add this step's (sum of grad x masked weight)^2 per head group and MLP channel to the running sums:
@@ -285,6 +289,9 @@ class PruneRecipe(Recipe):
         for key, value in state.items():
             if key.endswith("." + MASK) or key == STEP or key.endswith("." + STEP):
                 continue
-            mask = state.get(key[: -len("weight")] + MASK) if key.endswith(".weight") else None
+            owner = key.rsplit(".", 1)[0]
+            mask = state.get(f"{owner}.{MASK}") if key.endswith((".weight", ".bias")) else None
+            if mask is not None and key.endswith(".bias"):
+                mask = mask.any(1) if self.cfg.prune.method == "structured" else None
             out[key] = value * mask if mask is not None else value
         return out

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from meshtune.config import ConfigError
+from meshtune.models.families import DECODER
 from meshtune.recipes.registry import RecipeSpec, forward_to, is_active
 
 
@@ -19,7 +20,7 @@ class QuantConfig:
     group_size: int = 32
     """Weights share one scale per group of this many input features; must divide every targeted layer's
     in_features; 0 = one scale per output channel."""
-    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    targets: list[str] = field(default_factory=lambda: [DECODER.leaf(n) for n in DECODER.projections])
     """Linear layers to quantize: patterns matched against the end of module names like recipe.lora.targets
     (default: every transformer-block linear; add `output` for the head). Embeddings are not quantized."""
 
