@@ -99,10 +99,14 @@ def full_state(art: Artifact, key: str = "checkpoint") -> dict[str, torch.Tensor
 
 def file_shapes(art: Artifact, key: str) -> dict[str, tuple[int, ...]] | None:
     """The model tensors an artifact holds, name -> full shape, read from metadata only (a DCP checkpoint's
-    .metadata, a merged file's safetensors header); None where only loading would tell."""
+    .metadata, a merged file's or an HF directory's safetensors headers); None where only loading would tell."""
     if art.kind == "checkpoint" and art.engine != "deepspeed":
         return {k.removeprefix("model."): tuple(v.size) for k, v in read_metadata(art.path).state_dict_metadata.items()
                 if k.startswith("model.") and hasattr(v, "size")}
+    if art.kind == "hf":
+        from meshtune.models.hf import hf_shapes
+
+        return hf_shapes(art.path)
     if art.kind in ("merged", "weights") and art.path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -182,6 +186,17 @@ def _fill(model: nn.Module, art: Artifact, key: str) -> None:
     try:
         if art.kind == "checkpoint" and art.engine != "deepspeed":
             _load_dcp(model, art.path, strict=True)
+        elif art.kind == "hf":
+            from meshtune.models.hf import hf_shapes, load_hf_into
+
+            found, ours = hf_shapes(art.path), {n: tuple(p.shape) for n, p in model.named_parameters()}
+            missing = sorted(ours.keys() - found.keys())
+            if missing:
+                raise ValueError(f"no weights for {missing[0]} and {len(missing) - 1} more")
+            wrong = [n for n in ours if found[n] != ours[n]]
+            if wrong:
+                raise ValueError(f"{wrong[0]} has shape {found[wrong[0]]}, the model {ours[wrong[0]]}")
+            load_hf_into(model, art.path)
         else:
             state = full_state(art, key)
             missing = sorted({n for n, _ in model.named_parameters()} - state.keys())
@@ -254,6 +269,12 @@ def load_weights(model: nn.Module, art: Artifact, expected: dict[str, tuple[int,
         ConfigError: naming `key` and the first missing, unexpected or misshapen tensor.
     """
     shapes = file_shapes(art, key)
+    if art.kind == "hf":  # each rank reads only the slices it holds, straight from the safetensors files
+        from meshtune.models.hf import load_hf_into
+
+        check_fits(shapes, expected, recipe_owned, art, key)
+        load_hf_into(model, art.path)
+        return
     state = None
     if shapes is None or art.kind != "checkpoint":
         state = full_state(art, key)

@@ -206,13 +206,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, windows[i]) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, vocab_size, bias=False)
-        self._tie_weights()
+        self.tie_weights()
         # non-persistent: derived from the config, so checkpoints hold only parameters
         cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def _tie_weights(self) -> None:
+    def tie_weights(self) -> None:
+        """Make the output head use the embedding's Parameter (model.tie_embeddings); again after anything
+        that gives either module a new Parameter (meta -> device, tensor parallelism)."""
         tied = self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None
         if tied and self.output.weight is not self.tok_embeddings.weight:
             self.output.weight = self.tok_embeddings.weight
@@ -220,7 +222,7 @@ class Transformer(nn.Module):
     def to_empty(self, *, device, recurse: bool = True) -> Transformer:
         """`nn.Module.to_empty`, then re-tie the output head: moving off meta makes a new Parameter per module."""
         super().to_empty(device=device, recurse=recurse)
-        self._tie_weights()
+        self.tie_weights()
         return self
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,105 @@ def _files(path: Path) -> tuple[list[str], Path | None]:
     return sorted(set(weight_map.values())), index
 
 
+def hf_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """meshtune name -> shape of every tensor of an HF directory, from the safetensors headers alone (nothing
+    is loaded): the launcher checks a checkpoint against the model before any rank starts.
+
+    Raises:
+        ConfigError: for a shard the index names that is missing, a damaged file, or a tensor the config's
+            model has no place for.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    cfg = read_hf_config(path)
+    from_hf = {v: k for k, v in hf_names(cfg, _shapes(cfg, cfg.vocab_size)).items()}
+    files, index = _files(path)
+    out = {}
+    for fname in files:
+        if not (path / fname).is_file():
+            raise ConfigError(f"{index}: lists {fname}, which is missing from {path}; download it again")
+        try:
+            with safe_open(str(path / fname), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (not a dict)
+                    if _IGNORED_HF_KEY.search(key):
+                        continue
+                    if key not in from_hf:
+                        raise ConfigError(f"{path / fname}: unexpected tensor {key!r}; config.json describes a "
+                                          f"{cfg.family} model without it (does config.json belong to these weights?)")
+                    out[from_hf[key]] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{path / fname}: not a readable safetensors file ({e}); download it again") from None
+    if cfg.tie_embeddings and "output.weight" not in out and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
+def _local_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offset, shape) of this rank's piece of `t` in the full tensor: all of it, or a DTensor's local shard."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return (0,) * t.ndim, tuple(t.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(offset), tuple(shape)
+
+
+def _read_box(f, key: str, offset: tuple[int, ...], shape: tuple[int, ...], heads: int | None,
+              head_rows: int) -> torch.Tensor:
+    """Rows/columns `offset : offset + shape` of tensor `key` in meshtune's layout, reading only those bytes
+    (for rotary-permuted tensors: the whole heads the rows fall in, since the permutation stays within a head)."""
+    sl = f.get_slice(key)
+    if heads is None:
+        return sl[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+    a, b = offset[0], offset[0] + shape[0]
+    h0, h1 = a // head_rows, -(-b // head_rows)
+    cols = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:], strict=True))
+    rows = unpermute_rope_rows(sl[(slice(h0 * head_rows, h1 * head_rows), *cols)], h1 - h0)
+    return rows[a - h0 * head_rows: b - h0 * head_rows]
+
+
+@torch.no_grad()
+def load_hf_into(model: torch.nn.Module, path: str | Path) -> int:
+    """Copy an HF directory's weights into `model` (any layout: FSDP2 / TP shards, a pipeline stage, plain),
+    each rank reading from the memory-mapped safetensors only the slices it holds, converted to the
+    parameter's dtype. Names the recipes added (LoRA, adapters) are left as they are. Returns bytes read.
+
+    Check the shapes first (`hf_shapes` + `check_fits`): this trusts them.
+    """
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    path = Path(path)
+    cfg = read_hf_config(path)
+    files, _ = _files(path)
+    names = hf_names(cfg, _shapes(cfg, cfg.vocab_size))
+    if cfg.tie_embeddings:  # the head reads the embedding (HF stores it once)
+        names["output.weight"] = names["tok_embeddings.weight"]
+    done, read = set(), 0
+    with ExitStack() as stack:
+        where = {}
+        for fname in files:
+            f = stack.enter_context(safe_open(str(path / fname), framework="pt"))
+            where.update(dict.fromkeys(f.keys(), f))  # noqa: SIM118 (not a dict)
+        for name, p in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+            key = names.get(name)
+            if key is None or id(p) in done or key not in where:
+                continue  # a recipe's tensor, a tied copy already filled, a derived buffer
+            done.add(id(p))
+            offset, shape = _local_box(p)
+            heads = _rope_heads(name, cfg)
+            piece = _read_box(where[key], key, offset, shape, heads, p.shape[0] // heads if heads else 0)
+            local = p.to_local() if isinstance(p, DTensor) else p
+            local.copy_(piece.to(local.dtype))
+            read += piece.numel() * piece.element_size()
+    return read
+
+
 def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read an HF checkpoint directory into a meshtune state dict (names mapped, q/k rows un-permuted).
 

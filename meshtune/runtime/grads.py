@@ -65,16 +65,18 @@ def eval_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                         (correct & valid).sum().double(), valid.sum().double()])
 
 
-def grad_norm(params: list[torch.nn.Parameter], pp_group=None) -> torch.Tensor:
+def grad_norm(params: list[torch.nn.Parameter], pp_group=None, copies=()) -> torch.Tensor:
     """The global L2 norm of gradients over every parallel axis.
 
     DTensor gradients (FSDP shards, TP shards, or both) are grouped by mesh and placements: each group's
     norm is one DTensor whose `full_tensor()` reduces exactly over the axes it is sharded on (replicated
-    axes are not double counted). Pipeline stages hold disjoint parameters, so their squares are summed.
+    axes are not double counted). Pipeline stages hold disjoint parameters, so their squares are summed;
+    `copies` (a tied head's copy of the embedding on the last stage) are left out, counted once.
     """
+    skip = {id(p) for p in copies}
     groups: dict[object, list[torch.Tensor]] = {}
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and id(p) not in skip:
             g = p.grad
             key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
             groups.setdefault(key, []).append(g)
@@ -90,9 +92,9 @@ def grad_norm(params: list[torch.nn.Parameter], pp_group=None) -> torch.Tensor:
     return total.sqrt()
 
 
-def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, pp_group=None) -> float:
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, pp_group=None, copies=()) -> float:
     """Clip gradients in place to `max_norm` (0 = measure only); return the norm before clipping."""
-    norm = float(grad_norm(params, pp_group))
+    norm = float(grad_norm(params, pp_group, copies))
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
         for p in params:  # one tensor at a time: grads may live on different meshes

@@ -6,6 +6,11 @@ its stages' blocks (plus the embeddings on the first stage, the norm and head on
 equal a single-process run's. Stage s lives on pp rank s % pp ("loop" placement), except for V-shaped
 schedules (ZBVZeroBubble, DualPipeV), where rank r holds stages r and 2pp-1-r.
 
+With tied embeddings (model.tie_embeddings) the first stage's embedding and the last stage's head are two
+copies of one matrix, equal at the start: after each backward their gradients are summed between the two
+ranks (point to point; nothing when one rank holds both) so both copies take the same optimizer steps, and
+the gradient norm counts the matrix once.
+
 Each step the rank's micro-batches (train.micro_batch_size each; their count is the accumulation count)
 are concatenated and the schedule splits them back into the same micro-batches, so the gradient equals
 that of data parallelism with accumulation. Losses are summed token losses times dp / global tokens, as
@@ -56,7 +61,7 @@ class Pipeline:
     """This rank's stages and the schedule that runs them."""
 
     def __init__(self, parts: list[nn.Module], ids: list[int], num_stages: int, cfg: ParallelConfig,
-                 n_microbatches: int, pp_group, device: torch.device, dim: int):
+                 n_microbatches: int, pp_group, device: torch.device, dim: int, tied: bool = False):
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
@@ -66,6 +71,7 @@ class Pipeline:
         self.owner = {s: r for r in range(pp) for s in stage_ids(r, pp, len(ids), cfg.pp_schedule)}
         self.dim = dim
         self.is_first, self.is_last = 0 in ids, num_stages - 1 in ids
+        self.tied = tied
         self.scale = 1.0
         self._eval_totals: torch.Tensor | None = None
         stages = [PipelineStage(part, i, num_stages, device, group=pp_group) for part, i in zip(parts, ids,
@@ -90,10 +96,50 @@ class Pipeline:
         run(*args, **kwargs)
         return losses
 
+    def _tied_pair(self) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+        """This rank's copies of a tied matrix: (the first stage's embedding, the last stage's head)."""
+        if not self.tied:
+            return None, None
+        from meshtune.runtime.data_parallel import unwrap
+
+        emb = unwrap(self.parts[self.ids.index(0)]).tok_embeddings.weight if self.is_first else None
+        head = unwrap(self.parts[self.ids.index(self.num_stages - 1)]).output.weight if self.is_last else None
+        return emb, head
+
+    def tied_copies(self) -> list[nn.Parameter]:
+        """The head's copy of a tied embedding, held by this rank: the gradient norm counts it once, not twice."""
+        head = self._tied_pair()[1]
+        return [head] if head is not None and head.requires_grad else []
+
+    def sync_tied_grads(self) -> None:
+        """Sum the embedding's and the head's gradients of a tied matrix into both copies (a + b == b + a,
+        so both ranks hold the same bits)."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        emb, head = self._tied_pair()
+        held = [p for p in (emb, head) if p is not None and p.requires_grad and p.grad is not None]
+        if not held:
+            return
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in held]
+        if len(grads) == 2:  # one rank holds both ends (V-shaped schedules)
+            total = grads[0] + grads[1]
+        else:
+            peer = self.owner[self.num_stages - 1] if emb is not None else self.owner[0]
+            theirs = torch.empty_like(grads[0])
+            ops = [dist.P2POp(dist.isend, grads[0].contiguous(), group=self.pp_group, group_peer=peer),
+                   dist.P2POp(dist.irecv, theirs, group=self.pp_group, group_peer=peer)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            total = grads[0] + theirs
+        for g in grads:
+            g.copy_(total)
+
     def forward_backward(self, micro_batches: list[dict], scale: float, device: torch.device) -> torch.Tensor:
         """Run the schedule on this step's micro-batches; returns the summed token loss (last stage, else 0)."""
         self.scale = scale
         losses = self._run(self.schedule.step, micro_batches, device)
+        self.sync_tied_grads()
         if not losses:
             return torch.zeros((), device=device)
         return torch.stack([loss.detach() for loss in losses]).sum() / scale

@@ -127,7 +127,7 @@ def check_tp_sizes(cfg: Config, tp: int, vocab_size: int | None = None) -> None:
     """Every size tensor parallelism splits must divide by `tp` (the vocabulary too, when known).
 
     Raises:
-        ConfigError: naming the model key tp does not divide, or tied embeddings under tp.
+        ConfigError: naming the model key tp does not divide.
     """
     if tp == 1:
         return
@@ -142,9 +142,6 @@ def check_tp_sizes(cfg: Config, tp: int, vocab_size: int | None = None) -> None:
         if size % tp:
             raise ConfigError(f"{key}: {size} is not divisible by parallel.tp={tp}; tensor parallelism splits it "
                               f"evenly, so choose a tp that divides {size} or change {key.split(' ')[0]}")
-    if m.tie_embeddings:
-        raise ConfigError("model.tie_embeddings: tied embeddings are not supported with parallel.tp > 1; "
-                          "set model.tie_embeddings=false or parallel.tp=1")
 
 
 def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Plan:
@@ -176,9 +173,6 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Pl
     accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
     per_rank, layers = 1, [list(range(m.n_layers))]
     if dims.pp > 1:
-        if m.tie_embeddings:
-            raise ConfigError("model.tie_embeddings: the embedding and the head sit on different pipeline stages; "
-                              "set model.tie_embeddings=false or parallel.pp=1")
         check_pipeline(p, m.n_layers, dims.pp, accum)
         per_rank = stages_per_rank(p)
         layers = split_layers(m.n_layers, dims.pp * per_rank, p.pp_split_points)

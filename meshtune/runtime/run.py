@@ -112,7 +112,8 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     if path is not None:
         check_saved_by(path, cfg.parallel.engine)  # another engine's files: refused before the engine starts
     optimizer = build_optimizer(model, cfg)
-    model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, plan.accum)
+    copies = pipeline.tied_copies() if pipeline is not None else ()  # counted once in the gradient norm
+    model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, plan.accum, copies)
     scheduler = build_schedule(optimizer, cfg)  # after the engine: fairscale's OSS replaces the AdamW
     step = 0
     if path is not None:
@@ -143,7 +144,8 @@ def build_pipeline(model, cfg: Config, plan: Plan, mesh: ParallelMesh, device, p
     ids = plan.stages_of(mesh.coordinate["pp"])
     parts = [parallelize(stage_module(model, list(plan.stage_layers[i]), i == 0, i == n - 1), mesh, cfg.parallel,
                          device, param_dtype, recipes=recipes) for i in ids]
-    pipeline = Pipeline(parts, ids, n, cfg.parallel, plan.accum, pp_mesh.get_group(), device, cfg.model.dim)
+    pipeline = Pipeline(parts, ids, n, cfg.parallel, plan.accum, pp_mesh.get_group(), device, cfg.model.dim,
+                        tied=cfg.model.tie_embeddings)
     return parts_view([unwrap(part) for part in parts]), pipeline
 
 

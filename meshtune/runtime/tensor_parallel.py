@@ -21,6 +21,8 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool, recipes=()) -> 
         plan = recipe.tp_plan(model, plan)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     parallelize_module(model, tp_mesh, plan)
+    if hasattr(model, "tie_weights"):  # embedding rows and head rows split alike (Shard(0)): one DTensor serves both
+        model.tie_weights()
     for recipe in recipes:
         recipe.after_tp(model, tp_mesh)
     for name, p in model.named_parameters():  # SequenceParallel's new Parameters forget requires_grad=False

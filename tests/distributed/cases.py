@@ -37,11 +37,11 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def full_grads(model) -> dict[str, torch.Tensor]:
-    return {n: full(p.grad).detach().clone() for n, p in unwrap(model).named_parameters()}
+    return {n: full(p.grad).detach().clone() for n, p in unwrap(model).named_parameters(remove_duplicate=False)}
 
 
 def full_params(model) -> dict[str, torch.Tensor]:
-    return {n: full(p).detach().clone() for n, p in unwrap(model).named_parameters()}
+    return {n: full(p).detach().clone() for n, p in unwrap(model).named_parameters(remove_duplicate=False)}
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -51,13 +51,14 @@ def test_tensor_parallel_matches_single_process(rank_pool, tmp_path, world, dp_s
 FAMILY_FEATURES = {  # what TP must split right beyond a plain Llama block
     "qwen3": ["model.family=qwen3", "model.qk_norm=true", "model.head_dim=12"],  # per-head norms, wide heads
     "qwen2": ["model.family=qwen2", "model.attn_bias=true", "model.sliding_window=6"],  # q/k/v biases, window
+    "tied": ["model.tie_embeddings=true"],  # Llama 3.2 / small Qwen2.5: embedding and head one DTensor
 }
 
 
 @pytest.mark.parametrize("family", list(FAMILY_FEATURES))
 def test_family_features_under_fsdp2_x_tp2_sp(rank_pool, tmp_path, family):
-    """4 ranks, FSDP2 x TP 2 with sequence parallelism: q/k norms (one weight read by every head, heads split)
-    and q/k/v biases (split with their rows) train like one process."""
+    """4 ranks, FSDP2 x TP 2 with sequence parallelism: q/k norms (one weight read by every head, heads split),
+    q/k/v biases (split with their rows) and tied embeddings train like one process."""
     for r in rank_pool(4).run(tp_vs_reference, str(tmp_path), 2, 2, 4, True, 3, extra=FAMILY_FEATURES[family]):
         assert r["sharded"] and r["grad_diff"] < TOL, r
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
@@ -107,8 +108,6 @@ def test_tp_config_errors():
 
     with pytest.raises(ConfigError, match="model.n_kv_heads: 2 heads cannot be split over parallel.tp=4"):
         load_config(None, [*TINY, "parallel.tp=4"])
-    with pytest.raises(ConfigError, match="model.tie_embeddings"):
-        describe_plan(load_config(None, [*TINY, "parallel.tp=2", "model.tie_embeddings=true"]), world_size=2)
     with pytest.raises(ConfigError, match="model.ffn_dim"):
         describe_plan(load_config(None, [*TINY, "parallel.tp=2", "model.ffn_dim=33"]), world_size=2)
     assert "(ddp)" in describe_plan(load_config(None, [*TINY, "parallel.tp=2", "parallel.dp_replicate=2",

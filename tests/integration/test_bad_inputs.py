@@ -58,6 +58,17 @@ def files(tmp_path_factory):
     hf_cfg = load(None, [*TINY, "model.dim=48", "model.n_heads=4"]).model
     model = build_model(hf_cfg, 264)
     save_hf_checkpoint(model.state_dict(), hf_cfg, 264, root / "hf")
+    tiny = load(None, TINY).model  # HF dirs that agree with TINY's model.* but are broken otherwise
+    tiny_state = build_model(tiny, 264).state_dict()
+    save_hf_checkpoint(tiny_state, tiny, 264, root / "hf_shards", max_shard_bytes=40_000)
+    sorted((root / "hf_shards").glob("model-*.safetensors"))[-1].unlink()
+    shutil.copytree(root / "hf", root / "hf_swapped")  # config.json of another model than the weights
+    save_hf_checkpoint(tiny_state, tiny, 264, root / "hf_tiny")
+    shutil.copy(root / "hf_tiny" / "config.json", root / "hf_swapped" / "config.json")
+    save_hf_checkpoint(tiny_state, tiny, 264, root / "hf_rope")
+    conf = json.loads((root / "hf_rope" / "config.json").read_text())
+    conf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0]}
+    (root / "hf_rope" / "config.json").write_text(json.dumps(conf))
     (quantized,) = export(root / "good", "quantized", out=root / "q", quiet=True)
     build_trainer(load_config(None, [*TINY, f"run_dir={root / 'bigvocab'}", "model.vocab_size=512", *base]),
                   DistEnv()).fit()
@@ -112,6 +123,9 @@ CASES = [
     ("init_from a checkpoint of another shape", ["init_from={root}/wide"], "init_from"),
     ("init_from a pickle with code", ["init_from={root}/evil.pt"], "evil.pt: refused to load"),
     ("init_from HF config mismatch", ["init_from={root}/hf"], "model.dim=48"),
+    ("init_from HF weights not of its config", ["init_from={root}/hf_swapped"], "does config.json belong"),
+    ("init_from HF shard missing", ["init_from={root}/hf_shards"], "model.safetensors.index.json: lists model-"),
+    ("init_from HF unknown rope type", ["init_from={root}/hf_rope"], "rope_type 'longrope' is not supported"),
     ("init_from a quantized export", ["init_from={quantized}"], "init_from"),
     ("run_dir is a file", ["run_dir={root}/a_file"], "run_dir"),
     ("unknown recipe", ["recipe.name=nope"], "recipe.name"),

@@ -18,8 +18,10 @@ from meshtune.schema import Config
 
 ENGINES = ("native", "deepspeed", "fairscale")
 __all__ = ["ENGINES", "INSTALL", "Engine", "NativeEngine", "build_engine", "check_saved_by", "import_engine"]
-def build_engine(cfg: Config, mesh, device: torch.device, model: torch.nn.Module, optimizer, accum_steps: int):
-    """Wrap the parallelised `model` and its `optimizer` for `parallel.engine`.
+def build_engine(cfg: Config, mesh, device: torch.device, model: torch.nn.Module, optimizer, accum_steps: int,
+                 copies=()):
+    """Wrap the parallelised `model` and its `optimizer` for `parallel.engine`; `copies` are parameters the
+    gradient norm leaves out (a tied head's copy of the embedding on the last pipeline stage).
 
     Returns (model to call, optimizer the LR schedule drives, engine). For `native` both come back as given;
     `deepspeed` returns its DeepSpeedEngine (an nn.Module) and meshtune's own torch AdamW; `fairscale`
@@ -28,7 +30,7 @@ def build_engine(cfg: Config, mesh, device: torch.device, model: torch.nn.Module
     if name == "native":
         pp = mesh.get("pp")
         return model, optimizer, NativeEngine(model, optimizer, cfg.optim.grad_clip,
-                                              pp.get_group() if pp is not None else None)
+                                              pp.get_group() if pp is not None else None, copies)
     if name == "deepspeed":
         from meshtune.runtime.engines.deepspeed import DeepSpeedEngine
 

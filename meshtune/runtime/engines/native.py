@@ -21,10 +21,11 @@ class NativeEngine:
     name = "native"
     owns_precision = False  # bf16 comes from autocast (or FSDP2's MixedPrecisionPolicy), not from the engine
 
-    def __init__(self, model: torch.nn.Module, optimizer, grad_clip: float, pp_group=None):
+    def __init__(self, model: torch.nn.Module, optimizer, grad_clip: float, pp_group=None, copies=()):
         self.model, self.optimizer = model, optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grad_clip, self.pp_group = grad_clip, pp_group
+        self.copies = list(copies)  # parameters the norm counts elsewhere (a tied head across pipeline stages)
 
     def accumulate(self, last: bool):
         return maybe_no_sync(self.model, skip_sync=not last)
@@ -33,7 +34,7 @@ class NativeEngine:
         loss.backward()
 
     def step(self) -> float:
-        norm = clip_grad_norm_(self.params, self.grad_clip, self.pp_group)
+        norm = clip_grad_norm_(self.params, self.grad_clip, self.pp_group, self.copies)
         self.optimizer.step()
         return norm
 
