@@ -11,11 +11,13 @@ def add(sub):
     p.add_argument("run_dir", help="the run_dir of a training run (it holds config.yaml and checkpoints/)")
     p.add_argument("--format", dest="fmt", metavar="FORMAT",
                    help="merged (full weights, LoRA folded in), adapter (only the recipe's tensors), peft "
-                        "(Hugging Face PEFT dir; LoRA only), hf (Hugging Face Llama dir for transformers, LoRA "
+                        "(Hugging Face PEFT dir; LoRA only), hf (Hugging Face dir of the model's family, LoRA "
                         "folded in, tokenizer files copied), sparse / shrunk (pruned runs), program "
                         "(torch.export .pt2) or quantized (torchao int8/int4; QAT runs converted, others PTQ)")
     p.add_argument("--out", help="output directory (default: the run dir; for peft: RUN_DIR/peft, hf: RUN_DIR/hf)")
     p.add_argument("--step", help="export this checkpoint step (default: the newest complete one)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="--format hf: weight dtype (default: that of the run's init_from HF checkpoint, else fp32)")
     p.add_argument("--scheme", choices=("int8-int4", "int8-int8"),
                    help="--format quantized: weight scheme (default: the run's recipe.qat.scheme)")
     return p
@@ -31,5 +33,5 @@ def run(args) -> int:
         if not args.step.isdigit():
             raise ConfigError(f"--step: {args.step!r} is not a step number; give e.g. --step 100")
         step = int(args.step)
-    export(args.run_dir, args.fmt, args.out, step, scheme=args.scheme)
+    export(args.run_dir, args.fmt, args.out, step, scheme=args.scheme, dtype=args.dtype)
     return 0

@@ -30,7 +30,7 @@ __all__ = ["FORMATS", "check_format", "export", "human_size", "merged_state", "s
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: int | None = None,
-           quiet: bool = False, scheme: str | None = None) -> list[Path]:
+           quiet: bool = False, scheme: str | None = None, dtype: str | None = None) -> list[Path]:
     """Export a run's checkpoint in `fmt` (one of FORMATS) and print each file with its size.
 
     Args:
@@ -40,6 +40,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
         step: export this checkpoint step instead of the newest complete one.
         quiet: do not print.
         scheme: for `quantized`: int8-int4 or int8-int8 instead of the run's recipe.qat.scheme.
+        dtype: for `hf`: bf16, fp16 or fp32 (default: the dtype of the run's init_from HF checkpoint, else fp32).
 
     Returns:
         The written files.
@@ -57,7 +58,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
     ckpt = find_checkpoint(run_dir, step)
     run = load_run(find(ckpt, key="RUN_DIR"))
     dest = Path(out) if out is not None else run_dir / spec.out_dir
-    written = spec.write(run, dest, Options(run_dir, quiet, scheme))
+    written = spec.write(run, dest, Options(run_dir, quiet, scheme, dtype))
     if not quiet:
         name = run.artifact.recipe_cfg.name
         what = f"recipe {name}" if name else "no recipe"

@@ -49,6 +49,8 @@ class Options:
     run_dir: Path
     quiet: bool = False
     scheme: str | None = None
+    dtype: str | None = None
+    """--dtype (bf16, fp16, fp32) for formats writing dense weights; None = the source checkpoint's."""
 
 
 def register(fmt: Format) -> Format:

@@ -1,10 +1,13 @@
-"""`--format hf`: a Hugging Face Llama checkpoint directory (config.json + model.safetensors, recipes folded
-in as for `merged`) that `transformers.LlamaForCausalLM.from_pretrained(dir)` loads with the same logits. The
-tokenizer files of the run's `data.tokenizer` folder, or else of its `init_from` HF directory, are copied
-alongside. Default out: RUN_DIR/hf."""
+"""`--format hf`: a Hugging Face checkpoint directory of the model's family (config.json + safetensors, sharded
+with an index above 5 GiB, recipes folded in as for `merged`) that `AutoModelForCausalLM.from_pretrained(dir)`
+loads with the same logits. Weights in `--dtype`, by default the dtype of the run's `init_from` HF checkpoint
+(usually bf16: a float32 export would double its size), else fp32. The tokenizer files (chat template included)
+and generation_config.json of the run's `data.tokenizer` folder, or else of its `init_from` HF directory, are
+copied alongside. Default out: RUN_DIR/hf."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from meshtune.export.base import Format, merged_state, register
@@ -26,18 +29,51 @@ def tokenizer_source(run_dir: str | Path) -> Path | None:
     return None
 
 
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def hf_source(run_dir: str | Path) -> Path | None:
+    """The run's init_from, when it is an HF directory."""
+    from meshtune.config import read_yaml
+    from meshtune.models.hf import is_hf_dir
+
+    init_from = read_yaml(Path(run_dir) / "config.yaml").get("init_from") or ""
+    return Path(init_from) if init_from and is_hf_dir(init_from) else None
+
+
+def source_dtype(run_dir: str | Path) -> str:
+    """The weight dtype of the run's init_from HF checkpoint (config.json `dtype` / `torch_dtype`), else float32."""
+    from meshtune.models.hf import read_hf_json
+
+    src = hf_source(run_dir)
+    if src is None:
+        return "float32"
+    hf = read_hf_json(src)
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return name if name in DTYPES.values() else "float32"
+
+
 def write(run, out, opts) -> list:
-    from meshtune.models.hf import INDEX_FILE, TOKENIZER_FILES, save_hf_checkpoint
+    import torch
+
+    from meshtune.models.hf import COPIED_FILES, INDEX_FILE, TOKENIZER_FILES, save_hf_checkpoint
 
     source = tokenizer_source(opts.run_dir)
     art = run.artifact
-    save_hf_checkpoint(merged_state(run), art.model_cfg, art.vocab_size, out, tokenizer_dir=source)
+    dtype = getattr(torch, DTYPES[opts.dtype] if opts.dtype else source_dtype(opts.run_dir))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged_state(run).items()}
+    save_hf_checkpoint(state, art.model_cfg, art.vocab_size, out, tokenizer_dir=source)
+    init_dir = hf_source(opts.run_dir)
+    for fname in COPIED_FILES:  # the release's sampling defaults, also when the tokenizer came from elsewhere
+        if init_dir is not None and (init_dir / fname).is_file() and not (out / fname).is_file():
+            shutil.copyfile(init_dir / fname, out / fname)
     if source is None and not opts.quiet:
         print("meshtune export: no tokenizer files copied (the run used the byte tokenizer, or its tokenizer "
               "folder is gone); transformers loads the weights, give it a tokenizer yourself")
-    names = ["config.json", *sorted(p.name for p in out.glob("model*.safetensors")), INDEX_FILE, *TOKENIZER_FILES]
+    names = ["config.json", *sorted(p.name for p in out.glob("model*.safetensors")), INDEX_FILE, *TOKENIZER_FILES,
+             *COPIED_FILES]
     return [out / n for n in names if (out / n).is_file()]
 
 
-register(Format("hf", "Hugging Face Llama dir for transformers, recipes folded in, tokenizer copied", write,
+register(Format("hf", "Hugging Face dir of the model's family, recipes folded in, tokenizer copied", write,
                 out_dir="hf", merges=True))

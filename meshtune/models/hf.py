@@ -127,7 +127,8 @@ def hf_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
     path = Path(path)
     cfg = read_hf_config(path)
-    from_hf = {v: k for k, v in hf_names(cfg, _shapes(cfg, cfg.vocab_size)).items()}
+    expected = _shapes(cfg, cfg.vocab_size)
+    from_hf = {v: k for k, v in hf_names(cfg, expected).items()}
     files, index = _files(path)
     out = {}
     for fname in files:
@@ -141,7 +142,10 @@ def hf_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
                     if key not in from_hf:
                         raise ConfigError(f"{path / fname}: unexpected tensor {key!r}; config.json describes a "
                                           f"{cfg.family} model without it (does config.json belong to these weights?)")
-                    out[from_hf[key]] = tuple(f.get_slice(key).get_shape())
+                    shape = out[from_hf[key]] = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[from_hf[key]]:
+                        raise ConfigError(f"{path / fname}: tensor {key!r} has shape {shape}, config.json implies "
+                                          f"{expected[from_hf[key]]} (does config.json belong to these weights?)")
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"{path / fname}: not a readable safetensors file ({e}); download it again") from None
     if cfg.tie_embeddings and "output.weight" not in out and "tok_embeddings.weight" in out:

@@ -291,3 +291,33 @@ def test_fine_tune_an_hf_dir_and_export_it_back(tmp_path, monkeypatch, shard, re
     text = "reverse: hello\nolleh"
     assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == source_tok(text)["input_ids"]
 
+
+
+def test_export_keeps_the_source_dtype_and_copies_generation_config(tmp_path):
+    """An HF checkpoint stored in bf16 exports in bf16 by default (fp32 would double it), `dtype` overrides it,
+    and generation_config.json comes along; transformers reads both exports."""
+    from safetensors import safe_open
+
+    from meshtune.export import export
+    from meshtune.runtime.env import DistEnv
+    from meshtune.runtime.run import build_trainer
+    from meshtune.schema import load_config
+
+    src = tmp_path / "src"
+    hf = hf_model()
+    hf.generation_config.do_sample, hf.generation_config.temperature = True, 0.6  # something to recognise
+    hf.to(torch.bfloat16).save_pretrained(src)
+    assert (src / "generation_config.json").is_file()
+    cfg = load_config(None, [f"init_from={src}", f"run_dir={tmp_path / 'run'}", "data.task=reverse",
+                             "data.seq_len=16", "train.steps=1", "train.global_batch_size=2",
+                             "train.micro_batch_size=2", "checkpoint.save_final=true", "metrics.progress=false",
+                             "train.eval_every=0", "train.eval_batches=0"])
+    build_trainer(cfg, DistEnv()).fit()
+    for dtype, expected in [(None, torch.bfloat16), ("fp32", torch.float32)]:
+        out = tmp_path / f"out-{dtype}"
+        export(tmp_path / "run", "hf", out, quiet=True, dtype=dtype)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {expected}  # noqa: SIM118
+        assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.6
+        back = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert back.config.dtype == expected and next(back.parameters()).dtype == expected
