@@ -47,7 +47,7 @@ class ModelConfig:
     """Width of one attention head; 0 = model.dim / model.n_heads. Structured pruning sets it when it removes
     heads (fewer heads of the same width), so the shrunk model keeps its weights."""
     family: str = "llama"
-    """Model family (meshtune/models/families/): llama, mistral, qwen2, qwen3. It names the Hugging Face
+    """Model family (meshtune/models/families/): llama, mistral, qwen2, qwen3, gemma3. It names the Hugging Face
     architecture an export writes and the module names recipes address; `init_from=<HF dir>` sets it."""
     rope_scaling: dict = field(default_factory=dict)
     """Scaled rotary embeddings, in Hugging Face's `rope_scaling` keys: {} = plain RoPE, or e.g.
@@ -62,6 +62,19 @@ class ModelConfig:
     layer_types: list[Literal["full_attention", "sliding_attention"]] = field(default_factory=list)
     """Per-layer attention kind when only some layers slide; [] = every layer slides when model.sliding_window
     is set."""
+    rope_local_theta: float = 0.0
+    """Rotary base of the sliding-window layers (plain RoPE, no scaling); 0 = the same tables as every layer
+    (Gemma 3: 10000 locally, model.rope_theta globally)."""
+    norm_offset: bool = False
+    """RMSNorm scales by (1 + weight), its weights stored as offsets from 1 (Gemma)."""
+    sandwich_norm: bool = False
+    """Also norm the attention and MLP outputs before they join the residual stream (Gemma's four norms)."""
+    mlp_act: Literal["silu", "gelu_tanh"] = "silu"
+    """Gate activation of the gated MLP: silu (SwiGLU) or tanh-approximated GELU (GeGLU, Gemma)."""
+    embed_scale: bool = False
+    """Multiply the token embeddings by sqrt(model.dim) (Gemma)."""
+    attn_scale: float = 0.0
+    """Softmax scale of attention as 1 / sqrt(attn_scale) (Gemma's query_pre_attn_scalar); 0 = the head width."""
 
 
 @dataclass
@@ -177,6 +190,10 @@ class TrainConfig:
     """Seeds initialisation, data order and dropout."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision: `auto` = bf16 autocast on GPU, fp32 on CPU (CPU bf16 is much slower)."""
+    frozen_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Storage of the weights a PEFT recipe (LoRA, adapters, prefix) freezes: `bf16` halves their memory while
+    the trainable ones stay fp32; `auto` = bf16 when the run computes in bf16 (GPU), else fp32. bf16 needs
+    train.dtype bf16 (auto on GPU)."""
     eval_every: int = 50
     """Evaluate every this many steps (and at the end); 0 = only at the end."""
     eval_batches: int = 4

@@ -68,20 +68,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019): no mean subtraction, no bias."""
+    """Root-mean-square norm (Zhang & Sennrich 2019): no mean subtraction, no bias. With `offset` the scale is
+    1 + weight, in fp32 (Gemma's layout: weights start at 0)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()  # the mean of squares overflows / loses precision in half types
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (1.0 + self.weight.float())).type_as(x)
         return xf.type_as(x) * self.weight
 
     def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
+        (nn.init.zeros_ if self.offset else nn.init.ones_)(self.weight)
 
 
 def window_mask(q_len: int, kv_len: int, window: int, device=None) -> torch.Tensor:
@@ -102,13 +105,14 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = head_dim(cfg)
         self.window = window
+        self.scale = cfg.attn_scale ** -0.5 if cfg.attn_scale else None  # None: SDPA's 1 / sqrt(head_dim)
         self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.attn_bias)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_offset)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Queries (B, T, Hq, D) and keys (B, T, Hkv, D), normed (qk_norm) and rotated, and values."""
@@ -132,11 +136,13 @@ class Attention(nn.Module):
             v = v.repeat_interleave(n_rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, Hq, T, D)
         if self.window and k.shape[2] > self.window:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, k.shape[2], self.window, q.device))
+            mask = window_mask(T, k.shape[2], self.window, q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         elif k.shape[2] == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, Hq, T, D)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, k.shape[2], k.shape[2], q.device))
+            mask = window_mask(T, k.shape[2], k.shape[2], q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -154,16 +160,18 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+    """Gated MLP (Shazeer 2020): w2(act(w1 x) * w3 x), act = silu (SwiGLU) or tanh-approximated gelu (GeGLU)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, act: str = "silu"):
         super().__init__()
+        self.act = act
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate = F.silu(self.w1(x)) if self.act == "silu" else F.gelu(self.w1(x), approximate="tanh")
+        return self.w2(gate * self.w3(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1.weight, mean=0.0, std=std)
@@ -172,22 +180,33 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then + feed_forward(norm(x))."""
+    """Pre-norm block: x + attention(norm(x)), then + feed_forward(norm(x)); with `sandwich_norm` each output
+    is normed again before it is added (Gemma)."""
 
     def __init__(self, cfg: ModelConfig, window: int = 0):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.local_rope = bool(window and cfg.rope_local_theta)  # reads the sliding layers' rotary tables
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.attention = Attention(cfg, window)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
+        self.feed_forward = FeedForward(cfg.dim, ffn_hidden_dim(cfg), cfg.mlp_act)
+        if cfg.sandwich_norm:
+            self.attn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
+            self.ffn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "attn_out_norm"):
+            h = x + self.attn_out_norm(self.attention(self.attention_norm(x), cos, sin))
+            return h + self.ffn_out_norm(self.feed_forward(self.ffn_norm(h)))
         h = x + self.attention(self.attention_norm(x), cos, sin)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
         self.ffn_norm.init_weights()
+        if hasattr(self, "attn_out_norm"):
+            self.attn_out_norm.init_weights()
+            self.ffn_out_norm.init_weights()
         self.attention.init_weights(std, out_std)
         self.feed_forward.init_weights(std, out_std)
 
@@ -204,13 +223,17 @@ class Transformer(nn.Module):
         # a ModuleDict keyed "0", "1", ...: pipeline stages delete entries and the rest keep their names
         windows = layer_windows(cfg)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, windows[i]) for i in range(cfg.n_layers)})
-        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, vocab_size, bias=False)
         self.tie_weights()
         # non-persistent: derived from the config, so checkpoints hold only parameters
         cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.rope_local_theta:
+            cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_local_theta)
+            self.register_buffer("rope_local_cos", cos, persistent=False)
+            self.register_buffer("rope_local_sin", sin, persistent=False)
 
     def tie_weights(self) -> None:
         """Make the output head use the embedding's Parameter (model.tie_embeddings); again after anything
@@ -241,9 +264,12 @@ class Transformer(nn.Module):
                 "raise model.max_seq_len or lower data.seq_len"
             )
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, dim)
+        if self.tok_embeddings is not None and self.cfg.embed_scale:
+            h = h * torch.tensor(self.cfg.dim ** 0.5, dtype=h.dtype)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
+        local = (self.rope_local_cos[:T], self.rope_local_sin[:T]) if self.cfg.rope_local_theta else (cos, sin)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, *local) if layer.local_rope else layer(h, cos, sin)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:
@@ -259,6 +285,11 @@ class Transformer(nn.Module):
                                device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        if self.cfg.rope_local_theta:
+            cos, sin = rope_tables(head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_local_theta,
+                                   device=self.rope_cos.device)
+            self.rope_local_cos.copy_(cos)
+            self.rope_local_sin.copy_(sin)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -328,6 +359,8 @@ class Transformer(nn.Module):
             if self.cfg.qk_norm:  # one weight over every head, heads split: replicated, its gradient summed
                 plan.update({p + f"attention.{n}": SequenceParallel(sequence_dim=2, use_local_output=True)
                              for n in ("q_norm", "k_norm")})
+            if self.cfg.sandwich_norm and sequence_parallel:  # the outputs arrive split along the sequence
+                plan.update({p + n: SequenceParallel(use_local_output=True) for n in ("attn_out_norm", "ffn_out_norm")})
         return plan
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -187,8 +187,6 @@ def load_hf_into(model: torch.nn.Module, path: str | Path) -> int:
 
     Check the shapes first (`hf_shapes` + `check_fits`): this trusts them.
     """
-    from contextlib import ExitStack
-
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
@@ -198,23 +196,25 @@ def load_hf_into(model: torch.nn.Module, path: str | Path) -> int:
     names = hf_names(cfg, _shapes(cfg, cfg.vocab_size))
     if cfg.tie_embeddings:  # the head reads the embedding (HF stores it once)
         names["output.weight"] = names["tok_embeddings.weight"]
+    where = {}
+    for fname in files:
+        with safe_open(str(path / fname), framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), path / fname))  # noqa: SIM118 (not a dict)
     done, read = set(), 0
-    with ExitStack() as stack:
-        where = {}
-        for fname in files:
-            f = stack.enter_context(safe_open(str(path / fname), framework="pt"))
-            where.update(dict.fromkeys(f.keys(), f))  # noqa: SIM118 (not a dict)
-        for name, p in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
-            key = names.get(name)
-            if key is None or id(p) in done or key not in where:
-                continue  # a recipe's tensor, a tied copy already filled, a derived buffer
-            done.add(id(p))
-            offset, shape = _local_box(p)
-            heads = _rope_heads(name, cfg)
-            piece = _read_box(where[key], key, offset, shape, heads, p.shape[0] // heads if heads else 0)
-            local = p.to_local() if isinstance(p, DTensor) else p
-            local.copy_(piece.to(local.dtype))
-            read += piece.numel() * piece.element_size()
+    for name, p in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        key = names.get(name)
+        if key is None or id(p) in done or key not in where:
+            continue  # a recipe's tensor, a tied copy already filled, a derived buffer
+        done.add(id(p))
+        offset, shape = _local_box(p)
+        heads = _rope_heads(name, cfg)
+        # one open per tensor: the memory map's touched pages count in this rank's RSS until it is closed
+        with safe_open(str(where[key]), framework="pt") as f:
+            piece = _read_box(f, key, offset, shape, heads, p.shape[0] // heads if heads else 0)
+        local = p.to_local() if isinstance(p, DTensor) else p
+        local.copy_(piece.to(local.dtype))
+        read += piece.numel() * piece.element_size()
+        del piece
     return read
 
 

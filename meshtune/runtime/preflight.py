@@ -129,6 +129,10 @@ def preflight(cfg: Config, world_size: int) -> Plan:
     for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
         if path:  # parse once, so a malformed line is reported before any rank starts
             load_records(path, key)
+    from meshtune.runtime.precision import frozen_dtype
+
+    frozen_dtype(cfg.train.frozen_dtype, cfg.train.dtype,  # bf16 frozen weights under fp32 compute
+                 torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(cfg.model, vocab, device="meta")
     base_keys = set(model.state_dict())
     recipes = build_recipes(cfg.recipe)

@@ -28,10 +28,22 @@ from meshtune.runtime.metrics import Metrics
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import Pipeline, parts_view, stage_module
 from meshtune.runtime.plan import Plan, make_plan
-from meshtune.runtime.precision import use_bf16
+from meshtune.runtime.precision import frozen_dtype, store_frozen, use_bf16
 from meshtune.runtime.preflight import check_init_from_config, check_run_dir, vocab_size
 from meshtune.runtime.trainer import Trainer, lr_lambda
 from meshtune.schema import Config
+
+
+def model_state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of model state this rank holds: its parameter shards, plus a gradient and two AdamW moments (fp32)
+    per trainable element (the rank-0 figure of the run's start event)."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        total += local.numel() * (local.element_size() + (12 if p.requires_grad else 0))
+    return total
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -84,6 +96,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     model = build_model(cfg.model, vocab, device="meta" if meta else env.device)
     base_keys = set(model.state_dict())
     model = apply_recipes(model, recipes)  # module swaps before parallelize: adapters shard with their layers
+    store_frozen(model, frozen_dtype(cfg.train.frozen_dtype, cfg.train.dtype, env.device))  # before sharding
     for recipe in recipes:
         recipe.setup(model, mesh, env.device, ArtifactLoader())  # state beside the model: a distillation teacher
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # the whole model, before any cut
@@ -99,7 +112,10 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
         for part in pipeline.parts if pipeline else [model]:
             part = unwrap(part)
             part.to_empty(device=env.device)
-            part.init_weights()
+            if source is None:
+                part.init_weights()
+            else:  # every base weight comes from init_from (check_fits): random values would be overwritten
+                part.init_buffers()
             for recipe in recipes:
                 recipe.init_weights(part)
     if source is not None:  # base weights: only the recipes' own tensors may be missing from them
@@ -131,7 +147,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                       start_step=step)
     # one line per start (a resume adds another): `meshtune report` reads the counts and wall time from it
     metrics.log({"step": step, "event": "start", "trainable_params": trainable, "total_params": total,
-                 "world_size": env.world_size})
+                 "world_size": env.world_size, "state_bytes": model_state_bytes(model)})
     return Trainer(cfg, mesh, env.device, model, optimizer, scheduler, train_ds, eval_ds, sampler,
                    checkpointer, metrics, step=step, pipeline=pipeline, recipes=recipes, engine=engine, plan=plan)
 

@@ -12,11 +12,14 @@ from tests import hf_models
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 STEPS = 3
-LAYOUTS = {"fsdp2": ["parallel.dp_shard=2"], "tp2": ["parallel.dp_shard=1", "parallel.tp=2"]}
+LAYOUTS = {"fsdp2": ["parallel.dp_shard=2"], "tp2": ["parallel.dp_shard=1", "parallel.tp=2"],
+           "fsdp2-meta": ["parallel.dp_shard=2", "model.init_device=meta"]}  # shards allocated, then filled
 # a window of 8 at seq_len 24 and tied embeddings (Llama 3.2 / small Qwen2.5) are in the fsdp2 cases;
-# TP of tied embeddings is refused, so the TP cases use untied checkpoints
-RUNS = [("llama3.2-tied", "fsdp2"), ("mistral-window", "fsdp2"), ("mistral-window", "tp2"),
-        ("qwen2.5-tied-bias", "fsdp2"), ("qwen2.5-bias", "tp2"), ("qwen3-qknorm", "fsdp2"), ("qwen3-qknorm", "tp2")]
+# Gemma 3 (tied) runs under TP too
+RUNS = [("llama3.2-tied", "fsdp2"), ("llama3.2-tied", "fsdp2-meta"), ("mistral-window", "fsdp2"),
+        ("mistral-window", "tp2"),
+        ("qwen2.5-tied-bias", "fsdp2"), ("qwen2.5-bias", "tp2"), ("qwen3-qknorm", "fsdp2"), ("qwen3-qknorm", "tp2"),
+        ("gemma3", "fsdp2"), ("gemma3", "tp2")]
 
 
 def train_lora(run_dir: str, hf_dir: str, layout: str) -> dict:
@@ -122,3 +125,40 @@ def test_each_rank_reads_only_its_slices(rank_pool, hf_dirs, case, layout):
         for name, t in whole.items():
             assert torch.equal(r["params"][name], t), name
         assert r["read"] < 0.6 * total, (r["read"], total)
+
+
+def frozen_storage(run_dir: str, hf_dir: str) -> dict:
+    """On every rank: the same LoRA run from an HF dir with its frozen base stored in fp32 and in bf16 (bf16
+    compute both times): dtypes and bytes of the shards this rank holds, and the losses of two steps."""
+    from torch.distributed.tensor import DTensor
+
+    from meshtune.runtime.data_parallel import unwrap
+    from meshtune.runtime.run import build_trainer
+    from meshtune.schema import load_config
+    from tests.distributed.cases import step_losses
+
+    out = {}
+    for frozen in ("fp32", "bf16"):
+        cfg = load_config(None, [
+            f"init_from={hf_dir}", f"run_dir={run_dir}/{frozen}", "parallel.dp_shard=2", "train.dtype=bf16",
+            f"train.frozen_dtype={frozen}", "data.task=reverse", "data.seq_len=24", "data.num_train=32",
+            "data.num_eval=8", "train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
+            "optim.warmup_steps=0", "checkpoint.resume=never", "metrics.progress=false", "recipe.name=lora"])
+        trainer = build_trainer(cfg)
+        local = {n: p.to_local() if isinstance(p, DTensor) else p for n, p in unwrap(trainer.model).named_parameters()}
+        out[frozen] = {"dtypes": {(str(t.dtype), "lora_" in n) for n, t in local.items()},
+                       "frozen": sum(t.numel() * t.element_size() for n, t in local.items() if "lora_" not in n),
+                       "trainable": sum(t.numel() * t.element_size() for n, t in local.items() if "lora_" in n),
+                       "losses": step_losses(trainer, 2)}
+    return out
+
+
+def test_frozen_base_in_bf16_halves_its_shards(rank_pool, hf_dirs, tmp_path):
+    """train.frozen_dtype=bf16 under FSDP2: the frozen base shards are bf16 (LoRA stays fp32), this rank's
+    frozen bytes halve, and training follows the fp32-stored run within bf16 rounding."""
+    for r in rank_pool(2).run(frozen_storage, str(tmp_path), str(hf_dirs["qwen3-qknorm"])):
+        assert r["bf16"]["dtypes"] == {("torch.bfloat16", False), ("torch.float32", True)}, r["bf16"]["dtypes"]
+        assert r["fp32"]["dtypes"] == {("torch.float32", False), ("torch.float32", True)}
+        assert 2 * r["bf16"]["frozen"] == r["fp32"]["frozen"] and r["bf16"]["trainable"] == r["fp32"]["trainable"]
+        for a, b in zip(r["bf16"]["losses"], r["fp32"]["losses"], strict=True):
+            assert abs(a - b) < 0.05 * abs(b), (r["bf16"]["losses"], r["fp32"]["losses"])

@@ -52,17 +52,25 @@ FAMILY_FEATURES = {  # what TP must split right beyond a plain Llama block
     "qwen3": ["model.family=qwen3", "model.qk_norm=true", "model.head_dim=12"],  # per-head norms, wide heads
     "qwen2": ["model.family=qwen2", "model.attn_bias=true", "model.sliding_window=6"],  # q/k/v biases, window
     "tied": ["model.tie_embeddings=true"],  # Llama 3.2 / small Qwen2.5: embedding and head one DTensor
+    "gemma3": ["model.family=gemma3", "model.qk_norm=true", "model.norm_offset=true", "model.sandwich_norm=true",
+               "model.mlp_act=gelu_tanh", "model.embed_scale=true", "model.attn_scale=12", "model.sliding_window=6",
+               "model.layer_types=[sliding_attention,full_attention]", "model.rope_local_theta=10000",
+               "model.tie_embeddings=true"],  # output norms on the split sequence, two rotary tables
 }
 
 
 @pytest.mark.parametrize("family", list(FAMILY_FEATURES))
 def test_family_features_under_fsdp2_x_tp2_sp(rank_pool, tmp_path, family):
     """4 ranks, FSDP2 x TP 2 with sequence parallelism: q/k norms (one weight read by every head, heads split),
-    q/k/v biases (split with their rows) and tied embeddings train like one process."""
+    q/k/v biases (split with their rows), tied embeddings and Gemma 3's blocks (output norms on the split
+    sequence, two rotary tables, GeGLU) train like one process."""
+    # GeGLU leaves many MLP gradients near 0, where AdamW's m / sqrt(v) turns 1e-7 gradient differences into
+    # 1e-4-sized steps: Gemma's weights are compared at 1e-3 after 3 steps (its gradients and losses at 1e-5)
+    param_tol = 1e-3 if family == "gemma3" else 1e-4
     for r in rank_pool(4).run(tp_vs_reference, str(tmp_path), 2, 2, 4, True, 3, extra=FAMILY_FEATURES[family]):
         assert r["sharded"] and r["grad_diff"] < TOL, r
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
-        assert r["param_diff"] < 1e-4, r
+        assert r["param_diff"] < param_tol, r
 
 
 def test_ddp2_x_tp2_matches_single_process(rank_pool, tmp_path):

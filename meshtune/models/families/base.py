@@ -27,6 +27,8 @@ class ModuleNames:
     down: str = "feed_forward.w2"
     attn_norm: str = "attention_norm"
     mlp_norm: str = "ffn_norm"
+    attn_out_norm: str = "attn_out_norm"  # model.sandwich_norm only
+    ffn_out_norm: str = "ffn_out_norm"
     q_norm: str = "attention.q_norm"
     k_norm: str = "attention.k_norm"
     embed: str = "tok_embeddings"
@@ -63,7 +65,10 @@ HF_BLOCK = {
 HF_TOP = {DECODER.embed: "model.embed_tokens", DECODER.final_norm: "model.norm", DECODER.head: "lm_head"}
 
 # model.* features beyond a plain Llama, and the value that means "off"
-FEATURES = {"attn_bias": False, "qk_norm": False, "sliding_window": 0, "layer_types": []}
+FEATURES = {"attn_bias": False, "qk_norm": False, "sliding_window": 0, "layer_types": [], "rope_local_theta": 0.0,
+            "norm_offset": False, "sandwich_norm": False, "mlp_act": "silu", "embed_scale": False, "attn_scale": 0.0}
+# config.json activation names -> model.mlp_act
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ def hf_rope(hf: dict) -> tuple[float, dict]:
     """(rope_theta, rope_scaling) from a config.json in either form: transformers 4.x (`rope_theta` plus
     `rope_scaling`) or 5.x (`rope_parameters` holding both)."""
     params = dict(hf.get("rope_parameters") or {})
+    if isinstance(params.get("full_attention"), dict):  # per layer type (Gemma 3): the global layers' here
+        params = dict(params["full_attention"])
     theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = params or dict(hf.get("rope_scaling") or {})
     if "type" in scaling and "rope_type" not in scaling:  # the oldest configs
@@ -111,8 +118,10 @@ def common_from_hf(hf: dict, refuse: Callable[..., ConfigError]) -> dict:
             raise refuse(key, "is missing or not an integer; not a complete decoder config")
     if hf.get("mlp_bias"):
         raise refuse("mlp_bias", "is not supported: meshtune's MLP has no bias terms")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise refuse("hidden_act", "is not supported by this family: meshtune's MLP is SwiGLU (silu)")
+    act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
+    act = hf.get(act_key) or "silu"
+    if act not in ACTIVATIONS:
+        raise refuse(act_key, f"is not supported: meshtune's gated MLP takes {', '.join(ACTIVATIONS)}")
     if hf.get("partial_rotary_factor", 1.0) != 1.0 or (hf.get("rope_parameters") or {}).get(
             "partial_rotary_factor", 1.0) != 1.0:
         raise refuse("partial_rotary_factor", "is not supported: meshtune rotates the whole head")
@@ -127,7 +136,7 @@ def common_from_hf(hf: dict, refuse: Callable[..., ConfigError]) -> dict:
         "rope_theta": theta, "rope_scaling": scaling, "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "init_std": float(hf.get("initializer_range", 0.02)),
-        "head_dim": hf.get("head_dim") or dim // n_heads,
+        "head_dim": hf.get("head_dim") or dim // n_heads, "mlp_act": ACTIVATIONS[act],
     }
     return out
 
@@ -143,7 +152,8 @@ def common_to_hf(m, vocab_size: int) -> dict:
         "intermediate_size": ffn_hidden_dim(m), "vocab_size": vocab_size, "max_position_embeddings": m.max_seq_len,
         "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
         "rope_parameters": {**rope, "rope_theta": m.rope_theta}, "rope_scaling": m.rope_scaling or None,
-        "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_dropout": 0.0,
+        "tie_word_embeddings": m.tie_embeddings, "attention_dropout": 0.0,
+        "hidden_act": {v: k for k, v in ACTIVATIONS.items()}[m.mlp_act],
         "initializer_range": m.init_std, "use_cache": True,
     }
 

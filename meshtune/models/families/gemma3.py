@@ -1,0 +1,53 @@
+"""Gemma 3 text models (`Gemma3ForCausalLM`, model_type gemma3_text: gemma-3-1b and the text towers): GeGLU,
+norms scaling by (1 + weight) before and after both sub-layers, q/k norms, embeddings scaled by sqrt(dim), the
+softmax scaled by query_pre_attn_scalar, sliding-window layers (five in six) with their own rotary base, and
+tied embeddings. Gemma 2's logit soft-capping is not implemented (one line names the key)."""
+
+from meshtune.models.families.base import DECODER, HF_BLOCK, Family
+from meshtune.models.sizes import head_dim
+
+HF_GEMMA_BLOCK = {**HF_BLOCK, DECODER.mlp_norm: "pre_feedforward_layernorm",
+                  DECODER.attn_out_norm: "post_attention_layernorm",
+                  DECODER.ffn_out_norm: "post_feedforward_layernorm"}
+
+
+def _from_hf(hf: dict, refuse) -> dict:
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise refuse(key, "is not supported: logit soft-capping (Gemma 2) is not implemented; Gemma 3 has none")
+    for key in ("attention_bias", "use_bidirectional_attention"):
+        if hf.get(key):
+            raise refuse(key, "is not supported by meshtune's Gemma 3 (causal attention without biases)")
+    n = hf["num_hidden_layers"]
+    pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                      for i in range(n)]
+    local = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
+    if local.get("rope_type", "default") != "default":
+        raise refuse("rope_parameters", "scales the sliding layers' rotary embedding, which meshtune keeps plain")
+    width = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    return {"qk_norm": True, "norm_offset": True, "sandwich_norm": True, "embed_scale": True,
+            "attn_scale": float(hf.get("query_pre_attn_scalar") or width),
+            "rope_local_theta": float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))),
+            "sliding_window": hf.get("sliding_window") or 0, "layer_types": list(types),
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
+
+
+def _to_hf(m) -> dict:
+    rope = {"rope_type": "default", **m.rope_scaling, "rope_theta": m.rope_theta}
+    local = m.rope_local_theta or m.rope_theta
+    scalar = m.attn_scale or head_dim(m)
+    return {"hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,  # transformers: int
+            "sliding_window": m.sliding_window or None,
+            "layer_types": list(m.layer_types) or ["full_attention"] * m.n_layers,
+            "rope_local_base_freq": local, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+            "rope_parameters": {"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                               "rope_theta": local}},
+            "attention_bias": False}
+
+
+FAMILY = Family(name="gemma3", model_types=("gemma3_text",), architecture="Gemma3ForCausalLM",
+                features=frozenset({"qk_norm", "sliding_window", "layer_types", "rope_local_theta", "norm_offset",
+                                    "sandwich_norm", "mlp_act", "embed_scale", "attn_scale"}),
+                from_hf=_from_hf, to_hf=_to_hf, hf_block=HF_GEMMA_BLOCK)
