@@ -135,18 +135,31 @@ def test_masks_and_schedule_survive_resume(tmp_path):
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-6
 
 
-def test_structured_shrinks_and_equals_masked_model(tmp_path):
+FAMILY_FEATURES = {
+    "llama": [],
+    "qwen2": ["model.family=qwen2", "model.attn_bias=true", "model.sliding_window=8"],  # biases lose their rows
+    "qwen3": ["model.family=qwen3", "model.qk_norm=true", "model.head_dim=12"],  # per-head norms stay whole
+    "gemma3": ["model.family=gemma3", "model.qk_norm=true", "model.norm_offset=true", "model.sandwich_norm=true",
+               "model.mlp_act=gelu_tanh", "model.embed_scale=true", "model.tie_embeddings=true"],
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_FEATURES))
+def test_structured_shrinks_and_equals_masked_model(tmp_path, family):
     trainer = _prune_run(tmp_path, "st", "recipe.prune.method=structured", "recipe.prune.sparsity=0.5",
-                         "train.steps=4")
+                         "train.steps=4", *FAMILY_FEATURES[family])
     model = trainer.model.eval()
     state = merged_state(SimpleNamespace(state=model.state_dict(), recipes=trainer.recipes))
     small_state, small_cfg = shrink_state(state, trainer.cfg.model)
-    assert (small_cfg.n_heads, small_cfg.n_kv_heads, small_cfg.head_dim) == (2, 1, 8)
+    hd = 12 if family == "qwen3" else 8
+    assert (small_cfg.n_heads, small_cfg.n_kv_heads, small_cfg.head_dim) == (2, 1, hd)
     small = build_model(small_cfg, model.vocab_size)
-    small.load_state_dict(small_state)
+    small.load_state_dict(small_state)  # strict: biases and norms of the right shapes
     small.eval()
     assert small.num_params() < model.num_params()
-    assert small.layers["0"].attention.wq.weight.shape == (16, 32)
+    assert small.layers["0"].attention.wq.weight.shape == (2 * hd, 32)
+    if family == "qwen2":
+        assert small.layers["0"].attention.wq.bias.shape == (2 * hd,)
     tokens = torch.randint(0, model.vocab_size, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(small(tokens), model(tokens), atol=1e-5, rtol=1e-5)
