@@ -169,6 +169,8 @@ def _read_box(f, key: str, offset: tuple[int, ...], shape: tuple[int, ...], head
               head_rows: int) -> torch.Tensor:
     """Rows/columns `offset : offset + shape` of tensor `key` in meshtune's layout, reading only those bytes
     (for rotary-permuted tensors: the whole heads the rows fall in, since the permutation stays within a head)."""
+    if 0 in shape:  # an empty FSDP shard (more ranks than chunks of dim 0)
+        return torch.empty(shape)
     sl = f.get_slice(key)
     if heads is None:
         return sl[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
@@ -190,6 +192,8 @@ def load_hf_into(model: torch.nn.Module, path: str | Path) -> int:
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # DDP prefixes every name with `module.`
     path = Path(path)
     cfg = read_hf_config(path)
     files, _ = _files(path)

@@ -95,13 +95,15 @@ _FREE = {"init_std", "init_device"}
 def mismatches(ours: ModelConfig, hf_fields: dict, given: set[str]) -> list[str]:
     """The `model.K=V` overrides (config.json's values) for each field in `given` that differs from it."""
     theirs = dataclasses.replace(ours, **hf_fields)
+    # the user's values over config.json's: derived values (0 = default) resolve against the real model
+    mine = dataclasses.replace(theirs, **{k: getattr(ours, k) for k in given if hasattr(ours, k)})
     fixes = []
     for name in sorted(given & hf_fields.keys() - _FREE):
         if name == "max_seq_len":
             if ours.max_seq_len > theirs.max_seq_len and not ours.rope_scaling:
                 fixes.append(f"model.max_seq_len<={theirs.max_seq_len}")
             continue
-        if _effective(name, ours) != _effective(name, theirs):
+        if _effective(name, mine) != _effective(name, theirs):
             value = getattr(theirs, name)
             text = json.dumps(value, separators=(",", ":")) if isinstance(value, (dict, list)) else value
             fixes.append(f"model.{name}={text}")

@@ -13,13 +13,14 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 STEPS = 3
 LAYOUTS = {"fsdp2": ["parallel.dp_shard=2"], "tp2": ["parallel.dp_shard=1", "parallel.tp=2"],
-           "fsdp2-meta": ["parallel.dp_shard=2", "model.init_device=meta"]}  # shards allocated, then filled
+           "fsdp2-meta": ["parallel.dp_shard=2", "model.init_device=meta"],
+           "ddp": ["parallel.dp_replicate=2", "parallel.dp_shard=1"]}  # shards allocated, then filled
 # a window of 8 at seq_len 24 and tied embeddings (Llama 3.2 / small Qwen2.5) are in the fsdp2 cases;
 # Gemma 3 (tied) runs under TP too
 RUNS = [("llama3.2-tied", "fsdp2"), ("llama3.2-tied", "fsdp2-meta"), ("mistral-window", "fsdp2"),
         ("mistral-window", "tp2"),
         ("qwen2.5-tied-bias", "fsdp2"), ("qwen2.5-bias", "tp2"), ("qwen3-qknorm", "fsdp2"), ("qwen3-qknorm", "tp2"),
-        ("gemma3", "fsdp2"), ("gemma3", "tp2")]
+        ("gemma3", "fsdp2"), ("gemma3", "tp2"), ("qwen2.5-bias", "ddp")]
 
 
 def train_lora(run_dir: str, hf_dir: str, layout: str) -> dict:

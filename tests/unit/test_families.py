@@ -127,3 +127,11 @@ def test_every_recipe_trains_on_every_family(recipe_dirs, tmp_path, case, recipe
     step_losses(trainer, 4)
     after = trainer.evaluate()["eval_loss"]
     assert after < before, (before, after)
+
+
+def test_values_the_user_set_right_are_not_contradictions(tmp_path):
+    """Derived values resolve against the checkpoint's own model: 0 = default, the window as config.json has it."""
+    hf_model("mistral-window").save_pretrained(tmp_path)
+    cfg = load_config(None, [f"init_from={tmp_path}", "data.task=add", "data.seq_len=16",
+                             f"model.sliding_window={WINDOW}", "model.n_kv_heads=2", "model.head_dim=0"])
+    assert cfg.model.sliding_window == WINDOW

@@ -127,7 +127,7 @@ def common_from_hf(hf: dict, refuse: Callable[..., ConfigError]) -> dict:
         raise refuse("partial_rotary_factor", "is not supported: meshtune rotates the whole head")
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     theta, scaling = hf_rope(hf)
-    if scaling.get("rope_type") == "dynamic" and "original_max_position_embeddings" not in scaling:
+    if scaling.get("rope_type") in ("dynamic", "yarn") and "original_max_position_embeddings" not in scaling:
         scaling["original_max_position_embeddings"] = hf.get("max_position_embeddings", 2048)  # where it starts
     out = {
         "dim": dim, "n_layers": hf["num_hidden_layers"], "n_heads": n_heads,
