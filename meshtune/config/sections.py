@@ -82,11 +82,13 @@ class DataConfig:
     """Tokenizer and datasets."""
 
     tokenizer: str = "byte"
-    """`byte` for the built-in byte-level tokenizer, or the path of a Hugging Face `tokenizer.json` file."""
+    """`byte` for the built-in byte-level tokenizer, or a Hugging Face tokenizer folder (or its `tokenizer.json`):
+    special tokens, add-BOS, stop tokens and the chat template come from its config files."""
     task: str = ""
     """Bundled synthetic task with checkable answers (reverse, sort, rsort, add, arrange); this or data.train_path."""
     train_path: str = ""
-    """A local training file: JSONL with `prompt`/`response` or `text` fields, or plain text (.txt)."""
+    """A local training file: JSONL of conversations (`messages` or ShareGPT `conversations`), `prompt`/`response`
+    or `text` records; plain text (.txt); Parquet; or a folder saved by `datasets`' save_to_disk."""
     eval_path: str = ""
     """A local evaluation file in the same formats; empty = a held-out split of the training data."""
     seq_len: int = 64
@@ -97,6 +99,13 @@ class DataConfig:
     """Examples in the evaluation split (generated for a task, or held out from data.train_path)."""
     shuffle: bool = True
     """Shuffle the training set each epoch (seeded by train.seed)."""
+    chat_template: str = ""
+    """Jinja chat template for conversations (a file, or the text); empty = the tokenizer folder's own."""
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    """Which tokens of a conversation the loss covers: every assistant turn, the last one, or all tokens."""
+    packing: bool = False
+    """Pack training examples best-fit into data.seq_len rows; attention never crosses an example and positions
+    restart per example. False: one padded row per example (text: one stream cut into rows)."""
 
 
 @dataclass

@@ -8,18 +8,23 @@
     for micro in sampler.next_step():
         batch = collate([train_ds[i] for i in micro])
 
-Every item is `input_ids`/`labels` of `data.seq_len` tokens, labels -100 where no loss is taken.
+Every item is `input_ids`/`labels` of `data.seq_len` tokens, labels -100 where no loss is taken, and with
+`data.packing` also `positions` (restarting at 0 for each packed example).
 """
 
 from meshtune.data.datasets import (
     IGNORE_INDEX,
+    ChatDataset,
     PackedDataset,
     SFTDataset,
+    TokenRows,
     build_datasets,
     collate,
     encode_example,
     exact_match,
+    model_args,
 )
+from meshtune.data.chat import ChatTemplate, encode_chat
 from meshtune.data.files import load_jsonl, load_records
 from meshtune.data.sampler import StepSampler, eval_batches
 from meshtune.data.tasks import TASKS, Task, generate, get_task
@@ -27,16 +32,20 @@ from meshtune.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
+    "ChatDataset",
     "TASKS",
     "ByteTokenizer",
+    "ChatTemplate",
     "HFTokenizer",
     "PackedDataset",
     "SFTDataset",
     "StepSampler",
+    "TokenRows",
     "Task",
     "build_datasets",
     "build_tokenizer",
     "collate",
+    "encode_chat",
     "encode_example",
     "eval_batches",
     "exact_match",
@@ -44,4 +53,5 @@ __all__ = [
     "get_task",
     "load_jsonl",
     "load_records",
+    "model_args",
 ]

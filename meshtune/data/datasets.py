@@ -1,10 +1,10 @@
-"""Datasets of fixed-length token sequences, and the exact-match metric for the synthetic tasks.
+"""Datasets of fixed-length token rows (padded or packed), and the exact-match metric for the synthetic tasks.
 
     tok = build_tokenizer("byte")
     train_ds, eval_ds = build_datasets(cfg.data, tok, seed=cfg.train.seed)
     batch = collate([train_ds[i] for i in indices])   # input_ids, labels: (B, T) int64
 
-Every item has `input_ids` and `labels` of exactly `data.seq_len` tokens; `labels[t]` is the token that
+Every item has `input_ids` and `labels` (and, packed, `positions`) of exactly `data.seq_len` tokens; `labels[t]` is the token that
 should follow `input_ids[:t+1]`, or -100 where no loss is taken (prompt tokens, padding). Because the
 labels already carry the mask, the loss is one `cross_entropy(ignore_index=-100)` and the trainer can
 normalise by the global count of `labels != -100`.
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from meshtune.config import ConfigError, DataConfig
-from meshtune.data.files import is_sft, load_records
+from meshtune.data.files import load_records, record_kind
 from meshtune.data.tasks import generate
 
 IGNORE_INDEX = -100
@@ -30,100 +30,235 @@ _EVAL_SEED_OFFSET = 1_000_003
 def encode_example(prompt: str, response: str, tokenizer, seq_len: int) -> tuple[list[int], list[int]]:
     """Encodes a prompt/response pair so that only the response and EOS are predicted.
 
-    Tokens are `[bos] + enc(prompt) + enc(response) + [eos]`, truncated to `seq_len + 1`; inputs are
-    `tokens[:-1]` and labels `tokens[1:]`, with labels that are prompt tokens set to -100, then both padded
-    to `seq_len` (inputs with `pad_id`, labels with -100).
+    Tokens are `bos + enc(prompt) + enc(response) + [eos]` (`bos` is empty for tokenizers that add none),
+    truncated to `seq_len + 1`; inputs are `tokens[:-1]` and labels `tokens[1:]`, with labels that are prompt
+    tokens set to -100, then both padded to `seq_len` (inputs with `pad_id`, labels with -100).
 
     Returns:
         `(input_ids, labels)`, each of length `seq_len`.
     """
-    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    tokens = (prompt_ids + tokenizer.encode(response) + [tokenizer.eos_id])[: seq_len + 1]
-    input_ids, labels = tokens[:-1], tokens[1:]
-    # labels[t] = tokens[t + 1]; it is a response token once t + 1 >= len(prompt_ids).
-    n_masked = min(len(prompt_ids) - 1, len(labels))
-    labels = [IGNORE_INDEX] * n_masked + labels[n_masked:]
+    input_ids, labels = shift(*sft_tokens(prompt, response, tokenizer), seq_len)
     pad = seq_len - len(input_ids)
     return input_ids + [tokenizer.pad_id] * pad, labels + [IGNORE_INDEX] * pad
 
 
-class SFTDataset:
-    """Prompt/response pairs, one padded sequence each, with the loss on the response and EOS only.
+def sft_tokens(prompt: str, response: str, tokenizer) -> tuple[list[int], list[bool]]:
+    """A prompt/response pair's tokens and, per token, whether it is a target (the response and EOS)."""
+    prompt_ids = tokenizer.bos + tokenizer.encode(prompt)
+    response_ids = tokenizer.encode(response) + [tokenizer.eos_id]
+    return prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids)
+
+
+def shift(tokens: list[int], target: list[bool], seq_len: int) -> tuple[list[int], list[int]]:
+    """Next-token pairs of at most `seq_len`: inputs `tokens[:-1]`, labels `tokens[1:]` (-100 where not a target)."""
+    tokens, target = tokens[: seq_len + 1], target[: seq_len + 1]
+    labels = [t if on else IGNORE_INDEX for t, on in zip(tokens[1:], target[1:], strict=True)]
+    return tokens[:-1], labels
+
+
+def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: example indices per row, each row's lengths summing to <= capacity.
+
+    Longest first; each goes into the open row it fills most tightly (ties: the row opened first), else a new
+    row. Deterministic, so every rank and every resume packs the same rows."""
+    import bisect
+
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, row = free.pop(k)
+        else:
+            space, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if space - n > 0:
+            bisect.insort(free, (space - n, row))
+    return rows
+
+
+class TokenRows:
+    """Training rows of `seq_len` tokens: `input_ids`, `labels` and, when packed, `positions`.
+
+    Unpacked, each example is one row padded to `seq_len`. Packed (`data.packing`), examples share rows
+    (best-fit), and `positions` restart at 0 at each example, which is also what tells the model where an
+    example starts: attention never crosses one (`models.decoder.document_mask`). Padding is its own
+    segment with labels -100.
+
+    Args:
+        examples: `(input_ids, labels)` pairs, each at most `seq_len` long.
+        seq_len: Tokens per row.
+        pad_id: Input id of padding.
+        packing: Pack rows best-fit.
+        records: The source records, kept for evaluation and tests (`examples` attribute).
+    """
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, packing: bool = False,
+                 records: list | None = None):
+        self.examples = records if records is not None else []
+        groups = pack_best_fit([len(e[0]) for e in examples], seq_len) if packing else [[i] for i in
+                                                                                          range(len(examples))]
+        self.groups = groups  # example indices of each row, in order
+        n = len(groups)
+        self.input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+        self.labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
+        self.positions = torch.zeros((n, seq_len), dtype=torch.long) if packing else None
+        for r, group in enumerate(groups):
+            at = 0
+            for i in group:
+                inp, lab = examples[i]
+                self.input_ids[r, at:at + len(inp)] = torch.tensor(inp, dtype=torch.long)
+                self.labels[r, at:at + len(lab)] = torch.tensor(lab, dtype=torch.long)
+                if packing:
+                    self.positions[r, at:at + len(inp)] = torch.arange(len(inp))
+                at += len(inp)
+            if packing and at < seq_len:
+                self.positions[r, at:] = torch.arange(seq_len - at)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        item = {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        if self.positions is not None:
+            item["positions"] = self.positions[i]
+        return item
+
+
+class SFTDataset(TokenRows):
+    """Prompt/response pairs, with the loss on the response and EOS only.
 
     Args:
         examples: Dicts with `prompt` and `response` strings.
         tokenizer: Any tokenizer from `build_tokenizer`.
         seq_len: Tokens per sequence (`data.seq_len`).
+        packing: Pack examples into shared rows (`data.packing`).
 
     Attributes:
         num_truncated: Examples whose EOS did not fit in `seq_len`; the trainer may warn about them.
     """
 
-    def __init__(self, examples: list[dict[str, str]], tokenizer, seq_len: int):
-        self.examples = examples
-        pairs = [encode_example(e["prompt"], e["response"], tokenizer, seq_len) for e in examples]
-        # Encoded once up front: these datasets are small, and it makes __getitem__ free in the loop.
-        self.input_ids = torch.tensor([p[0] for p in pairs], dtype=torch.long).view(len(pairs), seq_len)
-        self.labels = torch.tensor([p[1] for p in pairs], dtype=torch.long).view(len(pairs), seq_len)
+    def __init__(self, examples: list[dict[str, str]], tokenizer, seq_len: int, packing: bool = False):
+        pairs = [shift(*sft_tokens(e["prompt"], e["response"], tokenizer), seq_len) for e in examples]
         self.num_truncated = sum(tokenizer.eos_id not in p[1] for p in pairs)
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        super().__init__(pairs, seq_len, tokenizer.pad_id, packing, examples)
 
 
-class PackedDataset:
-    """Text concatenated with EOS separators and cut into sequences; every real token is a label.
+class ChatDataset(TokenRows):
+    """Conversations rendered with the chat template, the loss on the tokens `data.train_on` names.
 
-    Chunk i covers tokens `[i*seq_len, (i+1)*seq_len]` (seq_len + 1 tokens, sharing one token with the next
-    chunk) so that every token except the first is predicted exactly once. A short final chunk is padded
-    rather than dropped, so that a small text file still yields data.
+    Args:
+        conversations: Dicts with `messages` (OpenAI roles), as `load_records` returns them.
+        tokenizer: Any tokenizer from `build_tokenizer`.
+        template: The chat template (`chat.ChatTemplate`).
+        seq_len: Tokens per sequence; longer conversations are cut at the end.
+        train_on: `assistant`, `last` or `all`.
+        packing: Pack conversations into shared rows.
+        key: The config key of the file, for errors.
+
+    Raises:
+        ConfigError: naming the conversation (its number in the file) the template refuses or cannot mask.
+    """
+
+    def __init__(self, conversations: list[dict], tokenizer, template, seq_len: int, train_on: str = "assistant",
+                 packing: bool = False, key: str = "data.train_path"):
+        from meshtune.data.chat import ChatError, encode_chat
+
+        pairs = []
+        self.num_truncated = 0
+        for n, record in enumerate(conversations, start=1):
+            try:
+                ids, target = encode_chat(record["messages"], tokenizer, template, train_on)
+            except ChatError as e:
+                raise ConfigError(f"{key}: conversation {n}: {e}") from e
+            self.num_truncated += len(ids) > seq_len + 1
+            pairs.append(shift(ids, target, seq_len))
+        super().__init__(pairs, seq_len, tokenizer.pad_id, packing, conversations)
+
+
+class PackedDataset(TokenRows):
+    """Text for language modelling; every real token is a label.
+
+    Unpacked (the default), the documents are one stream with EOS separators, cut into rows: chunk i covers
+    tokens `[i*seq_len, (i+1)*seq_len]` (seq_len + 1 tokens, sharing one token with the next chunk) so that
+    every token except the first is predicted exactly once, and a short final chunk is padded rather than
+    dropped. With `packing`, each document (`bos + text + eos`, cut into pieces of seq_len + 1) is an example
+    of its own, packed best-fit, and attention stays within it.
 
     Args:
         texts: The documents.
         tokenizer: Any tokenizer from `build_tokenizer`.
         seq_len: Tokens per sequence (`data.seq_len`).
+        packing: One example per document (piece), packed without cross-document attention.
     """
 
-    def __init__(self, texts: list[str], tokenizer, seq_len: int):
+    def __init__(self, texts: list[str], tokenizer, seq_len: int, packing: bool = False):
+        if packing:
+            pairs = []
+            for text in texts:
+                doc = tokenizer.bos + tokenizer.encode(text) + [tokenizer.eos_id]
+                for start in range(0, max(len(doc) - 1, 1), seq_len):
+                    piece = doc[start:start + seq_len + 1]
+                    pairs.append(shift(piece, [True] * len(piece), seq_len))
+            super().__init__(pairs, seq_len, tokenizer.pad_id, True)
+            return
         stream: list[int] = []
         for text in texts:
             stream += tokenizer.encode(text) + [tokenizer.eos_id]
-        rows_in, rows_lab = [], []
-        for start in range(0, max(len(stream) - 1, 0), seq_len):
-            chunk = stream[start : start + seq_len + 1]
-            pad = seq_len + 1 - len(chunk)
-            rows_in.append(chunk[:-1] + [tokenizer.pad_id] * pad)
-            rows_lab.append(chunk[1:] + [IGNORE_INDEX] * pad)
-        self.input_ids = torch.tensor(rows_in, dtype=torch.long).view(len(rows_in), seq_len)
-        self.labels = torch.tensor(rows_lab, dtype=torch.long).view(len(rows_lab), seq_len)
+        chunks = [stream[s:s + seq_len + 1] for s in range(0, max(len(stream) - 1, 0), seq_len)]
+        pairs = [shift(c, [True] * len(c), seq_len) for c in chunks]
+        super().__init__(pairs, seq_len, tokenizer.pad_id)
 
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
-
-    def split_tail(self, n: int) -> tuple[PackedDataset, PackedDataset]:
-        """Splits off the last `n` sequences (a held-out evaluation split); returns `(head, tail)`."""
-        head, tail = object.__new__(PackedDataset), object.__new__(PackedDataset)
+    def split_tail(self, n: int) -> tuple[TokenRows, TokenRows]:
+        """Splits off the last `n` rows (a held-out evaluation split); returns `(head, tail)`."""
+        head, tail = object.__new__(TokenRows), object.__new__(TokenRows)
         cut = len(self) - n
-        head.input_ids, head.labels = self.input_ids[:cut], self.labels[:cut]
-        tail.input_ids, tail.labels = self.input_ids[cut:], self.labels[cut:]
+        for part, rows in ((head, slice(None, cut)), (tail, slice(cut, None))):
+            part.examples, part.groups = [], self.groups[rows]
+            part.input_ids, part.labels = self.input_ids[rows], self.labels[rows]
+            part.positions = self.positions[rows] if self.positions is not None else None
         return head, tail
 
 
 def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Stacks dataset items into a batch: `input_ids` and `labels` of shape (B, T)."""
-    return {key: torch.stack([item[key] for item in items]) for key in ("input_ids", "labels")}
+    """Stacks dataset items into a batch: `input_ids` and `labels` (and packed rows' `positions`), each (B, T)."""
+    return {key: torch.stack([item[key] for item in items]) for key in ("input_ids", "labels", "positions")
+            if key in items[0]}
 
 
-def _dataset(records: list[dict[str, str]], tokenizer, seq_len: int) -> SFTDataset | PackedDataset:
-    if is_sft(records):
-        return SFTDataset(records, tokenizer, seq_len)
-    return PackedDataset([r["text"] for r in records], tokenizer, seq_len)
+def model_args(batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, ...]:
+    """The model's forward arguments for a batch, on `device`: `(input_ids,)`, or `(input_ids, positions)` for packed
+    rows."""
+    keys = ("input_ids", "positions") if "positions" in batch else ("input_ids",)
+    return tuple(batch[k].to(device, non_blocking=True) for k in keys)
+
+
+def chat_template(cfg: DataConfig, tokenizer):
+    """The chat template conversations are rendered with: `data.chat_template`, else the tokenizer folder's."""
+    from meshtune.data.chat import ChatTemplate, load_template
+
+    if cfg.chat_template:
+        text, source = load_template(cfg.chat_template)
+    elif tokenizer.chat_template:
+        text, source = tokenizer.chat_template, f"data.tokenizer {getattr(tokenizer, 'path', '')}"
+    else:
+        raise ConfigError(
+            f"data.train_path: {cfg.train_path} holds conversations but data.tokenizer={cfg.tokenizer} has no chat "
+            "template; set data.tokenizer to the model's HF folder (tokenizer_config.json chat_template or "
+            "chat_template.jinja) or data.chat_template=FILE")
+    return ChatTemplate(text, tokenizer.special_tokens, source)
+
+
+def _dataset(records: list[dict], cfg: DataConfig, tokenizer, key: str, train: bool) -> TokenRows:
+    packing = cfg.packing and train  # evaluation scores whole examples one per row (exact match)
+    kind = record_kind(records)
+    if kind == "chat":
+        return ChatDataset(records, tokenizer, chat_template(cfg, tokenizer), cfg.seq_len, cfg.train_on, packing, key)
+    if kind == "sft":
+        return SFTDataset(records, tokenizer, cfg.seq_len, packing)
+    return PackedDataset([r["text"] for r in records], tokenizer, cfg.seq_len, packing)
 
 
 def _task_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -143,7 +278,7 @@ def _task_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 
 def build_datasets(
     cfg: DataConfig, tokenizer, seed: int
-) -> tuple[SFTDataset | PackedDataset, SFTDataset | PackedDataset]:
+) -> tuple[TokenRows, TokenRows]:
     """Builds the training and evaluation datasets named by the `data` config section.
 
     Args:
@@ -170,25 +305,25 @@ def build_datasets(
         )
     if cfg.task:
         train, eval_examples = _task_splits(cfg, seed)
-        return SFTDataset(train, tokenizer, cfg.seq_len), SFTDataset(eval_examples, tokenizer, cfg.seq_len)
+        return (SFTDataset(train, tokenizer, cfg.seq_len, cfg.packing),
+                SFTDataset(eval_examples, tokenizer, cfg.seq_len))
 
     train_records = load_records(cfg.train_path, "data.train_path")
     if cfg.eval_path:
         eval_records = load_records(cfg.eval_path, "data.eval_path")
-        return _dataset(train_records, tokenizer, cfg.seq_len), _dataset(eval_records, tokenizer, cfg.seq_len)
+        return (_dataset(train_records, cfg, tokenizer, "data.train_path", True),
+                _dataset(eval_records, cfg, tokenizer, "data.eval_path", False))
 
-    if is_sft(train_records):
+    if record_kind(train_records) != "text":
         n = len(train_records)
         if n <= cfg.num_eval:
             raise ConfigError(
                 f"data.train_path: {cfg.train_path} has {n} examples, too few to hold out data.num_eval="
                 f"{cfg.num_eval}; lower data.num_eval or give data.eval_path"
             )
-        return (
-            SFTDataset(train_records[: n - cfg.num_eval], tokenizer, cfg.seq_len),
-            SFTDataset(train_records[n - cfg.num_eval :], tokenizer, cfg.seq_len),
-        )
-    packed = _dataset(train_records, tokenizer, cfg.seq_len)
+        return (_dataset(train_records[: n - cfg.num_eval], cfg, tokenizer, "data.train_path", True),
+                _dataset(train_records[n - cfg.num_eval:], cfg, tokenizer, "data.train_path", False))
+    packed = _dataset(train_records, cfg, tokenizer, "data.train_path", True)
     if len(packed) <= cfg.num_eval:
         raise ConfigError(
             f"data.train_path: {cfg.train_path} packs into {len(packed)} sequences of data.seq_len="

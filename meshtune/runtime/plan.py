@@ -173,6 +173,9 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Pl
     accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
     per_rank, layers = 1, [list(range(m.n_layers))]
     if dims.pp > 1:
+        if cfg.data.packing:  # a stage receives hidden states only, not the rows' positions
+            raise ConfigError("data.packing: packed rows need their positions on every pipeline stage, which "
+                              "parallel.pp > 1 does not pass yet; set data.packing=false or parallel.pp=1")
         check_pipeline(p, m.n_layers, dims.pp, accum)
         per_rank = stages_per_rank(p)
         layers = split_layers(m.n_layers, dims.pp * per_rank, p.pp_split_points)

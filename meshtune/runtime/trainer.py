@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from meshtune.data import StepSampler, collate, eval_batches
+from meshtune.data import StepSampler, collate, eval_batches, model_args
 from meshtune.recipes.base import Recipe
 from meshtune.runtime.checkpoint import Checkpointer
 from meshtune.runtime.grads import (
@@ -106,7 +106,7 @@ class Trainer:
             # DDP's no_sync must cover forward and backward; autocast only the forward
             with self.engine.accumulate(last=i == len(micro_batches) - 1):
                 with self._autocast():
-                    logits = self.model(mb["input_ids"].to(self.device, non_blocking=True))
+                    logits = self.model(*model_args(mb, self.device))
                 loss = summed_loss(logits, labels)
                 total = loss
                 for recipe in self.recipes:
@@ -162,7 +162,7 @@ class Trainer:
                 if not idx:
                     labels.fill_(IGNORE_INDEX)
                 with self._autocast():
-                    logits = self.model(batch["input_ids"].to(self.device))
+                    logits = self.model(*model_args(batch, self.device))
                 totals += eval_counts(logits, labels)
         loss, ntok, correct, nseq = self._reduce(totals).tolist()
         return {"eval_loss": loss / max(ntok, 1), "eval_accuracy": correct / max(nseq, 1)}

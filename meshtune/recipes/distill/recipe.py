@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshtune.config import ConfigError
-from meshtune.data import IGNORE_INDEX
+from meshtune.data import IGNORE_INDEX, model_args
 from meshtune.recipes.base import Recipe
 
 PROJ = "distill_proj"  # the projection's module name on the student (a top-level child of the decoder)
@@ -119,7 +119,7 @@ class DistillRecipe(Recipe):
         # the teacher computes in the student's precision (bf16 when the trainer autocasts the student)
         autocast = torch.autocast(self.device.type, dtype=logits.dtype, enabled=logits.dtype == torch.bfloat16)
         with torch.no_grad(), autocast:
-            teacher_logits = self.teacher(batch["input_ids"].to(self.device))
+            teacher_logits = self.teacher(*model_args(batch, self.device))
         kd = self.kd
         total = kd.alpha * task_loss
         if kd.alpha < 1:

@@ -98,15 +98,16 @@ class PrefixAttention(Attention):
         self.prefix_v = nn.Parameter(v.clone(), requires_grad=trainable)
         self.reparam_hidden = 0
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         if self.length == 0:
-            return super().forward(x, cos, sin)
+            return super().forward(x, cos, sin, segments)
         q, k, v = self.qkv(x, cos, sin)
         B = x.shape[0]
         pk, pv = self.prefix()  # (P, Hkv, D), not rotated: prefixes have no position
         k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=1)  # (B, P+T, Hkv, D)
         v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=1)
-        return self.attend(q, k, v)  # every query reads all P prefix positions, then causally
+        return self.attend(q, k, v, segments)  # every query reads all P prefix positions, then causally
 
     def extra_repr(self) -> str:
         return f"prefix_length={self.length}, reparam_hidden={self.reparam_hidden}"
