@@ -49,7 +49,8 @@ CHATML_MARKED = """{%- if messages[0]['role'] == 'system' %}
 {%- endif %}
 {%- for message in messages %}
     {%- if message.role == "assistant" %}
-        {{- '<|im_start|>assistant\\n' }}{% generation %}{{- message.content + '<|im_end|>' + '\\n' }}{% endgeneration %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- generation %}{{- message.content + '<|im_end|>' + '\\n' }}{% endgeneration %}
     {%- elif (message.role == "user") or (message.role == "system" and not loop.first) %}
         {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
     {%- endif %}

@@ -12,6 +12,7 @@ Every item is `input_ids`/`labels` of `data.seq_len` tokens, labels -100 where n
 `data.packing` also `positions` (restarting at 0 for each packed example).
 """
 
+from meshtune.data.chat import ChatTemplate, encode_chat
 from meshtune.data.datasets import (
     IGNORE_INDEX,
     ChatDataset,
@@ -24,7 +25,6 @@ from meshtune.data.datasets import (
     exact_match,
     model_args,
 )
-from meshtune.data.chat import ChatTemplate, encode_chat
 from meshtune.data.files import load_jsonl, load_records
 from meshtune.data.sampler import StepSampler, eval_batches
 from meshtune.data.tasks import TASKS, Task, generate, get_task

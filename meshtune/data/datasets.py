@@ -4,10 +4,10 @@
     train_ds, eval_ds = build_datasets(cfg.data, tok, seed=cfg.train.seed)
     batch = collate([train_ds[i] for i in indices])   # input_ids, labels: (B, T) int64
 
-Every item has `input_ids` and `labels` (and, packed, `positions`) of exactly `data.seq_len` tokens; `labels[t]` is the token that
-should follow `input_ids[:t+1]`, or -100 where no loss is taken (prompt tokens, padding). Because the
-labels already carry the mask, the loss is one `cross_entropy(ignore_index=-100)` and the trainer can
-normalise by the global count of `labels != -100`.
+Every item has `input_ids` and `labels` (and, packed, `positions`) of exactly `data.seq_len` tokens;
+`labels[t]` is the token that should follow `input_ids[:t+1]`, or -100 where no loss is taken (prompt tokens,
+padding). Because the labels already carry the mask, the loss is one `cross_entropy(ignore_index=-100)` and
+the trainer can normalise by the global count of `labels != -100`.
 """
 
 from __future__ import annotations

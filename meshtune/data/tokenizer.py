@@ -6,8 +6,9 @@
     text = tok.decode(ids)
 
 Both expose the same small interface (`encode`, `encode_offsets`, `decode`, `vocab_size`, `pad_id`, `bos_id`,
-`eos_id`, `bos`, `stop_ids`, `chat_template`, `special_tokens`) so datasets never need to know which one they got. `encode` never adds special tokens: the dataset code
-places BOS/EOS itself, so the prompt/response boundary used for label masking is exact.
+`eos_id`, `bos`, `stop_ids`, `chat_template`, `special_tokens`) so datasets never need to know which one they
+got. `encode` never adds special tokens: the dataset code places BOS/EOS itself, so the prompt/response
+boundary used for label masking is exact.
 """
 
 from __future__ import annotations
