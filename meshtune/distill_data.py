@@ -7,7 +7,9 @@
 Black-box distillation: the teacher is only a source of text, e.g. a hosted model behind an OpenAI-compatible
 completions API (vLLM, TGI, `meshtune serve`). Prompts are read from JSONL (`{"prompt": ...}`, other keys
 ignored) and sent in batches (the completions API takes a list of prompts); each answer is appended to OUT as
-`{"prompt", "response"}`, the format `data.train_path` reads, and flushed before the next batch.
+`{"prompt", "response"}`, the format `data.train_path` reads, and flushed before the next batch. With `--chat`,
+a chat teacher gets each prompt as a user turn (`/chat/completions`, or the local teacher's chat template) and
+OUT holds conversations (`{"messages": [...]}`).
 
 Resumable: prompts already in OUT are skipped (counted, so a prompt listed twice is asked twice), and a last
 line torn by a kill is dropped. Connection errors, timeouts, HTTP 429 and 5xx are retried with exponential
@@ -81,8 +83,8 @@ def read_done(path: str | Path) -> Counter:
             continue
         try:
             record = json.loads(line)
-            done[record["prompt"]] += 1
-        except (json.JSONDecodeError, KeyError, TypeError):
+            done[record["prompt"] if "prompt" in record else record["messages"][0]["content"]] += 1
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
             if i < len(lines) - 1:
                 raise ConfigError(f"--out: {path} line {i + 1} is not a prompt/response record; fix it or write "
                                   "to a new file") from None
@@ -175,6 +177,25 @@ class CompletionsClient:
             raise ConfigError(f"--url: {self.url}/completions returned choices without text")
         return texts
 
+    def chat(self, prompts: list[str], max_tokens: int, temperature: float, stop: list[str]) -> list[str]:
+        """Each prompt as a user turn to /chat/completions (one conversation per request), the assistant's replies."""
+        texts = []
+        for prompt in prompts:
+            body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": max_tokens, "temperature": temperature}
+            if stop:
+                body["stop"] = stop
+            reply = self._request("/chat/completions", body)
+            try:
+                text = reply["choices"][0]["message"]["content"]
+            except (KeyError, IndexError, TypeError):
+                text = None
+            if not isinstance(text, str):
+                raise ConfigError(f"--url: {self.url}/chat/completions returned no choices[0].message.content; is "
+                                  "it an OpenAI-compatible chat endpoint?")
+            texts.append(text)
+        return texts
+
 
 def _error_text(e: urllib.error.HTTPError) -> str:
     try:
@@ -190,7 +211,7 @@ class LocalTeacher:
     def __init__(self, checkpoint: str, tokenizer: str | None = None):
         from meshtune.inference import load_for_generation
 
-        self.model, self.tokenizer, _ = load_for_generation(checkpoint, tokenizer, key="--teacher")
+        self.model, self.tokenizer, self.artifact = load_for_generation(checkpoint, tokenizer, key="--teacher")
 
     def complete(self, prompts: list[str], max_tokens: int, temperature: float, stop: list[str]) -> list[str]:
         from meshtune.inference import generate
@@ -200,11 +221,24 @@ class LocalTeacher:
         except ValueError as e:
             raise ConfigError(f"--prompts: {e}") from None
 
+    def chat(self, prompts: list[str], max_tokens: int, temperature: float, stop: list[str]) -> list[str]:
+        """Each prompt as a user turn rendered with the teacher's chat template; replies end at its end of turn."""
+        from meshtune.inference import chat_prompt, chat_template_of
+
+        template = chat_template_of(self.artifact, self.tokenizer)
+        if template is None:
+            raise ConfigError("--chat: the teacher has no chat template (its tokenizer folder has none); drop --chat")
+        ids = [chat_prompt(self.tokenizer, template, [{"role": "user", "content": p}]) for p in prompts]
+        return self.complete(ids, max_tokens, temperature, stop)
+
 
 def distill_data(prompts_path: str | Path, out_path: str | Path, teacher, batch_size: int = 8,
                  max_tokens: int = 64, temperature: float = 0.0, stop: list[str] = (),
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, chat: bool = False) -> dict:
     """Ask `teacher` (a CompletionsClient or LocalTeacher) for every prompt not yet in OUT; append the answers.
+
+    With `chat`, each prompt is a user turn in the teacher's chat format and OUT gets conversations
+    (`{"messages": [user, assistant]}`), which the student renders with its own chat template.
 
     Returns:
         {"total", "skipped", "written"} prompt counts.
@@ -229,10 +263,16 @@ def distill_data(prompts_path: str | Path, out_path: str | Path, teacher, batch_
     with out.open("a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            texts = teacher.complete(batch, max_tokens, temperature, list(stop))
-            f.write("".join(json.dumps({"prompt": p, "response": t}) + "\n" for p, t in zip(batch, texts, strict=True)))
+            texts = (teacher.chat if chat else teacher.complete)(batch, max_tokens, temperature, list(stop))
+            f.write("".join(json.dumps(_record(p, t, chat)) + "\n" for p, t in zip(batch, texts, strict=True)))
             f.flush()
             os.fsync(f.fileno())
             written += len(batch)
             log(f"meshtune distill-data: {skipped + written}/{len(prompts)} prompts answered")
     return {"total": len(prompts), "skipped": skipped, "written": written}
+
+
+def _record(prompt: str, text: str, chat: bool) -> dict:
+    if chat:
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]}
+    return {"prompt": prompt, "response": text}

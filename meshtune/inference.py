@@ -2,6 +2,8 @@
 
     model, tokenizer, art = load_for_generation("runs/tiny")          # frozen, eval mode
     outs = generate(model, tokenizer, ["sort: b3a\\n"], max_tokens=16)  # greedy
+    template = chat_template_of(art, tokenizer)                         # the run's or the tokenizer's, or None
+    outs = generate(model, tokenizer, [chat_prompt(tokenizer, template, messages)])  # stops at end of turn
 
 Used by `meshtune serve` and `meshtune distill-data --teacher`.
 """
@@ -47,26 +49,57 @@ class Completion:
     completion_tokens: int
 
 
+def chat_template_of(art, tokenizer, override: str | None = None):
+    """The chat template to render conversations for `art` with: `override` (a file or the text), else the run's
+    `data.chat_template`, else the tokenizer folder's own; None when there is none."""
+    from meshtune.config import read_yaml
+    from meshtune.data.chat import ChatTemplate, load_template
+
+    spec = override
+    config = art.run_dir / "config.yaml" if art.run_dir is not None else None
+    if not spec and config is not None and config.is_file():
+        spec = (read_yaml(config).get("data") or {}).get("chat_template")
+    if spec:
+        text, source = load_template(spec)
+    elif tokenizer.chat_template:
+        text, source = tokenizer.chat_template, f"the tokenizer {getattr(tokenizer, 'path', '')}"
+    else:
+        return None
+    return ChatTemplate(text, tokenizer.special_tokens, source)
+
+
+def chat_prompt(tokenizer, template, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered with the assistant's turn opened (`add_generation_prompt`)."""
+    return tokenizer.encode_offsets(template.render(messages, add_generation_prompt=True))[0]
+
+
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: list[str], max_tokens: int = 16, temperature: float = 0.0,
-             stop: list[str] | tuple[str, ...] = (), seed: int | None = None) -> list[Completion]:
-    """Continue each prompt (encoded as `[bos] + prompt`, as in training) by up to `max_tokens` tokens.
+def generate(model: nn.Module, tokenizer, prompts: list[str | list[int]], max_tokens: int = 16,
+             temperature: float = 0.0, stop: list[str] | tuple[str, ...] = (), seed: int | None = None
+             ) -> list[Completion]:
+    """Continue each prompt by up to `max_tokens` tokens. A text prompt is encoded as in training (`bos` +
+    text); a list of ids (e.g. `chat_prompt`) is used as it is.
 
     All prompts run as one right-padded batch: a causal decoder's logits at a position never see later
     positions, so padding on the right changes nothing. temperature 0 = greedy (argmax), else sampling from
-    softmax(logits / temperature) (seeded by `seed`). A sequence ends at EOS, at a `stop` string (cut before
-    it), after `max_tokens` or at model.max_seq_len.
+    softmax(logits / temperature) (seeded by `seed`). A sequence ends at one of the tokenizer's stop tokens
+    (EOS, and the end-of-turn tokens of generation_config.json), at a `stop` string (cut before it), after
+    `max_tokens` or at model.max_seq_len.
 
     Raises:
-        ValueError: a prompt longer than the model's context.
+        ValueError: a prompt longer than the model's context, or an empty one.
     """
     device = next(model.parameters()).device
     limit = model.cfg.max_seq_len
-    seqs = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    seqs = [list(p) if isinstance(p, list) else [*tokenizer.bos, *tokenizer.encode(p)] for p in prompts]
+    stops = set(tokenizer.stop_ids)
     for p, s in zip(prompts, seqs, strict=True):
+        shown = tokenizer.decode(p) if isinstance(p, list) else p
         if len(s) >= limit:
-            raise ValueError(f"prompt {p[:40]!r} has {len(s)} tokens: no room left in the model's {limit}-token "
+            raise ValueError(f"prompt {shown[:40]!r} has {len(s)} tokens: no room left in the model's {limit}-token "
                              "context")
+        if not s:
+            raise ValueError("a prompt is empty and this tokenizer adds no BOS: give it some text")
     n_prompt = [len(s) for s in seqs]
     done: list[Completion | None] = [None] * len(prompts)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -86,7 +119,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_tokens: int = 
             nxt = last.argmax(-1)
         for row, i in enumerate(active):
             tok = int(nxt[row])
-            if tok == tokenizer.eos_id:
+            if tok in stops:
                 done[i] = _finish(tokenizer, seqs[i], n_prompt[i], "stop", stop)
                 continue
             seqs[i].append(tok)

@@ -21,6 +21,8 @@ def add(sub):
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt at most")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="ask a chat teacher (each prompt a user turn, "
+                   "/chat/completions) and write conversations {messages: [...]}")
     p.add_argument("--retries", type=int, default=6, help="retries of a failed request (backoff 0.5 s, doubling)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one request")
     return p
@@ -35,5 +37,6 @@ def run(args) -> int:
         teacher = CompletionsClient(args.url, args.model, api_key_from_env(), args.timeout, args.retries)
     else:
         teacher = LocalTeacher(args.teacher, args.tokenizer)
-    distill_data(args.prompts, args.out, teacher, args.batch_size, args.max_tokens, args.temperature, args.stop)
+    distill_data(args.prompts, args.out, teacher, args.batch_size, args.max_tokens, args.temperature, args.stop,
+                 chat=args.chat)
     return 0

@@ -85,7 +85,8 @@ class DataConfig:
     """`byte` for the built-in byte-level tokenizer, or a Hugging Face tokenizer folder (or its `tokenizer.json`):
     special tokens, add-BOS, stop tokens and the chat template come from its config files."""
     task: str = ""
-    """Bundled synthetic task with checkable answers (reverse, sort, rsort, add, arrange); this or data.train_path."""
+    """Bundled synthetic task with checkable answers (reverse, sort, rsort, add, arrange), or `chat` (multi-turn
+    conversations of them, rendered with the chat template); this or data.train_path."""
     train_path: str = ""
     """A local training file: JSONL of conversations (`messages` or ShareGPT `conversations`), `prompt`/`response`
     or `text` records; plain text (.txt); Parquet; or a folder saved by `datasets`' save_to_disk."""
@@ -312,9 +313,11 @@ def check_core(cfg) -> None:
          "generates its own evaluation split; drop data.eval_path, or train on a file with data.train_path")
     need(not cfg.run_dir or not Path(cfg.run_dir).is_file(), f"run_dir: {cfg.run_dir} is a file; give a "
          "directory (it is created if missing)")
-    for key, value in [("data.train_path", d.train_path), ("data.eval_path", d.eval_path),
-                       ("data.tokenizer", "" if d.tokenizer == "byte" else d.tokenizer)]:
-        need(not value or Path(value).is_file(), f"{key}: file {value} not found; give the path of a local file")
+    for key, value in [("data.train_path", d.train_path), ("data.eval_path", d.eval_path)]:
+        need(not value or Path(value).exists(), f"{key}: {value} not found; give the path of a local file or folder")
+    tok = "" if d.tokenizer == "byte" else d.tokenizer
+    need(not tok or Path(tok).is_file() or (Path(tok) / "tokenizer.json").is_file(), f"data.tokenizer: {tok} not "
+         "found (or a folder without tokenizer.json); give a Hugging Face tokenizer folder or its tokenizer.json")
     if cfg.init_from:
         need(Path(cfg.init_from).exists(), f"init_from: {cfg.init_from} does not exist; give a .safetensors "
              "file or a checkpoint directory")

@@ -12,12 +12,14 @@ the trainer can normalise by the global count of `labels != -100`.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import Tensor
 
 from meshtune.config import ConfigError, DataConfig
 from meshtune.data.files import load_records, record_kind
-from meshtune.data.tasks import generate
+from meshtune.data.tasks import CHAT, generate
 
 IGNORE_INDEX = -100
 """Label value that `torch.nn.functional.cross_entropy` skips by default."""
@@ -244,8 +246,9 @@ def chat_template(cfg: DataConfig, tokenizer):
     elif tokenizer.chat_template:
         text, source = tokenizer.chat_template, f"data.tokenizer {getattr(tokenizer, 'path', '')}"
     else:
+        what = f"data.train_path: {cfg.train_path} holds" if cfg.train_path else "data.task=chat makes"
         raise ConfigError(
-            f"data.train_path: {cfg.train_path} holds conversations but data.tokenizer={cfg.tokenizer} has no chat "
+            f"{what} conversations but data.tokenizer={cfg.tokenizer} has no chat "
             "template; set data.tokenizer to the model's HF folder (tokenizer_config.json chat_template or "
             "chat_template.jinja) or data.chat_template=FILE")
     return ChatTemplate(text, tokenizer.special_tokens, source)
@@ -263,15 +266,16 @@ def _dataset(records: list[dict], cfg: DataConfig, tokenizer, key: str, train: b
 
 def _task_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     train = generate(cfg.task, cfg.num_train, seed)
-    seen = {e["prompt"] for e in train}
+    key = (lambda e: json.dumps(e["messages"])) if cfg.task == CHAT else (lambda e: e["prompt"])  # noqa: E731
+    seen = {key(e) for e in train}
     # Oversample, then drop prompts already in train (and repeats), so eval measures generalisation.
     candidates = generate(cfg.task, 2 * cfg.num_eval + 16, seed + _EVAL_SEED_OFFSET)
     eval_examples = []
     for e in candidates:
         if len(eval_examples) == cfg.num_eval:
             break
-        if e["prompt"] not in seen:
-            seen.add(e["prompt"])
+        if key(e) not in seen:
+            seen.add(key(e))
             eval_examples.append(e)
     return train, eval_examples
 
@@ -303,6 +307,10 @@ def build_datasets(
             f"data.task / data.train_path: {which}; set exactly one "
             "(e.g. data.task='' data.train_path=train.jsonl, or data.task=reverse)"
         )
+    if cfg.task == CHAT:
+        train, eval_examples = _task_splits(cfg, seed)
+        return _dataset(train, cfg, tokenizer, "data.task", True), _dataset(eval_examples, cfg, tokenizer,
+                                                                          "data.task", False)
     if cfg.task:
         train, eval_examples = _task_splits(cfg, seed)
         return (SFTDataset(train, tokenizer, cfg.seq_len, cfg.packing),

@@ -93,6 +93,29 @@ TASKS: dict[str, Task] = {
 """The bundled tasks by name (the values `data.task` accepts)."""
 
 
+CHAT = "chat"
+"""`data.task=chat`: conversations made of the tasks (a system prompt, then 1-3 user/assistant turns), rendered with
+the tokenizer's chat template, so a chat fine-tune runs with no data file."""
+SYSTEM_PROMPT = "You are a precise assistant. Answer with the result only."
+
+
+def conversations(n: int, seed: int) -> list[dict]:
+    """`n` multi-turn conversations (`{"messages": [...]}`) of random bundled tasks, deterministically from `seed`;
+    each user turn is a task prompt and each assistant turn its exact answer."""
+    if n < 0:
+        raise ConfigError(f"data.num_train/data.num_eval: {n} examples requested; use a count >= 0")
+    rng = random.Random(seed)
+    names = sorted(TASKS)
+    out = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+        for _ in range(rng.randint(1, 3)):
+            prompt, response = TASKS[rng.choice(names)].make(rng)
+            messages += [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": response}]
+        out.append({"messages": messages})
+    return out
+
+
 def get_task(name: str) -> Task:
     """Returns the task named by `data.task`.
 
@@ -100,7 +123,8 @@ def get_task(name: str) -> Task:
         ConfigError: No task has that name.
     """
     if name not in TASKS:
-        raise ConfigError(f"data.task: unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+        raise ConfigError(f"data.task: unknown task {name!r}; available: {', '.join(sorted(TASKS))}, or {CHAT} "
+                          "(conversations of them)")
     return TASKS[name]
 
 
@@ -113,11 +137,13 @@ def generate(task: str, n: int, seed: int) -> list[dict[str, str]]:
         seed: Seed of the `random.Random` that draws them; the same seed gives the same list.
 
     Returns:
-        A list of `{"prompt": ..., "response": ...}` dicts.
+        A list of `{"prompt": ..., "response": ...}` dicts (`{"messages": [...]}` for `chat`).
 
     Raises:
         ConfigError: The task is unknown or `n` is negative.
     """
+    if task == CHAT:
+        return conversations(n, seed)
     spec = get_task(task)
     if n < 0:
         raise ConfigError(f"data.num_train/data.num_eval: {n} examples requested; use a count >= 0")

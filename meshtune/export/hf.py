@@ -3,7 +3,8 @@ with an index above 5 GiB, recipes folded in as for `merged`) that `AutoModelFor
 loads with the same logits. Weights in `--dtype`, by default the dtype of the run's `init_from` HF checkpoint
 (usually bf16: a float32 export would double its size), else fp32. The tokenizer files (chat template included)
 and generation_config.json of the run's `data.tokenizer` folder, or else of its `init_from` HF directory, are
-copied alongside. Default out: RUN_DIR/hf."""
+copied alongside; a run given `data.chat_template` gets that template as chat_template.jinja, which transformers
+reads before tokenizer_config.json's. Default out: RUN_DIR/hf."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def tokenizer_source(run_dir: str | Path) -> Path | None:
     raw = read_yaml(Path(run_dir) / "config.yaml")
     tokenizer = (raw.get("data") or {}).get("tokenizer") or "byte"
     init_from = raw.get("init_from") or ""
-    for folder in [Path(tokenizer).parent if tokenizer != "byte" else None,
+    tok_dir = None if tokenizer == "byte" else Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent
+    for folder in [tok_dir,
                    Path(init_from) if init_from and is_hf_dir(init_from) else None]:
         if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
             return folder
@@ -56,6 +58,7 @@ def source_dtype(run_dir: str | Path) -> str:
 def write(run, out, opts) -> list:
     import torch
 
+    from meshtune.config import read_yaml
     from meshtune.models.hf import COPIED_FILES, INDEX_FILE, TOKENIZER_FILES, save_hf_checkpoint
 
     source = tokenizer_source(opts.run_dir)
@@ -67,6 +70,11 @@ def write(run, out, opts) -> list:
     for fname in COPIED_FILES:  # the release's sampling defaults, also when the tokenizer came from elsewhere
         if init_dir is not None and (init_dir / fname).is_file() and not (out / fname).is_file():
             shutil.copyfile(init_dir / fname, out / fname)
+    template = (read_yaml(Path(opts.run_dir) / "config.yaml").get("data") or {}).get("chat_template")
+    if template:  # the run's own template, not the folder's: write the one it trained with
+        from meshtune.data.chat import load_template
+
+        (out / "chat_template.jinja").write_text(load_template(template)[0], encoding="utf-8")
     if source is None and not opts.quiet:
         print("meshtune export: no tokenizer files copied (the run used the byte tokenizer, or its tokenizer "
               "folder is gone); transformers loads the weights, give it a tokenizer yourself")

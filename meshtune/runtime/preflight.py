@@ -20,7 +20,10 @@ from meshtune.artifacts import ArtifactLoader, complete_checkpoints, find
 from meshtune.artifacts.find import read_meta
 from meshtune.artifacts.load import check_fits, file_shapes
 from meshtune.config import ConfigError
-from meshtune.data import build_tokenizer, get_task, load_records
+from meshtune.data import ChatDataset, build_tokenizer, get_task, load_records
+from meshtune.data.datasets import chat_template
+from meshtune.data.files import record_kind
+from meshtune.data.tasks import CHAT, generate
 from meshtune.models import build_model
 from meshtune.models.hf import check_matches_hf
 from meshtune.recipes import apply_recipes, build_recipes
@@ -112,7 +115,8 @@ def preflight(cfg: Config, world_size: int) -> Plan:
         ConfigError: one line naming the key or file and the fix.
     """
     check_run_dir(cfg.run_dir)
-    vocab = vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    vocab = vocab_size(cfg, tokenizer)
     source = check_init_from_config(cfg, vocab)
     plan = make_plan(cfg, world_size, vocab)
     if plan.engine != "native" and importlib.util.find_spec(plan.engine) is None:
@@ -124,11 +128,15 @@ def preflight(cfg: Config, world_size: int) -> Plan:
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         build_config(cfg, plan.dims.dp, plan.accum, device)  # a contradicting DeepSpeed JSON: one line here
-    if cfg.data.task:
+    if cfg.data.task and cfg.data.task != CHAT:
         get_task(cfg.data.task)
-    for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
+    for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path),
+                      ("data.task", CHAT if cfg.data.task == CHAT else "")):
         if path:  # parse once, so a malformed line is reported before any rank starts
-            load_records(path, key)
+            records = generate(CHAT, 64, 0) if key == "data.task" else load_records(path, key)
+            if record_kind(records) == "chat":  # the template renders and masks them (first 64)
+                ChatDataset(records[:64], tokenizer, chat_template(cfg.data, tokenizer), cfg.data.seq_len,
+                            cfg.data.train_on, key=key)
     from meshtune.runtime.precision import frozen_dtype
 
     frozen_dtype(cfg.train.frozen_dtype, cfg.train.dtype,  # bf16 frozen weights under fp32 compute
