@@ -1,28 +1,35 @@
-"""Datasets of fixed-length token rows (padded or packed), and the exact-match metric for the synthetic tasks.
+"""Datasets of fixed-length token rows (padded or packed), built once into a token store, and exact match.
 
     tok = build_tokenizer("byte")
-    train_ds, eval_ds = build_datasets(cfg.data, tok, seed=cfg.train.seed)
-    batch = collate([train_ds[i] for i in indices])   # input_ids, labels: (B, T) int64
+    train_ds, eval_ds = build_datasets(cfg.data, tok, seed=cfg.train.seed, cache_dir="runs/x/data_cache")
+    batch = collate([train_ds[i] for i in indices])   # input_ids, labels (and packed: positions): (B, T)
 
 Every item has `input_ids` and `labels` (and, packed, `positions`) of exactly `data.seq_len` tokens;
 `labels[t]` is the token that should follow `input_ids[:t+1]`, or -100 where no loss is taken (prompt tokens,
 padding). Because the labels already carry the mask, the loss is one `cross_entropy(ignore_index=-100)` and
 the trainer can normalise by the global count of `labels != -100`.
+
+Data files are read as a stream and tokenized once into a token store (`data.store`): with a cache dir, the
+store is a memory-mapped entry keyed by the data, the tokenizer files, the chat template and every setting the
+tokens depend on, so a resumed run, a later run of the same data and every rank on a node map the same files and
+do not tokenize again. Bundled tasks are generated from the seed and kept in memory.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
-import torch
 from torch import Tensor
 
 from meshtune.config import ConfigError, DataConfig
-from meshtune.data.files import load_records, record_kind
+from meshtune.data.files import iter_records, record_kind
+from meshtune.data.rows import IGNORE_INDEX, TokenRows, collate, model_args
+from meshtune.data.store import TokenStore, cache_key, cached, file_fingerprint, tokenizer_fingerprint
 from meshtune.data.tasks import CHAT, generate
 
-IGNORE_INDEX = -100
-"""Label value that `torch.nn.functional.cross_entropy` skips by default."""
+__all__ = ["IGNORE_INDEX", "ChatDataset", "PackedDataset", "SFTDataset", "TokenRows", "build_datasets", "collate",
+           "encode_example", "exact_match", "model_args"]
 
 # Offset between the seeds of the training and evaluation splits of a synthetic task: any fixed value
 # works, this one just makes it unlikely that a user's other seed lands on it.
@@ -58,183 +65,97 @@ def shift(tokens: list[int], target: list[bool], seq_len: int) -> tuple[list[int
     return tokens[:-1], labels
 
 
-def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: example indices per row, each row's lengths summing to <= capacity.
-
-    Longest first; each goes into the open row it fills most tightly (ties: the row opened first), else a new
-    row. Deterministic, so every rank and every resume packs the same rows."""
-    import bisect
-
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (space left, row), sorted
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = lengths[i]
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            space, row = free.pop(k)
-        else:
-            space, row = capacity, len(rows)
-            rows.append([])
-        rows[row].append(i)
-        if space - n > 0:
-            bisect.insort(free, (space - n, row))
-    return rows
+def _truncations(pairs, seq_len: int, counter: list[int]):
+    """Passes pairs through, counting those cut at seq_len (their full length was longer)."""
+    for full, pair in pairs:
+        counter[0] += full > seq_len + 1
+        yield pair
 
 
-class TokenRows:
-    """Training rows of `seq_len` tokens: `input_ids`, `labels` and, when packed, `positions`.
+def sft_pairs(records, tokenizer, seq_len: int) -> Iterator[tuple[int, tuple[list[int], list[int]]]]:
+    """(full token count, shifted pair) of each prompt/response record."""
+    for r in records:
+        tokens, target = sft_tokens(r["prompt"], r["response"], tokenizer)
+        yield len(tokens), shift(tokens, target, seq_len)
 
-    Unpacked, each example is one row padded to `seq_len`. Packed (`data.packing`), examples share rows
-    (best-fit), and `positions` restart at 0 at each example, which is also what tells the model where an
-    example starts: attention never crosses one (`models.decoder.document_mask`). Padding is its own
-    segment with labels -100.
 
-    Args:
-        examples: `(input_ids, labels)` pairs, each at most `seq_len` long.
-        seq_len: Tokens per row.
-        pad_id: Input id of padding.
-        packing: Pack rows best-fit.
-        records: The source records, kept for evaluation and tests (`examples` attribute).
-    """
+def chat_pairs(records, tokenizer, template, seq_len: int, train_on: str, key: str):
+    """(full token count, shifted pair) of each conversation, rendered and masked by the chat template."""
+    from meshtune.data.chat import ChatError, encode_chat
 
-    def __init__(self, examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, packing: bool = False,
-                 records: list | None = None):
-        self.examples = records if records is not None else []
-        groups = pack_best_fit([len(e[0]) for e in examples], seq_len) if packing else [[i] for i in
-                                                                                          range(len(examples))]
-        self.groups = groups  # example indices of each row, in order
-        n = len(groups)
-        self.input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
-        self.labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
-        self.positions = torch.zeros((n, seq_len), dtype=torch.long) if packing else None
-        for r, group in enumerate(groups):
-            at = 0
-            for i in group:
-                inp, lab = examples[i]
-                self.input_ids[r, at:at + len(inp)] = torch.tensor(inp, dtype=torch.long)
-                self.labels[r, at:at + len(lab)] = torch.tensor(lab, dtype=torch.long)
-                if packing:
-                    self.positions[r, at:at + len(inp)] = torch.arange(len(inp))
-                at += len(inp)
-            if packing and at < seq_len:
-                self.positions[r, at:] = torch.arange(seq_len - at)
+    for n, record in enumerate(records, start=1):
+        try:
+            ids, target = encode_chat(record["messages"], tokenizer, template, train_on)
+        except ChatError as e:
+            raise ConfigError(f"{key}: conversation {n}: {e}") from e
+        yield len(ids), shift(ids, target, seq_len)
 
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        item = {"input_ids": self.input_ids[i], "labels": self.labels[i]}
-        if self.positions is not None:
-            item["positions"] = self.positions[i]
-        return item
+def text_pairs(records, tokenizer, seq_len: int, packing: bool):
+    """Text as rows. Unpacked: one stream with EOS separators, cut into chunks of seq_len + 1 tokens that share
+    one token with the next (every token but the first is predicted once; a short last chunk is kept). Packed:
+    each document (`bos + text + eos`) cut into pieces of its own."""
+    if packing:
+        for r in records:
+            doc = tokenizer.bos + tokenizer.encode(r["text"]) + [tokenizer.eos_id]
+            for start in range(0, max(len(doc) - 1, 1), seq_len):
+                piece = doc[start:start + seq_len + 1]
+                yield len(piece), shift(piece, [True] * len(piece), seq_len)
+        return
+    buf: list[int] = []
+    for r in records:
+        buf += tokenizer.encode(r["text"]) + [tokenizer.eos_id]
+        while len(buf) > seq_len + 1:
+            chunk, buf = buf[:seq_len + 1], buf[seq_len:]
+            yield len(chunk), shift(chunk, [True] * len(chunk), seq_len)
+    if len(buf) > 1:
+        yield len(buf), shift(buf, [True] * len(buf), seq_len)
+
+
+def _in_memory(pairs, seq_len: int) -> tuple[TokenStore, int]:
+    counter = [0]
+    return TokenStore.build(_truncations(pairs, seq_len, counter)), counter[0]
 
 
 class SFTDataset(TokenRows):
-    """Prompt/response pairs, with the loss on the response and EOS only.
-
-    Args:
-        examples: Dicts with `prompt` and `response` strings.
-        tokenizer: Any tokenizer from `build_tokenizer`.
-        seq_len: Tokens per sequence (`data.seq_len`).
-        packing: Pack examples into shared rows (`data.packing`).
+    """Prompt/response pairs (in memory), with the loss on the response and EOS only.
 
     Attributes:
-        num_truncated: Examples whose EOS did not fit in `seq_len`; the trainer may warn about them.
+        num_truncated: Examples whose EOS did not fit in `seq_len`.
     """
 
     def __init__(self, examples: list[dict[str, str]], tokenizer, seq_len: int, packing: bool = False):
-        pairs = [shift(*sft_tokens(e["prompt"], e["response"], tokenizer), seq_len) for e in examples]
-        self.num_truncated = sum(tokenizer.eos_id not in p[1] for p in pairs)
-        super().__init__(pairs, seq_len, tokenizer.pad_id, packing, examples)
+        store, cut = _in_memory(sft_pairs(examples, tokenizer, seq_len), seq_len)
+        super().__init__(store, seq_len, tokenizer.pad_id, packing, records=examples)
+        self.num_truncated = cut
 
 
 class ChatDataset(TokenRows):
-    """Conversations rendered with the chat template, the loss on the tokens `data.train_on` names.
-
-    Args:
-        conversations: Dicts with `messages` (OpenAI roles), as `load_records` returns them.
-        tokenizer: Any tokenizer from `build_tokenizer`.
-        template: The chat template (`chat.ChatTemplate`).
-        seq_len: Tokens per sequence; longer conversations are cut at the end.
-        train_on: `assistant`, `last` or `all`.
-        packing: Pack conversations into shared rows.
-        key: The config key of the file, for errors.
+    """Conversations (in memory) rendered with the chat template, the loss on the tokens `train_on` names.
 
     Raises:
-        ConfigError: naming the conversation (its number in the file) the template refuses or cannot mask.
+        ConfigError: naming the conversation (its number) the template refuses or cannot mask.
     """
 
     def __init__(self, conversations: list[dict], tokenizer, template, seq_len: int, train_on: str = "assistant",
                  packing: bool = False, key: str = "data.train_path"):
-        from meshtune.data.chat import ChatError, encode_chat
-
-        pairs = []
-        self.num_truncated = 0
-        for n, record in enumerate(conversations, start=1):
-            try:
-                ids, target = encode_chat(record["messages"], tokenizer, template, train_on)
-            except ChatError as e:
-                raise ConfigError(f"{key}: conversation {n}: {e}") from e
-            self.num_truncated += len(ids) > seq_len + 1
-            pairs.append(shift(ids, target, seq_len))
-        super().__init__(pairs, seq_len, tokenizer.pad_id, packing, conversations)
+        store, cut = _in_memory(chat_pairs(conversations, tokenizer, template, seq_len, train_on, key), seq_len)
+        super().__init__(store, seq_len, tokenizer.pad_id, packing, records=conversations)
+        self.num_truncated = cut
 
 
 class PackedDataset(TokenRows):
-    """Text for language modelling; every real token is a label.
-
-    Unpacked (the default), the documents are one stream with EOS separators, cut into rows: chunk i covers
-    tokens `[i*seq_len, (i+1)*seq_len]` (seq_len + 1 tokens, sharing one token with the next chunk) so that
-    every token except the first is predicted exactly once, and a short final chunk is padded rather than
-    dropped. With `packing`, each document (`bos + text + eos`, cut into pieces of seq_len + 1) is an example
-    of its own, packed best-fit, and attention stays within it.
-
-    Args:
-        texts: The documents.
-        tokenizer: Any tokenizer from `build_tokenizer`.
-        seq_len: Tokens per sequence (`data.seq_len`).
-        packing: One example per document (piece), packed without cross-document attention.
-    """
+    """Text for language modelling (in memory); every real token is a label (see `text_pairs`)."""
 
     def __init__(self, texts: list[str], tokenizer, seq_len: int, packing: bool = False):
-        if packing:
-            pairs = []
-            for text in texts:
-                doc = tokenizer.bos + tokenizer.encode(text) + [tokenizer.eos_id]
-                for start in range(0, max(len(doc) - 1, 1), seq_len):
-                    piece = doc[start:start + seq_len + 1]
-                    pairs.append(shift(piece, [True] * len(piece), seq_len))
-            super().__init__(pairs, seq_len, tokenizer.pad_id, True)
-            return
-        stream: list[int] = []
-        for text in texts:
-            stream += tokenizer.encode(text) + [tokenizer.eos_id]
-        chunks = [stream[s:s + seq_len + 1] for s in range(0, max(len(stream) - 1, 0), seq_len)]
-        pairs = [shift(c, [True] * len(c), seq_len) for c in chunks]
-        super().__init__(pairs, seq_len, tokenizer.pad_id)
+        store, _ = _in_memory(text_pairs([{"text": t} for t in texts], tokenizer, seq_len, packing), seq_len)
+        super().__init__(store, seq_len, tokenizer.pad_id, packing)
 
     def split_tail(self, n: int) -> tuple[TokenRows, TokenRows]:
-        """Splits off the last `n` rows (a held-out evaluation split); returns `(head, tail)`."""
-        head, tail = object.__new__(TokenRows), object.__new__(TokenRows)
-        cut = len(self) - n
-        for part, rows in ((head, slice(None, cut)), (tail, slice(cut, None))):
-            part.examples, part.groups = [], self.groups[rows]
-            part.input_ids, part.labels = self.input_ids[rows], self.labels[rows]
-            part.positions = self.positions[rows] if self.positions is not None else None
-        return head, tail
-
-
-def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Stacks dataset items into a batch: `input_ids` and `labels` (and packed rows' `positions`), each (B, T)."""
-    return {key: torch.stack([item[key] for item in items]) for key in ("input_ids", "labels", "positions")
-            if key in items[0]}
-
-
-def model_args(batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, ...]:
-    """The model's forward arguments for a batch, on `device`: `(input_ids,)`, or `(input_ids, positions)` for packed
-    rows."""
-    keys = ("input_ids", "positions") if "positions" in batch else ("input_ids",)
-    return tuple(batch[k].to(device, non_blocking=True) for k in keys)
+        """Splits off the last `n` examples, unpacked (a held-out evaluation split); returns `(head, tail)`."""
+        cut = len(self.store) - n
+        return (TokenRows(self.store, self.seq_len, self.pad_id, self.packing, 0, cut),
+                TokenRows(self.store, self.seq_len, self.pad_id, False, cut))
 
 
 def chat_template(cfg: DataConfig, tokenizer):
@@ -254,14 +175,33 @@ def chat_template(cfg: DataConfig, tokenizer):
     return ChatTemplate(text, tokenizer.special_tokens, source)
 
 
-def _dataset(records: list[dict], cfg: DataConfig, tokenizer, key: str, train: bool) -> TokenRows:
-    packing = cfg.packing and train  # evaluation scores whole examples one per row (exact match)
-    kind = record_kind(records)
+def _pairs(kind: str, records, cfg: DataConfig, tokenizer, key: str, packing: bool, template=None):
     if kind == "chat":
-        return ChatDataset(records, tokenizer, chat_template(cfg, tokenizer), cfg.seq_len, cfg.train_on, packing, key)
+        return chat_pairs(records, tokenizer, template or chat_template(cfg, tokenizer), cfg.seq_len, cfg.train_on,
+                          key)
     if kind == "sft":
-        return SFTDataset(records, tokenizer, cfg.seq_len, packing)
-    return PackedDataset([r["text"] for r in records], tokenizer, cfg.seq_len, packing)
+        return sft_pairs(records, tokenizer, cfg.seq_len)
+    return text_pairs(records, tokenizer, cfg.seq_len, packing)
+
+
+def file_store(path: str, key: str, cfg: DataConfig, tokenizer, cache_dir: str | None, packing: bool
+               ) -> tuple[TokenStore, str]:
+    """The tokenized examples of a data file and its record kind: streamed through the tokenizer once, into the
+    token cache under `cache_dir` when given (later calls with the same inputs map it), else into memory."""
+    kind = record_kind([next(iter(iter_records(path, key)))])  # the first record decides (and must be valid)
+    template = chat_template(cfg, tokenizer) if kind == "chat" else None
+    packing = packing and kind == "text"  # only text examples depend on packing
+
+    def pairs():
+        return _truncations(_pairs(kind, iter_records(path, key), cfg, tokenizer, key, packing, template),
+                            cfg.seq_len, [0])
+
+    if cache_dir is None:
+        return TokenStore.build(pairs()), kind
+    name = cache_key(data=file_fingerprint(path), tokenizer=tokenizer_fingerprint(tokenizer), kind=kind,
+                     template=template.text if template else None, train_on=cfg.train_on if template else None,
+                     seq_len=cfg.seq_len, packed_text=packing)
+    return cached(cache_dir, name, pairs, info={"source": str(path), "kind": kind}), kind
 
 
 def _task_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -280,18 +220,19 @@ def _task_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     return train, eval_examples
 
 
-def build_datasets(
-    cfg: DataConfig, tokenizer, seed: int
-) -> tuple[TokenRows, TokenRows]:
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | None = None
+                   ) -> tuple[TokenRows, TokenRows]:
     """Builds the training and evaluation datasets named by the `data` config section.
 
     Args:
         cfg: The `data` section; exactly one of `task` and `train_path` must be set.
         tokenizer: Any tokenizer from `build_tokenizer`.
         seed: Seeds synthetic task generation (`train.seed`).
+        cache_dir: The token cache for data files (`data.cache_dir`); None tokenizes into memory.
 
     Returns:
-        `(train_ds, eval_ds)`.
+        `(train_ds, eval_ds)`; training rows are packed with `data.packing`, evaluation rows never are (exact match
+        scores whole examples).
 
     Raises:
         ConfigError: Both or neither of `data.task`/`data.train_path` are set, a file is bad, or the
@@ -307,38 +248,29 @@ def build_datasets(
             f"data.task / data.train_path: {which}; set exactly one "
             "(e.g. data.task='' data.train_path=train.jsonl, or data.task=reverse)"
         )
+    pad = tokenizer.pad_id
     if cfg.task == CHAT:
         train, eval_examples = _task_splits(cfg, seed)
-        return _dataset(train, cfg, tokenizer, "data.task", True), _dataset(eval_examples, cfg, tokenizer,
-                                                                          "data.task", False)
+        template = chat_template(cfg, tokenizer)
+        return (ChatDataset(train, tokenizer, template, cfg.seq_len, cfg.train_on, cfg.packing, "data.task"),
+                ChatDataset(eval_examples, tokenizer, template, cfg.seq_len, cfg.train_on, False, "data.task"))
     if cfg.task:
         train, eval_examples = _task_splits(cfg, seed)
         return (SFTDataset(train, tokenizer, cfg.seq_len, cfg.packing),
                 SFTDataset(eval_examples, tokenizer, cfg.seq_len))
 
-    train_records = load_records(cfg.train_path, "data.train_path")
+    store, kind = file_store(cfg.train_path, "data.train_path", cfg, tokenizer, cache_dir, cfg.packing)
     if cfg.eval_path:
-        eval_records = load_records(cfg.eval_path, "data.eval_path")
-        return (_dataset(train_records, cfg, tokenizer, "data.train_path", True),
-                _dataset(eval_records, cfg, tokenizer, "data.eval_path", False))
-
-    if record_kind(train_records) != "text":
-        n = len(train_records)
-        if n <= cfg.num_eval:
-            raise ConfigError(
-                f"data.train_path: {cfg.train_path} has {n} examples, too few to hold out data.num_eval="
-                f"{cfg.num_eval}; lower data.num_eval or give data.eval_path"
-            )
-        return (_dataset(train_records[: n - cfg.num_eval], cfg, tokenizer, "data.train_path", True),
-                _dataset(train_records[n - cfg.num_eval:], cfg, tokenizer, "data.train_path", False))
-    packed = _dataset(train_records, cfg, tokenizer, "data.train_path", True)
-    if len(packed) <= cfg.num_eval:
-        raise ConfigError(
-            f"data.train_path: {cfg.train_path} packs into {len(packed)} sequences of data.seq_len="
-            f"{cfg.seq_len}, too few to hold out data.num_eval={cfg.num_eval}; lower data.num_eval or "
-            "give data.eval_path"
-        )
-    return packed.split_tail(cfg.num_eval)
+        eval_store, _ = file_store(cfg.eval_path, "data.eval_path", cfg, tokenizer, cache_dir, False)
+        return TokenRows(store, cfg.seq_len, pad, cfg.packing), TokenRows(eval_store, cfg.seq_len, pad)
+    n = len(store)
+    if n <= cfg.num_eval:
+        what = (f"packs into {n} sequences of data.seq_len={cfg.seq_len}" if kind == "text" else
+                f"has {n} examples")
+        raise ConfigError(f"data.train_path: {cfg.train_path} {what}, too few to hold out data.num_eval="
+                          f"{cfg.num_eval}; lower data.num_eval or give data.eval_path")
+    return (TokenRows(store, cfg.seq_len, pad, cfg.packing, 0, n - cfg.num_eval),
+            TokenRows(store, cfg.seq_len, pad, False, n - cfg.num_eval))
 
 
 def exact_match(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ and the fix, because a traceback from deep inside `json` tells a user nothing ab
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +87,9 @@ def _record(record: Any) -> tuple[str, dict] | str:
     return ("sft" if len(fields) == 2 else "text"), {name: record[name] for name in fields}
 
 
-def _uniform(rows, path, key: str, unit: str) -> list[dict]:
-    """Validates (number, record) pairs: all of one kind; the first bad one is named by its line or row."""
-    records: list[dict] = []
+def _uniform(rows, path, key: str, unit: str) -> Iterator[dict]:
+    """Validates (number, record) pairs as they stream: all of one kind; the first bad one is named by its line or
+    row."""
     first = None
     for n, raw in rows:
         where = f"{key}: {path} {unit} {n}"
@@ -101,10 +102,36 @@ def _uniform(rows, path, key: str, unit: str) -> list[dict]:
         elif kind != first[0]:
             raise ConfigError(f"{where}: {KINDS[kind]}, but {unit} {first[1]} is {KINDS[first[0]]}; use one kind "
                               "per file")
-        records.append(record)
-    if not records:
-        raise ConfigError(f"{key}: {path} holds no records; give a file with at least one example")
-    return records
+        yield record
+    if first is None:
+        raise ConfigError(f"{key}: {path} is empty; give a file with at least one example")
+
+
+def iter_jsonl(path: str | Path, key: str = "data.train_path") -> Iterator[dict]:
+    """The records of a JSONL file as they are read (a line at a time, so memory does not grow with the file),
+    validated as `load_jsonl` describes."""
+    p = Path(path)
+    if not p.is_file():
+        what = "a directory, not a file" if p.is_dir() else "no such file"
+        raise ConfigError(f"{key}: {path}: {what}; give the path of a .jsonl, .txt or .parquet file")
+
+    def rows():
+        with p.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ConfigError(f"{key}: {path} line {lineno}: not valid UTF-8; re-save the file as UTF-8") from e
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    hint = "" if p.suffix in (".jsonl", ".json") else " (plain-text files must end in .txt)"
+                    raise ConfigError(f"{key}: {path} line {lineno}: invalid JSON ({e.msg}){hint}; fix or remove "
+                                      "that line") from e
+
+    yield from _uniform(rows(), path, key, "line")
 
 
 def load_jsonl(path: str | Path, key: str = "data.train_path") -> list[dict]:
@@ -123,20 +150,7 @@ def load_jsonl(path: str | Path, key: str = "data.train_path") -> list[dict]:
     Raises:
         ConfigError: The file is missing or empty, or a line is malformed; the message gives the line.
     """
-    text = _read_text(path, key)
-
-    def rows():
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                hint = "" if Path(path).suffix in (".jsonl", ".json") else " (plain-text files must end in .txt)"
-                raise ConfigError(f"{key}: {path} line {lineno}: invalid JSON ({e.msg}){hint}; fix or remove that "
-                                  "line") from e
-
-    return _uniform(rows(), path, key, "line")
+    return list(iter_jsonl(path, key))
 
 
 def _columns_error(key: str, path, columns) -> ConfigError:
@@ -144,24 +158,36 @@ def _columns_error(key: str, path, columns) -> ConfigError:
                        "conversations), prompt and response, or text")
 
 
-def load_parquet(path: str | Path, key: str = "data.train_path") -> list[dict]:
-    """Loads a Parquet file, or a folder of them, with the columns of one JSONL record kind (needs pyarrow)."""
+def iter_parquet(path: str | Path, key: str = "data.train_path") -> Iterator[dict]:
+    """The records of a Parquet file, or a folder of them, in batches of rows (needs pyarrow); the columns are the
+    fields of one JSONL record kind."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ConfigError(f"{key}: {path} is Parquet, which needs pyarrow; pip install 'meshtune[data]'") from e
     files = sorted(Path(path).glob("*.parquet")) if Path(path).is_dir() else [Path(path)]
-    records: list[dict] = []
     for file in files:
         try:
-            table = pq.read_table(file)
+            table = pq.ParquetFile(file)
         except Exception as e:  # pyarrow's ArrowInvalid and OSError
             raise ConfigError(f"{key}: {file} is not a readable Parquet file ({e}); re-save it") from e
-        if not {"messages", "conversations", "text"} & set(table.column_names) and not {
-                "prompt", "response"} <= set(table.column_names):
-            raise _columns_error(key, file, table.column_names)
-        records += _uniform(enumerate(table.to_pylist(), start=1), file, key, "row")
-    return records
+        columns = table.schema_arrow.names
+        if not {"messages", "conversations", "text"} & set(columns) and not {"prompt", "response"} <= set(columns):
+            raise _columns_error(key, file, columns)
+
+        def rows(table=table):
+            n = 0
+            for batch in table.iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield n, row
+
+        yield from _uniform(rows(), file, key, "row")
+
+
+def load_parquet(path: str | Path, key: str = "data.train_path") -> list[dict]:
+    """Loads a Parquet file, or a folder of them, with the columns of one JSONL record kind (needs pyarrow)."""
+    return list(iter_parquet(path, key))
 
 
 def load_saved_dataset(path: str | Path, key: str = "data.train_path") -> list[dict]:
@@ -179,38 +205,44 @@ def load_saved_dataset(path: str | Path, key: str = "data.train_path") -> list[d
     if not {"messages", "conversations", "text"} & set(ds.column_names) and not {
             "prompt", "response"} <= set(ds.column_names):
         raise _columns_error(key, path, ds.column_names)
-    return _uniform(enumerate(ds, start=1), path, key, "row")
+    return list(_uniform(enumerate(ds, start=1), path, key, "row"))
 
 
-def load_records(path: str | Path, key: str = "data.train_path") -> list[dict]:
-    """Loads a data file: `.txt` is one text record, `.parquet` (or a folder of them) and a folder saved by
-    `datasets` are tables, anything else is JSONL.
-
-    Args:
-        path: The file or folder.
-        key: The config key that named it, used in error messages.
-
-    Returns:
-        A list of records of one kind (`messages`, `prompt`/`response` or `text`).
+def iter_records(path: str | Path, key: str = "data.train_path") -> Iterator[dict]:
+    """The records of a data file as they are read: `.txt` is one text record, `.parquet` (or a folder of them) and
+    a folder saved by `datasets` are tables, anything else is JSONL. Memory does not grow with a JSONL or Parquet
+    file's size.
 
     Raises:
-        ConfigError: As `load_jsonl`, naming the line or row.
+        ConfigError: As `load_jsonl`, naming the line or row, when the bad record is reached.
     """
     p = Path(path)
     if p.is_dir():
         if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
-            return load_saved_dataset(p, key)
-        if any(p.glob("*.parquet")):
-            return load_parquet(p, key)
-        raise ConfigError(f"{key}: {path} is a folder with no Parquet files and no saved dataset; give a .jsonl, "
-                          ".txt or .parquet file, or a folder saved by datasets' save_to_disk")
-    if p.suffix == ".txt":
-        return [{"text": _read_text(path, key)}]
-    if p.suffix == ".parquet":
+            yield from load_saved_dataset(p, key)
+        elif any(p.glob("*.parquet")):
+            yield from iter_parquet(p, key)
+        else:
+            raise ConfigError(f"{key}: {path} is a folder with no Parquet files and no saved dataset; give a .jsonl, "
+                              ".txt or .parquet file, or a folder saved by datasets' save_to_disk")
+    elif p.suffix == ".txt":
+        yield {"text": _read_text(path, key)}
+    elif p.suffix == ".parquet":
         if not p.is_file():
             raise ConfigError(f"{key}: {path}: no such file; give the path of a .parquet file")
-        return load_parquet(p, key)
-    return load_jsonl(path, key)
+        yield from iter_parquet(p, key)
+    else:
+        yield from iter_jsonl(path, key)
+
+
+def load_records(path: str | Path, key: str = "data.train_path") -> list[dict]:
+    """Loads a data file (any form `iter_records` reads) as a list of records of one kind (`messages`,
+    `prompt`/`response` or `text`).
+
+    Raises:
+        ConfigError: As `load_jsonl`, naming the line or row.
+    """
+    return list(iter_records(path, key))
 
 
 def record_kind(records: list[dict]) -> str:

@@ -19,7 +19,8 @@ from dataclasses import replace
 import torch
 from torch.distributed.tensor import DTensor
 
-from meshtune.data import build_tokenizer, load_records
+from meshtune.data import build_tokenizer
+from meshtune.data.files import iter_records
 from meshtune.models import build_model
 from meshtune.recipes import apply_recipes, build_recipes
 from meshtune.runtime.mesh import AXES, ParallelMesh, fake_process_group
@@ -82,7 +83,7 @@ def describe_plan(cfg: Config, world_size: int) -> str:
     data_lines = []
     for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
         if path:
-            data_lines.append(f"{key}: {len(load_records(path, key)):,} records in {path}")
+            data_lines.append(f"{key}: {sum(1 for _ in iter_records(path, key)):,} records in {path}")
     n = build_model(m, vocab, device="meta").num_params()
     # the exact per-rank layout, built on a fake world: the first rank of each pipeline stage group
     per_stage = world_size // dims.pp

@@ -11,6 +11,7 @@ weights are loaded, nothing is written. The ranks repeat the checks (they cannot
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from pathlib import Path
 
@@ -20,9 +21,9 @@ from meshtune.artifacts import ArtifactLoader, complete_checkpoints, find
 from meshtune.artifacts.find import read_meta
 from meshtune.artifacts.load import check_fits, file_shapes
 from meshtune.config import ConfigError
-from meshtune.data import ChatDataset, build_tokenizer, get_task, load_records
+from meshtune.data import ChatDataset, build_tokenizer, get_task
 from meshtune.data.datasets import chat_template
-from meshtune.data.files import record_kind
+from meshtune.data.files import iter_records, record_kind
 from meshtune.data.tasks import CHAT, generate
 from meshtune.models import build_model
 from meshtune.models.hf import check_matches_hf
@@ -132,11 +133,14 @@ def preflight(cfg: Config, world_size: int) -> Plan:
         get_task(cfg.data.task)
     for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path),
                       ("data.task", CHAT if cfg.data.task == CHAT else "")):
-        if path:  # parse once, so a malformed line is reported before any rank starts
-            records = generate(CHAT, 64, 0) if key == "data.task" else load_records(path, key)
-            if record_kind(records) == "chat":  # the template renders and masks them (first 64)
-                ChatDataset(records[:64], tokenizer, chat_template(cfg.data, tokenizer), cfg.data.seq_len,
+        if path:  # parse once (streamed), so a malformed line is reported before any rank starts
+            records = iter(generate(CHAT, 64, 0) if key == "data.task" else iter_records(path, key))
+            first = list(itertools.islice(records, 64))
+            if record_kind(first) == "chat":  # the template renders and masks them (the first 64)
+                ChatDataset(first, tokenizer, chat_template(cfg.data, tokenizer), cfg.data.seq_len,
                             cfg.data.train_on, key=key)
+            for _ in records:
+                pass
     from meshtune.runtime.precision import frozen_dtype
 
     frozen_dtype(cfg.train.frozen_dtype, cfg.train.dtype,  # bf16 frozen weights under fp32 compute

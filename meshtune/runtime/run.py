@@ -13,9 +13,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from meshtune.artifacts import ArtifactLoader, load_weights
-from meshtune.config import dump_yaml, to_dict
+from meshtune.config import ConfigError, dump_yaml, to_dict
 from meshtune.data import StepSampler, build_datasets, build_tokenizer
 from meshtune.models import build_model
 from meshtune.recipes import apply_recipes, build_recipes, count_parameters
@@ -69,6 +70,32 @@ def build_schedule(optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def data_cache_dir(cfg: Config) -> str | None:
+    """Where data files' tokens are cached (`data.cache_dir`), or None (bundled tasks, or `none`)."""
+    if cfg.data.task or cfg.data.cache_dir == "none":
+        return None
+    return cfg.data.cache_dir or str(Path(cfg.run_dir) / "data_cache")
+
+
+def datasets(cfg: Config, tokenizer, env: DistEnv):
+    """The training and evaluation rows. With a token cache and several ranks, the first rank of each node builds
+    a missing entry while the others wait (one all-gather of errors, so a bad file fails every rank with its line),
+    then every rank maps it."""
+    cache = data_cache_dir(cfg)
+    if cache is not None and env.world_size > 1:
+        error = None
+        if env.local_rank == 0:
+            try:
+                build_datasets(cfg.data, tokenizer, cfg.train.seed, cache)
+            except ConfigError as e:
+                error = str(e)
+        errors = [None] * env.world_size
+        dist.all_gather_object(errors, error)
+        if any(errors):
+            raise ConfigError(next(e for e in errors if e))
+    return build_datasets(cfg.data, tokenizer, cfg.train.seed, cache)
+
+
 def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     """Everything a run needs, built and (when a checkpoint exists) restored; call `.fit()` to train."""
     env = env or DistEnv.from_environ()
@@ -87,7 +114,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     seed = cfg.train.seed
     torch.manual_seed(seed)  # the same initial weights on every rank
 
-    train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed)
+    train_ds, eval_ds = datasets(cfg, tokenizer, env)
     sampler = StepSampler(len(train_ds), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                           mesh.dp_rank, mesh.dp_size, seed, cfg.data.shuffle)
     assert sampler.accum_steps == plan.accum, (sampler.accum_steps, plan.accum)

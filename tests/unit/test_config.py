@@ -325,12 +325,17 @@ def teacher(tmp_path_factory):
 
 @pytest.mark.parametrize("name", C.bundled_configs())
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_bundled_config_validates(name, world_size, teacher):
+def test_bundled_config_validates(name, world_size, teacher, tmp_path):
     from meshtune.runtime.plan_report import describe_plan
+    from tests.chat_tokenizers import write_tokenizer
 
     cfg = load_config(name)
     if "distill" in cfg.recipe.name.split("+"):  # the bundled path (runs/tiny) exists once you trained it
         cfg = load_config(name, [f"recipe.distill.teacher={teacher}"])
+    if cfg.data.task == "chat":  # conversations need a chat model's tokenizer (init_from's, given at launch)
+        with pytest.raises(C.ConfigError, match=r"data.task=chat makes conversations but data.tokenizer=byte"):
+            describe_plan(cfg, world_size=world_size)
+        cfg = load_config(name, [f"data.tokenizer={write_tokenizer(tmp_path, 'chatml')}"])
     if cfg.model.init_device == "meta" and world_size == 1:  # the plan the trainer would refuse, refused here too
         with pytest.raises(C.ConfigError, match=r"^model\.init_device: meta needs a sharded model"):
             describe_plan(cfg, world_size=world_size)

@@ -167,14 +167,16 @@ def test_build_datasets_from_files(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}\n", "response": f"a{i}"}) + "\n" for i in range(10)))
     train, ev = build_datasets(DataConfig(task="", train_path=str(path), num_eval=3), ByteTokenizer(), seed=0)
-    assert len(train) == 7 and [e["response"] for e in ev.examples] == ["a7", "a8", "a9"]
+    tok = ByteTokenizer()
+    answers = [tok.decode(ev[i]["labels"][ev[i]["labels"] != -100]) for i in range(len(ev))]
+    assert len(train) == 7 and answers == ["a7", "a8", "a9"]
     with pytest.raises(ConfigError, match=r"data.train_path: .*train.jsonl has 10 examples"):
         build_datasets(DataConfig(task="", train_path=str(path), num_eval=10), ByteTokenizer(), seed=0)
     txt = tmp_path / "book.txt"
     txt.write_text("x" * 100)
     cfg = DataConfig(task="", train_path=str(txt), eval_path=str(path), seq_len=10)
     train, ev = build_datasets(cfg, ByteTokenizer(), seed=0)
-    assert isinstance(train, PackedDataset) and len(train) == 10 and len(ev) == 10
+    assert len(train) == 10 and len(ev) == 10 and (train.labels != -100).sum() == 100
     with pytest.raises(ConfigError, match=r"data.eval_path: .*nope.jsonl"):
         cfg = DataConfig(task="", train_path=str(txt), eval_path=str(tmp_path / "nope.jsonl"))
         build_datasets(cfg, ByteTokenizer(), seed=0)

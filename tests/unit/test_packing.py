@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from meshtune.config import ModelConfig
 from meshtune.data import IGNORE_INDEX, ByteTokenizer, PackedDataset, SFTDataset, collate, model_args
-from meshtune.data.datasets import pack_best_fit
+from meshtune.data.rows import pack_best_fit
 from meshtune.models import build_model
 
 
