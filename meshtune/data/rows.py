@@ -13,6 +13,7 @@ memory does not grow with the dataset.
 from __future__ import annotations
 
 import heapq
+import os
 from functools import cached_property
 
 import numpy as np
@@ -23,12 +24,18 @@ IGNORE_INDEX = -100
 """Label value that `torch.nn.functional.cross_entropy` skips by default."""
 
 
-def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: example indices per row, each row's lengths summing to <= capacity.
+def pack_rows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing bin packing of examples into rows of `capacity` tokens.
 
-    Longest first; each goes into the open row it fills most tightly (ties: the row opened first), else a new
-    row. A segment tree over free space finds that row in O(log capacity). Deterministic, so every rank and every
-    resume packs the same rows."""
+    Longest first; each goes into the open row it fills most tightly (ties: the row opened first), else a new row.
+    A segment tree over free space finds that row in O(log capacity). Deterministic, so every rank and every resume
+    packs the same rows.
+
+    Returns:
+        `(row_ptr, members)`: row r holds examples `members[row_ptr[r]:row_ptr[r + 1]]`, longest first.
+    """
+    from array import array
+
     size = 1
     while size < capacity + 1:
         size *= 2
@@ -54,21 +61,33 @@ def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
             i //= 2
         return -1
 
-    rows: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = min(lengths[i], capacity)
-        space = tightest(n)
-        if space < 0:
-            row, space = len(rows), capacity
-            rows.append([])
-        else:
-            row = heapq.heappop(by_space[space])
-            add(space, -1)
-        rows[row].append(i)
-        if space - n > 0:
-            heapq.heappush(by_space[space - n], row)
-            add(space - n, 1)
-    return rows
+    lengths = np.minimum(np.asarray(lengths, dtype=np.int64), capacity)
+    order = np.lexsort((np.arange(len(lengths)), -lengths))  # longest first, then by index
+    row_of = array("q")  # the row of each example, in `order`
+    rows = 0
+    for chunk in np.array_split(order, max(1, len(order) // 65536)):  # python ints a chunk at a time
+        for n in lengths[chunk].tolist():
+            space = tightest(n)
+            if space < 0:
+                row, space = rows, capacity
+                rows += 1
+            else:
+                row = heapq.heappop(by_space[space])
+                add(space, -1)
+            row_of.append(row)
+            if space - n > 0:
+                heapq.heappush(by_space[space - n], row)
+                add(space - n, 1)
+    row_of = np.frombuffer(row_of, np.int64) if len(row_of) else np.zeros(0, np.int64)
+    members = order[np.argsort(row_of, kind="stable")]
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))]).astype(np.int64)
+    return row_ptr, members
+
+
+def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """`pack_rows` as lists: the example indices of each row."""
+    row_ptr, members = pack_rows(np.asarray(lengths, dtype=np.int64), capacity)
+    return [members[a:b].tolist() for a, b in zip(row_ptr[:-1], row_ptr[1:], strict=True)]
 
 
 class TokenRows:
@@ -90,10 +109,26 @@ class TokenRows:
         self.examples = records if records is not None else []
         self.num_truncated = 0
         if packing:
-            groups = pack_best_fit(store.lengths[self.start:self.stop].tolist(), seq_len)
-            self._row_ptr = np.cumsum([0] + [len(g) for g in groups], dtype=np.int64)
-            self._members = np.fromiter((i for g in groups for i in g), np.int64, self._row_ptr[-1]) + self.start
-        self._rows = len(groups) if packing else self.stop - self.start
+            self._row_ptr, self._members = self._plan()
+        self._rows = len(self._row_ptr) - 1 if packing else self.stop - self.start
+
+    def _plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """The packing plan (`pack_rows`, as store indices); saved beside a cached store and read back next time."""
+        path = getattr(self.store, "path", None)
+        file = path / f"rows-{self.seq_len}-{self.start}-{self.stop}.npz" if path is not None else None
+        if file is not None and file.is_file():
+            with np.load(file) as saved:
+                return saved["row_ptr"], saved["members"]
+        row_ptr, members = pack_rows(np.asarray(self.store.lengths[self.start:self.stop]), self.seq_len)
+        members = members + self.start
+        if file is not None:
+            tmp = file.with_name(f".{file.name}.{os.getpid()}.npz")
+            try:
+                np.savez(tmp, row_ptr=row_ptr, members=members)
+                os.replace(tmp, file)
+            except OSError:  # a read-only cache: pack again next time
+                tmp.unlink(missing_ok=True)
+        return row_ptr, members
 
     def __len__(self) -> int:
         return self._rows

@@ -115,6 +115,7 @@ def cached(cache_dir: str | Path, key: str, pairs: Callable[[], Iterable[tuple[l
     final = root / key
     built = False
     if not (final / "meta.json").is_file():
+        new_root = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -133,6 +134,8 @@ def cached(cache_dir: str | Path, key: str, pairs: Callable[[], Iterable[tuple[l
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+            if new_root and not any(root.iterdir()):  # a bad file leaves the run dir as it was
+                root.rmdir()
     store = TokenStore.open(final)
     store.built = built
     return store

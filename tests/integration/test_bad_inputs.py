@@ -53,6 +53,22 @@ def files(tmp_path_factory):
     (root / "a_file").write_text("x")
     (root / "ds.json").write_text(json.dumps({"train_batch_size": 7}))
     (root / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\nnot json\n')
+    from tests.chat_tokenizers import CONVERSATIONS, write_tokenizer
+
+    write_tokenizer(root, "chatml")
+    write_tokenizer(root, "mistral")
+    chat = [json.dumps({"messages": c}) for c in CONVERSATIONS]
+    (root / "chat.jsonl").write_text("\n".join(chat * 4) + "\n")
+    (root / "noassist.jsonl").write_text(chat[0] + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]})
+                                         + "\n")
+    (root / "narrator.jsonl").write_text(json.dumps({"messages": [{"role": "narrator", "content": "x"}]}) + "\n")
+    (root / "drops.jinja").write_text(
+        "{% for m in messages %}{% if m.role != 'assistant' or loop.last %}{{ '<|im_start|>' + m.role + '\\n' + "
+        "m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "a"}]), root / "bad.parquet")
     from meshtune.schema import load_config as load
 
     hf_cfg = load(None, [*TINY, "model.dim=48", "model.n_heads=4"]).model
@@ -96,6 +112,20 @@ CASES = [
     ("no data", ["data.task="], "data.task"),
     ("train file missing", ["data.task=", "data.train_path={root}/nope.jsonl"], "data.train_path"),
     ("train file malformed", ["data.task=", "data.train_path={root}/bad.jsonl"], "bad.jsonl"),
+    ("conversation without an assistant turn",
+     ["data.task=", "data.train_path={root}/noassist.jsonl", "data.tokenizer={root}/chatml"],
+     "line 2: the conversation has no assistant"),
+    ("conversation with an unknown role", ["data.task=", "data.train_path={root}/narrator.jsonl",
+                                           "data.tokenizer={root}/chatml"], "unknown role 'narrator'"),
+    ("chat template raises", ["data.task=", "data.train_path={root}/chat.jsonl", "data.tokenizer={root}/mistral"],
+     "Conversation roles must alternate"),
+    ("chat template not prefix-preserving", ["data.task=", "data.train_path={root}/chat.jsonl",
+                                             "data.tokenizer={root}/chatml", "data.chat_template={root}/drops.jinja"],
+     "not prefix-preserving"),
+    ("conversations without a chat template", ["data.task=", "data.train_path={root}/chat.jsonl"],
+     "has no chat template"),
+    ("parquet without the columns", ["data.task=", "data.train_path={root}/bad.parquet"],
+     "has columns question, answer"),
     ("eval_path with a task", ["data.eval_path={root}/bad.jsonl"], "data.eval_path"),
     ("tokenizer missing", ["data.tokenizer={root}/nope.json"], "data.tokenizer"),
     ("layout does not fit", ["parallel.dp_shard=3"], "parallel"),
@@ -144,6 +174,8 @@ CASES = [
     ("adapter bottleneck", ["recipe.name=adapters", "recipe.adapters.bottleneck=0"], "recipe.adapters.bottleneck"),
 ]
 LAUNCH_ONLY = [  # 2 ranks needed, or checks the launcher makes that a lone `meshtune train` makes later
+    ("packing under pipeline parallelism", ["data.packing=true", "parallel.pp=2", "parallel.dp_shard=1"],
+     "data.packing"),
     ("distill under pipelining", ["recipe.name=distill", "recipe.distill.teacher={good}", "parallel.pp=2",
                                   "parallel.dp_shard=1"], "recipe.name"),
     ("deepspeed json contradicts", ["parallel.engine=deepspeed", "parallel.deepspeed_config={root}/ds.json"],
