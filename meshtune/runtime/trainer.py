@@ -12,9 +12,11 @@ Every `train.eval_every` steps: loss and exact-match accuracy on the evaluation 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -73,6 +75,8 @@ class Trainer:
         self.autocast = use_bf16(cfg.train.dtype, device) and not mesh.uses_fsdp and not engine.owns_precision
         self.history: list[dict] = []
         self.stop_signal: int | None = None  # set from a signal handler: save and stop after this step
+        self._prefetch: ThreadPoolExecutor | None = None  # assembles the next step's batches during this one
+        self._pending = None  # (indices, future) of that next step
 
     def request_stop(self, signum: int) -> None:
         """Ask the loop to checkpoint and stop after the current step (safe to call from a signal handler)."""
@@ -126,9 +130,23 @@ class Trainer:
         self.step += 1
         return loss_sum, tokens, norm
 
+    def _collate(self, step: list[list[int]]) -> list[dict]:
+        return [collate([self.train_ds[i] for i in idx]) for idx in step]
+
     def next_micro_batches(self) -> list[dict]:
-        """This rank's collated micro-batches for the next optimizer step (advances the sampler)."""
-        return [collate([self.train_ds[i] for i in idx]) for idx in self.sampler.next_step()]
+        """This rank's collated micro-batches for the next optimizer step (advances the sampler).
+
+        The step after it is assembled on a background thread meanwhile, from a copy of the sampler, so the
+        sampler's state (what a checkpoint saves) only ever counts steps handed out; a prefetch whose indices are
+        not the ones asked for (after a resume) is dropped."""
+        step = self.sampler.next_step()
+        pending, self._pending = self._pending, None
+        batches = pending[1].result() if pending is not None and pending[0] == step else self._collate(step)
+        ahead = copy.copy(self.sampler).next_step()
+        if self._prefetch is None:
+            self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshtune-data")
+        self._pending = (ahead, self._prefetch.submit(self._collate, ahead))
+        return batches
 
     def mean_loss(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> float:
         """The step's mean token loss over all dp ranks (a collective: call it on every rank)."""
@@ -233,6 +251,9 @@ class Trainer:
         if stopped:
             self.metrics.log({"step": self.step, "event": "stopped", "signal": self.stop_signal})
         self.metrics.close()
+        if self._prefetch is not None:  # no thread outlives the run
+            self._prefetch.shutdown(wait=True, cancel_futures=True)
+            self._prefetch, self._pending = None, None
         evals = [r for r in self.history if "eval_loss" in r]
         return {"step": self.step, "history": self.history, "final_eval": evals[-1] if evals else None,
                 "stopped": stopped}

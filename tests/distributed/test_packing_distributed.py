@@ -78,3 +78,29 @@ def test_packed_resume_on_another_layout(rank_pool, tmp_path):
         assert r["start"] == 3
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref"], strict=True)) < 1e-5, r
         assert r["param_diff"] < 1e-5, r
+
+
+def packed_save(run_dir):
+    from meshtune.runtime.run import build_trainer
+
+    straight = build_trainer(tiny_config(f"{run_dir}/straight", *PACKED, *layout(1, 2, 2)))
+    ref = step_losses(straight, 6)
+    first = build_trainer(tiny_config(f"{run_dir}/cut", *PACKED, *layout(1, 2, 2)))
+    step_losses(first, 3)
+    first.save()
+    return {"ref": ref, "params": full_params(straight.model)}
+
+
+def test_packed_resume_on_one_process(rank_pool, tmp_path):
+    """Packed rows saved by 2 FSDP ranks at step 3; this process alone (world size 1) resumes and ends where the
+    2-rank run did."""
+    from meshtune.runtime.env import DistEnv
+    from meshtune.runtime.run import build_trainer
+
+    saved = rank_pool(2).run(packed_save, str(tmp_path))[0]
+    alone = build_trainer(tiny_config(str(tmp_path / "cut"), *PACKED, *layout(1, 1, 8), "checkpoint.resume=auto"),
+                          DistEnv())
+    assert alone.step == 3
+    losses = step_losses(alone, 3)
+    assert max(abs(a - b) for a, b in zip(losses, saved["ref"][3:], strict=True)) < 1e-5
+    assert max_diff(full_params(alone.model), saved["params"]) < 1e-5
