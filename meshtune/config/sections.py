@@ -105,7 +105,7 @@ class DataConfig:
     train_on: Literal["assistant", "last", "all"] = "assistant"
     """Which tokens of a conversation the loss covers: every assistant turn, the last one, or all tokens."""
     cache_dir: str = ""
-    """Token cache for data files: tokenized once (by each node's first rank), memory-mapped by every rank, reused
+    """Token cache for data files: tokenized once (by each node's first rank), read by every rank, reused
     on resume and by later runs of the same data, tokenizer, template and seq_len; share one dir between runs.
     Empty = RUN_DIR/data_cache; `none` = tokenize into memory every time."""
     packing: bool = False

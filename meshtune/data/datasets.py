@@ -10,9 +10,9 @@ padding). Because the labels already carry the mask, the loss is one `cross_entr
 the trainer can normalise by the global count of `labels != -100`.
 
 Data files are read as a stream and tokenized once into a token store (`data.store`): with a cache dir, the
-store is a memory-mapped entry keyed by the data, the tokenizer files, the chat template and every setting the
-tokens depend on, so a resumed run, a later run of the same data and every rank on a node map the same files and
-do not tokenize again. Bundled tasks are generated from the seed and kept in memory.
+store is a cache entry (read where sliced, never loaded whole) keyed by the data, the tokenizer files, the chat
+template and every setting the tokens depend on, so a resumed run, a later run of the same data and every rank
+on a node read the same files and do not tokenize again. Bundled tasks are generated from the seed and kept in memory.
 """
 
 from __future__ import annotations

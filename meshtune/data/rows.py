@@ -6,8 +6,8 @@
 
 Packed rows (`data.packing`) hold several examples; `positions` restart at 0 at each one, which is also what tells
 the model where an example starts, so attention never crosses one (`models.decoder.document_mask`). Padding is
-its own segment with labels -100. Rows are assembled when read, from the store's (memory-mapped) arrays, so their
-memory does not grow with the dataset.
+its own segment with labels -100. Rows are assembled when read, from the store's arrays (a cached store reads only those
+examples from its files), so their memory does not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -114,17 +114,19 @@ class TokenRows:
 
     def _plan(self) -> tuple[np.ndarray, np.ndarray]:
         """The packing plan (`pack_rows`, as store indices); saved beside a cached store and read back next time."""
+        from meshtune.data.store import FileArray
+
         path = getattr(self.store, "path", None)
-        file = path / f"rows-{self.seq_len}-{self.start}-{self.stop}.npz" if path is not None else None
-        if file is not None and file.is_file():
-            with np.load(file) as saved:
-                return saved["row_ptr"], saved["members"]
-        row_ptr, members = pack_rows(np.asarray(self.store.lengths[self.start:self.stop]), self.seq_len)
+        name = f"rows-{self.seq_len}-{self.start}-{self.stop}"
+        files = [path / f"{name}-{part}.npy" for part in ("ptr", "members")] if path is not None else None
+        if files is not None and all(f.is_file() for f in files):
+            return FileArray(files[0]), FileArray(files[1])
+        row_ptr, members = pack_rows(self.store.lengths[self.start:self.stop], self.seq_len)
         members = members + self.start
-        if file is not None:
-            tmp = file.with_name(f".{file.name}.{os.getpid()}.npz")
+        for file, array in zip(files, (row_ptr, members), strict=True) if files else ():
+            tmp = file.with_name(f".{file.stem}.{os.getpid()}.npy")
             try:
-                np.savez(tmp, row_ptr=row_ptr, members=members)
+                np.save(tmp, array)
                 os.replace(tmp, file)
             except OSError:  # a read-only cache: pack again next time
                 tmp.unlink(missing_ok=True)
@@ -137,7 +139,8 @@ class TokenRows:
         """Store indices of the examples in row `r`, in order."""
         if not self.packing:
             return np.array([self.start + r])
-        return self._members[self._row_ptr[r]:self._row_ptr[r + 1]]
+        a, b = (int(x) for x in self._row_ptr[r:r + 2])
+        return self._members[a:b]
 
     @property
     def groups(self) -> list[list[int]]:

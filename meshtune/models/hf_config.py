@@ -83,8 +83,12 @@ def _effective(name: str, m: ModelConfig):
         return head_dim(m)
     if name in ("sliding_window", "layer_types"):
         return layer_windows(m)
-    if name == "rope_scaling":
-        return {} if m.rope_scaling.get("rope_type", "default") == "default" else m.rope_scaling
+    if name == "rope_scaling":  # by meaning: the oldest configs' "type" is "rope_type", "default" is none
+        from meshtune.models.rope import rope_type
+
+        kind = rope_type(m.rope_scaling)
+        rest = {k: v for k, v in m.rope_scaling.items() if k not in ("type", "rope_type")}
+        return {} if kind == "default" else {"rope_type": kind, **rest}
     return getattr(m, name)
 
 

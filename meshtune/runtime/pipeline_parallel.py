@@ -111,6 +111,25 @@ class Pipeline:
         head = self._tied_pair()[1]
         return [head] if head is not None and head.requires_grad else []
 
+    @torch.no_grad()
+    def sync_tied_weights(self) -> None:
+        """Make the last stage's head equal to the first stage's embedding (the first stage sends its local
+        shard). Needed after stages initialise on their own (`model.init_device=meta`), where the head would
+        otherwise draw its own values."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        emb, head = self._tied_pair()
+        local = [None if p is None else p.to_local() if isinstance(p, DTensor) else p for p in (emb, head)]
+        if emb is not None and head is not None:
+            local[1].copy_(local[0])
+        elif emb is not None:
+            dist.send(local[0].contiguous(), group=self.pp_group, group_dst=self.owner[self.num_stages - 1])
+        elif head is not None:
+            got = torch.empty_like(local[1])
+            dist.recv(got, group=self.pp_group, group_src=self.owner[0])
+            local[1].copy_(got)
+
     def sync_tied_grads(self) -> None:
         """Sum the embedding's and the head's gradients of a tied matrix into both copies (a + b == b + a,
         so both ranks hold the same bits)."""

@@ -145,6 +145,8 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                 part.init_buffers()
             for recipe in recipes:
                 recipe.init_weights(part)
+        if pipeline is not None and source is None:
+            pipeline.sync_tied_weights()  # each stage drew its own: the head takes the embedding's values
     if source is not None:  # base weights: only the recipes' own tensors may be missing from them
         load_weights(model, source, shapes, shapes.keys() - base_keys, key="init_from")
     checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last, model_meta={"vocab_size": vocab},

@@ -77,6 +77,38 @@ def test_tied_embeddings_across_stages_match_single_process(rank_pool, tmp_path,
     check(rank_pool(world).run(pp_vs_reference, str(tmp_path), layout, 3), 3)
 
 
+def tied_meta_copies(run_dir):
+    """model.init_device=meta with tied embeddings: each stage initialises its own part; the head must start (and
+    stay) equal to the embedding."""
+    from meshtune.runtime.data_parallel import unwrap
+    from meshtune.runtime.run import build_trainer
+
+    trainer = build_trainer(tiny_config(run_dir, *pp_layout(2, 2, 1, 2, "1F1B", "model.tie_embeddings=true",
+                                                            "model.init_device=meta")))
+
+    def ends():
+        out = {}
+        for part in trainer.pipeline.parts:
+            m = unwrap(part)
+            if m.tok_embeddings is not None:
+                out["emb"] = m.tok_embeddings.weight.full_tensor()
+            if m.output is not None:
+                out["head"] = m.output.weight.full_tensor()
+        return out
+
+    before = ends()
+    step_losses(trainer, 2)
+    return {"before": before, "after": ends()}
+
+
+def test_tied_embeddings_on_meta_start_equal_across_stages(rank_pool, tmp_path):
+    results = rank_pool(4).run(tied_meta_copies, str(tmp_path))
+    for when in ("before", "after"):
+        emb = next(r[when]["emb"] for r in results if "emb" in r[when])
+        head = next(r[when]["head"] for r in results if "head" in r[when])
+        assert emb.equal(head), when
+
+
 def test_3d_pp2_x_fsdp2_x_tp2_loss_curve(rank_pool, tmp_path):
     """One 8-rank run: 10 steps of 3D training follow the single-process loss curve."""
     check(rank_pool(8).run(pp_vs_reference, str(tmp_path), pp_layout(2, 2, 2, 1, "1F1B"), 10), 10)

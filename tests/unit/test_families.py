@@ -74,6 +74,10 @@ def test_init_from_fills_the_model_from_config_json(saved, tmp_path):
     msg = str(info.value)
     assert "3 model value(s)" in msg and "model.dim=64" in msg and "model.norm_eps=1e-05" in msg, msg
     assert f"model.family={cfg.model.family}" in msg and "\n" not in msg
+    if cfg.model.rope_scaling.get("rope_type") == "llama3":  # the oldest configs' "type" says the same thing
+        legacy = {("type" if k == "rope_type" else k): v for k, v in cfg.model.rope_scaling.items()}
+        load_config(None, [f"init_from={path}", "data.task=add", "data.seq_len=16",
+                           f"model.rope_scaling={json.dumps(legacy)}"])
 
 
 def test_a_feature_outside_the_family_is_refused():
@@ -135,3 +139,16 @@ def test_values_the_user_set_right_are_not_contradictions(tmp_path):
     cfg = load_config(None, [f"init_from={tmp_path}", "data.task=add", "data.seq_len=16",
                              f"model.sliding_window={WINDOW}", "model.n_kv_heads=2", "model.head_dim=0"])
     assert cfg.model.sliding_window == WINDOW
+
+
+def test_gemma3_with_one_window_for_every_layer_exports_all_sliding():
+    from meshtune.config import ModelConfig
+    from meshtune.models.hf_config import hf_config_dict, model_config_from_hf
+    from meshtune.models.sizes import layer_windows
+
+    m = ModelConfig(family="gemma3", dim=64, n_layers=3, n_heads=4, head_dim=16, sliding_window=8, layer_types=[],
+                    norm_offset=True, sandwich_norm=True, mlp_act="gelu_tanh", embed_scale=True, qk_norm=True,
+                    rope_local_theta=10000.0, tie_embeddings=True)
+    hf = hf_config_dict(m, 264)
+    assert hf["layer_types"] == ["sliding_attention"] * 3
+    assert layer_windows(model_config_from_hf(hf)) == layer_windows(m) == [8, 8, 8]

@@ -40,7 +40,9 @@ def _to_hf(m) -> dict:
     return {"hidden_activation": "gelu_pytorch_tanh",
             "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,  # transformers: int
             "sliding_window": m.sliding_window or None,
-            "layer_types": list(m.layer_types) or ["full_attention"] * m.n_layers,
+            # [] means the same attention in every layer: all sliding when there is a window (layer_windows)
+            "layer_types": list(m.layer_types) or [
+                "sliding_attention" if m.sliding_window else "full_attention"] * m.n_layers,
             "rope_local_base_freq": local, "final_logit_softcapping": None, "attn_logit_softcapping": None,
             "rope_parameters": {"full_attention": rope, "sliding_attention": {"rope_type": "default",
                                                                                "rope_theta": local}},
