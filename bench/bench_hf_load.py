@@ -146,6 +146,7 @@ def meshtune_launch(path: Path, run_dir: Path, extra: tuple[str, ...] = (), stop
                 if rec.get("event") == "start":
                     marks.setdefault("start", time.perf_counter() - t0)
                     marks["state_bytes"] = rec.get("state_bytes", 0)
+                    marks["startup_s"] = rec.get("startup_s") or {}
                     if stop_at_start and "stopped" not in marks:  # SIGTERM: checkpoint-free graceful stop
                         proc.send_signal(15)
                         marks["stopped"] = 1
@@ -182,6 +183,11 @@ def main() -> None:
               f" until the model is ready {load / 2**30:.2f} GiB = {load / nbytes:.2f}x")
     start, step = r["marks"].get("start", float("nan")), r["marks"]["step"]
     print(f"  launch -> model ready (start event): {start:.1f} s = {start / hf_s:.2f}x transformers' load")
+    phases = r["marks"].get("startup_s") or {}
+    if phases:
+        inside = sum(phases.values())
+        print(f"  rank 0's start-up: launcher before the rank began {start - inside:.1f} s, then "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     print(f"  launch -> first step done: {step:.1f} s = {step / hf_s:.2f}x transformers' load (target <= 3)")
     if r["first"]:
         keys = {k: v for k, v in r["first"].items() if k in ("mem_gb", "step_s", "tokens_per_s")}

@@ -9,6 +9,7 @@ Usable in-process too (tests, notebooks): `train(cfg)` joins an existing process
 from __future__ import annotations
 
 import os
+import time
 from functools import partial
 from pathlib import Path
 
@@ -70,6 +71,32 @@ def build_schedule(optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), else None."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Phases:
+    """Seconds spent in each named phase since the previous call (the first since construction)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+        age = _process_age_s()
+        if age is not None:  # interpreter start, imports, the CLI: everything before build_trainer
+            self.times["process_start"] = round(age, 3)
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = round(now - self._last, 3)
+        self._last = now
+
+
 def data_cache_dir(cfg: Config) -> str | None:
     """Where data files' tokens are cached (`data.cache_dir`), or None (bundled tasks, or `none`)."""
     if cfg.data.task or cfg.data.cache_dir == "none":
@@ -99,12 +126,14 @@ def datasets(cfg: Config, tokenizer, env: DistEnv):
 def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     """Everything a run needs, built and (when a checkpoint exists) restored; call `.fit()` to train."""
     env = env or DistEnv.from_environ()
+    phases = Phases()  # seconds per start-up phase, in the start event: where a slow start goes
     if cfg.train.deterministic and env.device.type == "cuda":
         # CPU kernels are already deterministic for a fixed thread count; on CPU the switch would only add
         # fills of every uninitialised tensor (measured: ~180 ms/step under FSDP2)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
     env.init_process_group(cfg.parallel.timeout_s)
+    phases("process_group")
     check_run_dir(cfg.run_dir)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = vocab_size(cfg, tokenizer)
@@ -114,7 +143,9 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     seed = cfg.train.seed
     torch.manual_seed(seed)  # the same initial weights on every rank
 
+    phases("checks")
     train_ds, eval_ds = datasets(cfg, tokenizer, env)
+    phases("data")
     sampler = StepSampler(len(train_ds), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                           mesh.dp_rank, mesh.dp_size, seed, cfg.data.shuffle)
     assert sampler.accum_steps == plan.accum, (sampler.accum_steps, plan.accum)
@@ -129,6 +160,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # the whole model, before any cut
     trainable, total = count_parameters(model)
     param_dtype = torch.bfloat16 if use_bf16(cfg.train.dtype, env.device) else None
+    phases("model")
     pipeline = None
     if (pp_mesh := mesh.get("pp")) is not None:
         model, pipeline = build_pipeline(model, cfg, plan, mesh, env.device, param_dtype, pp_mesh, recipes)
@@ -147,8 +179,10 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                 recipe.init_weights(part)
         if pipeline is not None and source is None:
             pipeline.sync_tied_weights()  # each stage drew its own: the head takes the embedding's values
+    phases("parallelize")
     if source is not None:  # base weights: only the recipes' own tensors may be missing from them
         load_weights(model, source, shapes, shapes.keys() - base_keys, key="init_from")
+        phases("init_from")
     checkpointer = Checkpointer(cfg.run_dir, env.rank, cfg.checkpoint.keep_last, model_meta={"vocab_size": vocab},
                                 grace_s=env.grace_s)
     checkpointer.remove_stale()
@@ -160,6 +194,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     copies = pipeline.tied_copies() if pipeline is not None else ()  # counted once in the gradient norm
     model, optimizer, engine = build_engine(cfg, mesh, env.device, model, optimizer, plan.accum, copies)
     scheduler = build_schedule(optimizer, cfg)  # after the engine: fairscale's OSS replaces the AdamW
+    phases("engine")
     step = 0
     if path is not None:
         state = engine.load(checkpointer, path)
@@ -169,6 +204,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
         if env.is_main:
             print(f"meshtune: resumed from {path} at step {step}", flush=True)
         checkpointer.warn_if_slow(state.get("save_s"))
+        phases("resume")
     if env.is_main:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.yaml").write_text(dump_yaml(cfg))
@@ -176,7 +212,7 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                       start_step=step)
     # one line per start (a resume adds another): `meshtune report` reads the counts and wall time from it
     metrics.log({"step": step, "event": "start", "trainable_params": trainable, "total_params": total,
-                 "world_size": env.world_size, "state_bytes": model_state_bytes(model)})
+                 "world_size": env.world_size, "state_bytes": model_state_bytes(model), "startup_s": phases.times})
     return Trainer(cfg, mesh, env.device, model, optimizer, scheduler, train_ds, eval_ds, sampler,
                    checkpointer, metrics, step=step, pipeline=pipeline, recipes=recipes, engine=engine, plan=plan)
 
