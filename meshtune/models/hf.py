@@ -83,7 +83,8 @@ def _shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
 
 
 def hf_names(cfg: ModelConfig, names) -> dict[str, str]:
-    """meshtune parameter name -> Hugging Face name, through the family's spec."""
+    """meshtune parameter name -> Hugging Face name, through the family's spec (the parts of a fused HF tensor,
+    e.g. Phi-3's wq/wk/wv, all map to its name; `hf_fused.fused_rows` gives their rows)."""
     fam = family(cfg.family)
     out = {}
     for name in names:

@@ -243,3 +243,6 @@ def test_phi3_longrope_is_refused_in_one_line(phi3_dir):
         with pytest.raises(ConfigError, match=rf"config\.json: {key}=.*longrope.*not implemented") as info:
             model_config_from_hf(bad)
         assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling: rope_type 'linear' is not available for "
+                                          r"model\.family=phi3"):  # an export transformers would refuse
+        load_config(None, ["data.task=add", "model.family=phi3", "model.rope_scaling={rope_type: linear, factor: 2}"])

@@ -57,3 +57,8 @@ def check_features(m, key: str = "model") -> None:
             have = [f.name for f in FAMILIES.values() if name in f.features]
             raise ConfigError(f"{key}.{name}={getattr(m, name)!r}: model.family={fam.name} has no such feature; "
                               f"families that do: {', '.join(have) or 'none'}")
+    kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type", "default"))
+    if not fam.rope_scaling and kind != "default":
+        raise ConfigError(f"{key}.rope_scaling: rope_type {kind!r} is not available for model.family={fam.name} "
+                          "(its Hugging Face architecture scales rotary embeddings in a way meshtune does not "
+                          "implement); drop model.rope_scaling")

@@ -87,6 +87,8 @@ class Family:
     the one-line error for an unsupported key."""
     to_hf: Callable[[object], dict] = lambda m: {}
     """Family-specific config.json keys for a ModelConfig (on top of `common_to_hf`)."""
+    rope_scaling: bool = True
+    """The architecture takes meshtune's scaled rotary embeddings (model.rope_scaling); False: plain only."""
     names: ModuleNames = DECODER
     hf_block: dict[str, str] = field(default_factory=lambda: dict(HF_BLOCK))
     hf_top: dict[str, str] = field(default_factory=lambda: dict(HF_TOP))

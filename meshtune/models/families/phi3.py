@@ -35,5 +35,6 @@ def _to_hf(m) -> dict:
 
 
 FAMILY = Family(name="phi3", model_types=("phi3",), architecture="Phi3ForCausalLM",
-                features=frozenset({"sliding_window"}), from_hf=_from_hf, to_hf=_to_hf, hf_block=HF_PHI3_BLOCK,
+                features=frozenset({"sliding_window"}), rope_scaling=False, from_hf=_from_hf, to_hf=_to_hf,
+                hf_block=HF_PHI3_BLOCK,
                 hf_fused={QKV: (DECODER.q, DECODER.k, DECODER.v), GATE_UP: (DECODER.gate, DECODER.up)})
