@@ -30,6 +30,8 @@ CASES = {
                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                      "full_attention": {"rope_type": "linear", "factor": 2.0,
                                                         "rope_theta": 1000000.0}})),
+    # fused qkv_proj / gate_up_proj; Phi3Config's default pad id (32000) is outside this vocabulary
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=WINDOW, pad_token_id=None, eos_token_id=2)),
 }
 
 

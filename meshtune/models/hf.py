@@ -10,7 +10,8 @@ Reading needs only json and safetensors (transformers stays optional). Tensor na
 (meshtune/models/families/); the expected tensors and shapes from the decoder itself, built on the meta device.
 Query/key rows (weights, biases and the per-head q/k norms) are permuted because meshtune's rotary embedding
 rotates interleaved pairs (Meta's layout) while Hugging Face's rotates halves (its convert_llama_weights_to_hf
-`permute`).
+`permute`). Fused HF tensors (Phi-3's qkv_proj, gate_up_proj) are split into meshtune's separate projections on
+load and concatenated on export (hf_fused.py), the permutation applied on the q/k row ranges.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from meshtune.models.hf_config import (  # noqa: F401 (re-exported: the torch-fr
     read_hf_config,
     read_hf_json,
 )
+from meshtune.models.hf_fused import fuse, fused_rows, hf_key_shapes, parts_of
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -81,7 +83,8 @@ def _shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
 
 
 def hf_names(cfg: ModelConfig, names) -> dict[str, str]:
-    """meshtune parameter name -> Hugging Face name, through the family's spec."""
+    """meshtune parameter name -> Hugging Face name, through the family's spec (the parts of a fused HF tensor,
+    e.g. Phi-3's wq/wk/wv, all map to its name; `hf_fused.fused_rows` gives their rows)."""
     fam = family(cfg.family)
     out = {}
     for name in names:
@@ -128,7 +131,10 @@ def hf_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     path = Path(path)
     cfg = read_hf_config(path)
     expected = _shapes(cfg, cfg.vocab_size)
-    from_hf = {v: k for k, v in hf_names(cfg, expected).items()}
+    names = hf_names(cfg, expected)
+    rows = fused_rows(family(cfg.family), names, expected)
+    want, parts = hf_key_shapes(names, expected, rows), parts_of(rows)
+    from_hf = {v: k for k, v in names.items() if k not in rows}
     files, index = _files(path)
     out = {}
     for fname in files:
@@ -139,13 +145,15 @@ def hf_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
                 for key in f.keys():  # noqa: SIM118 (not a dict)
                     if _IGNORED_HF_KEY.search(key):
                         continue
-                    if key not in from_hf:
+                    if key not in want:
                         raise ConfigError(f"{path / fname}: unexpected tensor {key!r}; config.json describes a "
                                           f"{cfg.family} model without it (does config.json belong to these weights?)")
-                    shape = out[from_hf[key]] = tuple(f.get_slice(key).get_shape())
-                    if shape != expected[from_hf[key]]:
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != want[key]:
                         raise ConfigError(f"{path / fname}: tensor {key!r} has shape {shape}, config.json implies "
-                                          f"{expected[from_hf[key]]} (does config.json belong to these weights?)")
+                                          f"{want[key]} (does config.json belong to these weights?)")
+                    for name in parts[key] if key in parts else [from_hf[key]]:  # fused: each part's rows
+                        out[name] = (rows[name].stop - rows[name].start, *shape[1:]) if name in rows else shape
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"{path / fname}: not a readable safetensors file ({e}); download it again") from None
     if cfg.tie_embeddings and "output.weight" not in out and "tok_embeddings.weight" in out:
@@ -166,18 +174,19 @@ def _local_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def _read_box(f, key: str, offset: tuple[int, ...], shape: tuple[int, ...], heads: int | None,
-              head_rows: int) -> torch.Tensor:
+              head_rows: int, row0: int = 0) -> torch.Tensor:
     """Rows/columns `offset : offset + shape` of tensor `key` in meshtune's layout, reading only those bytes
-    (for rotary-permuted tensors: the whole heads the rows fall in, since the permutation stays within a head)."""
+    (for rotary-permuted tensors: the whole heads the rows fall in, since the permutation stays within a head).
+    `row0`: where the tensor's rows start in `key` (a part of a fused tensor)."""
     if 0 in shape:  # an empty FSDP shard (more ranks than chunks of dim 0)
         return torch.empty(shape)
     sl = f.get_slice(key)
     if heads is None:
-        return sl[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+        return sl[tuple(slice(o, o + n) for o, n in zip((offset[0] + row0, *offset[1:]), shape, strict=True))]
     a, b = offset[0], offset[0] + shape[0]
     h0, h1 = a // head_rows, -(-b // head_rows)
     cols = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:], strict=True))
-    rows = unpermute_rope_rows(sl[(slice(h0 * head_rows, h1 * head_rows), *cols)], h1 - h0)
+    rows = unpermute_rope_rows(sl[(slice(row0 + h0 * head_rows, row0 + h1 * head_rows), *cols)], h1 - h0)
     return rows[a - h0 * head_rows: b - h0 * head_rows]
 
 
@@ -197,7 +206,9 @@ def load_hf_into(model: torch.nn.Module, path: str | Path) -> int:
     path = Path(path)
     cfg = read_hf_config(path)
     files, _ = _files(path)
-    names = hf_names(cfg, _shapes(cfg, cfg.vocab_size))
+    shapes = _shapes(cfg, cfg.vocab_size)
+    names = hf_names(cfg, shapes)
+    rows = fused_rows(family(cfg.family), names, shapes)
     if cfg.tie_embeddings:  # the head reads the embedding (HF stores it once)
         names["output.weight"] = names["tok_embeddings.weight"]
     where = {}
@@ -214,7 +225,8 @@ def load_hf_into(model: torch.nn.Module, path: str | Path) -> int:
         heads = _rope_heads(name, cfg)
         # one open per tensor: the memory map's touched pages count in this rank's RSS until it is closed
         with safe_open(str(where[key]), framework="pt") as f:
-            piece = _read_box(f, key, offset, shape, heads, p.shape[0] // heads if heads else 0)
+            piece = _read_box(f, key, offset, shape, heads, p.shape[0] // heads if heads else 0,
+                              rows[name].start if name in rows else 0)
         local = p.to_local() if isinstance(p, DTensor) else p
         local.copy_(piece.to(local.dtype))
         read += piece.numel() * piece.element_size()
@@ -235,7 +247,10 @@ def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     cfg = read_hf_config(path)
     shapes = _shapes(cfg, cfg.vocab_size)
-    from_hf = {v: k for k, v in hf_names(cfg, shapes).items()}
+    names = hf_names(cfg, shapes)
+    rows = fused_rows(family(cfg.family), names, shapes)
+    want, parts = hf_key_shapes(names, shapes, rows), parts_of(rows)
+    from_hf = {v: k for k, v in names.items() if k not in rows}
     files, index = _files(path)
     state: dict[str, torch.Tensor] = {}
     for fname in files:
@@ -244,15 +259,19 @@ def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         for key, t in load_file(str(path / fname)).items():
             if _IGNORED_HF_KEY.search(key):
                 continue
-            name = from_hf.get(key)
-            if name is None:
+            if key not in want:
                 raise ConfigError(f"{path / fname}: unexpected tensor {key!r}; config.json describes a "
                                   f"{cfg.family} model without it (does config.json belong to these weights?)")
-            if tuple(t.shape) != shapes[name]:
+            if tuple(t.shape) != want[key]:
                 raise ConfigError(f"{path / fname}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies "
-                                  f"{shapes[name]} (does config.json belong to these weights?)")
-            heads = _rope_heads(name, cfg)
-            state[name] = unpermute_rope_rows(t, heads).contiguous() if heads else t
+                                  f"{want[key]} (does config.json belong to these weights?)")
+            if key in parts:  # a fused tensor: each part's rows, a tensor of its own
+                pieces = [(n, t[rows[n].start: rows[n].stop].clone()) for n in parts[key]]
+            else:
+                pieces = [(from_hf[key], t)]
+            for name, piece in pieces:
+                heads = _rope_heads(name, cfg)
+                state[name] = unpermute_rope_rows(piece, heads).contiguous() if heads else piece
     if "output.weight" not in state and cfg.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     missing = [k for k in shapes if k not in state]
@@ -276,14 +295,20 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         raise ConfigError(f"save_hf_checkpoint: {extra[0]!r} has no Hugging Face {cfg.family} name; merge or drop "
                           "recipe tensors (LoRA, adapters) before exporting")
     names = hf_names(cfg, shapes)
-    tensors = {}
+    rows = fused_rows(family(cfg.family), names, shapes)
+    tensors, parts = {}, {}
     for name in shapes:
         if name not in state:
             raise ConfigError(f"save_hf_checkpoint: the state has no {name!r}")
         t = state[name].detach().to("cpu")
         heads = _rope_heads(name, cfg)
-        # clone: safetensors refuses tensors that share storage (tied weights, views)
-        tensors[names[name]] = (permute_rope_rows(t, heads) if heads else t).contiguous().clone()
+        t = permute_rope_rows(t, heads) if heads else t
+        if name in rows:  # a part of a fused tensor: concatenated below, in its place among the keys
+            parts[name] = t
+            tensors.setdefault(names[name], None)
+        else:  # clone: safetensors refuses tensors that share storage (tied weights, views)
+            tensors[names[name]] = t.contiguous().clone()
+    tensors.update(fuse(parts, rows))
     return tensors
 
 

@@ -16,11 +16,11 @@ LAYOUTS = {"fsdp2": ["parallel.dp_shard=2"], "tp2": ["parallel.dp_shard=1", "par
            "fsdp2-meta": ["parallel.dp_shard=2", "model.init_device=meta"],
            "ddp": ["parallel.dp_replicate=2", "parallel.dp_shard=1"]}  # shards allocated, then filled
 # a window of 8 at seq_len 24 and tied embeddings (Llama 3.2 / small Qwen2.5) are in the fsdp2 cases;
-# Gemma 3 (tied) runs under TP too
+# Gemma 3 (tied) runs under TP too; Phi-3's fused qkv_proj / gate_up_proj under both
 RUNS = [("llama3.2-tied", "fsdp2"), ("llama3.2-tied", "fsdp2-meta"), ("mistral-window", "fsdp2"),
         ("mistral-window", "tp2"),
         ("qwen2.5-tied-bias", "fsdp2"), ("qwen2.5-bias", "tp2"), ("qwen3-qknorm", "fsdp2"), ("qwen3-qknorm", "tp2"),
-        ("gemma3", "fsdp2"), ("gemma3", "tp2"), ("qwen2.5-bias", "ddp")]
+        ("gemma3", "fsdp2"), ("gemma3", "tp2"), ("qwen2.5-bias", "ddp"), ("phi3", "fsdp2"), ("phi3", "tp2")]
 
 
 def train_lora(run_dir: str, hf_dir: str, layout: str) -> dict:
@@ -109,7 +109,7 @@ def read_sharded(hf_dir: str, layout: str) -> dict:
     return {"read": read, "params": full_params(model)}
 
 
-@pytest.mark.parametrize("case", ["qwen3-qknorm", "qwen2.5-tied-bias"])
+@pytest.mark.parametrize("case", ["qwen3-qknorm", "qwen2.5-tied-bias", "phi3"])
 @pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
 def test_each_rank_reads_only_its_slices(rank_pool, hf_dirs, case, layout):
     """Loading at scale: per rank about half of the bytes (rotary-permuted rows read in whole heads, norms and

@@ -92,7 +92,7 @@ def test_a_feature_outside_the_family_is_refused():
                            "model.layer_types=[sliding_attention]", "model.n_layers=2"])
 
 
-RECIPE_CASES = ["mistral-window", "qwen2.5-tied-bias", "qwen3-qknorm", "gemma3"]
+RECIPE_CASES = ["mistral-window", "qwen2.5-tied-bias", "qwen3-qknorm", "gemma3", "phi3"]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_every_recipe_trains_on_every_family(recipe_dirs, tmp_path, case, recipe
     from meshtune.runtime.run import build_trainer
     from tests.distributed.cases import step_losses
 
-    if (case, recipe) == ("mistral-window", "prefix"):
+    if case in ("mistral-window", "phi3") and recipe == "prefix":
         pytest.skip("a window of 8 in every layer keeps the prefix out of the answer tokens' reach (as in "
                     "transformers, where prefixes are cached positions): nothing to learn")
     cfg = load_config(None, [f"init_from={recipe_dirs[case]}", f"run_dir={tmp_path}", "data.task=reverse",
@@ -152,3 +152,97 @@ def test_gemma3_with_one_window_for_every_layer_exports_all_sliding():
     hf = hf_config_dict(m, 264)
     assert hf["layer_types"] == ["sliding_attention"] * 3
     assert layer_windows(model_config_from_hf(hf)) == layer_windows(m) == [8, 8, 8]
+
+
+@pytest.fixture(scope="module")
+def phi3_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("phi3-fused")
+    hf_model("phi3").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("targets", [["wq", "wv", "w3", "wo"], ["wq", "wv", "w3", "layers.0.attention.wk"]],
+                         ids=["same-parts-every-layer", "more-parts-in-layer-0"])
+def test_fused_peft_export_of_some_parts_matches_peft(phi3_dir, tmp_path, targets):
+    """LoRA on some of q/k/v and gate/up of Phi-3 becomes one adapter on qkv_proj / gate_up_proj (zero blocks for
+    the parts without one, rank and alpha scaled together): PeftModel on the HF model gives meshtune's logits."""
+    from safetensors.torch import save_file
+
+    from meshtune.recipes import RecipeConfig, apply_recipes, build_recipes, export_state
+    from meshtune.recipes.lora import LoRAConfig, adapter_config, peft_state_dict
+
+    peft = pytest.importorskip("peft")
+    cfg = read_hf_config(phi3_dir)
+    lora = LoRAConfig(rank=4, alpha=6.0, targets=targets)
+    recipes = build_recipes(RecipeConfig(name="lora", lora=lora))
+    model = build_model(cfg, cfg.vocab_size)
+    model.load_state_dict(load_hf_state_dict(phi3_dir))
+    model = apply_recipes(model, recipes)
+    torch.manual_seed(3)
+    with torch.no_grad():  # B != 0 everywhere, so a wrong block, permutation or scaling shows
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.2)
+    adapter = peft_state_dict(export_state(model.state_dict(), recipes), cfg)
+    qkv = "base_model.model.model.layers.0.self_attn.qkv_proj"
+    assert {k.rsplit(".", 2)[0] for k in adapter} >= {qkv, qkv.replace("0.self_attn.qkv", "1.mlp.gate_up")}
+    conf = adapter_config(lora, adapter)
+    if "layers.0.attention.wk" in targets:  # layer 0 adapts q, k, v (rank 12), layer 1 q and v (rank 8)
+        assert adapter[f"{qkv}.lora_A.weight"].shape[0] == 12
+        assert sorted(conf["rank_pattern"].values()) == [8, 12] and sorted(conf["alpha_pattern"].values()) == [12, 18]
+    else:
+        assert conf["rank_pattern"] == {"qkv_proj": 8} and conf["alpha_pattern"] == {"qkv_proj": 12.0}
+    assert adapter[f"{qkv}.lora_B.weight"].shape[0] == 128  # q 64 + k 32 + v 32 rows, the zero k block too
+    save_file(adapter, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(conf))
+    base = transformers.AutoModelForCausalLM.from_pretrained(phi3_dir, attn_implementation="sdpa").eval()
+    adapted = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    x = tokens()
+    ours = logits(model.eval(), x)
+    assert (ours - logits(hf_model("phi3"), x)).abs().max() > 1e-3  # the adapters change the model
+    gap = (logits(adapted, x) - ours).abs().max().item()
+    assert gap < 1e-4, gap
+
+
+def test_fused_export_of_a_shrunk_phi3(phi3_dir, tmp_path):
+    """Structured pruning's shrunk model (one of two kv groups and a third of the MLP channels cut out of the
+    separate wq/wk/wv/w1/w3) exports to a smaller Phi3ForCausalLM with the pruned model's logits."""
+    from meshtune.recipes.prune.export import shrink_state
+
+    cfg = read_hf_config(phi3_dir)
+    state = load_hf_state_dict(phi3_dir)
+    for i in range(cfg.n_layers):  # kv group 1 (k/v rows 16:32, its query heads' rows 32:64), MLP channels 64:96
+        for name, rows in (("attention.wq", slice(32, 64)), ("attention.wk", slice(16, 32)),
+                           ("attention.wv", slice(16, 32)), ("feed_forward.w1", slice(64, 96)),
+                           ("feed_forward.w3", slice(64, 96))):
+            state[f"layers.{i}.{name}.weight"][rows] = 0
+    pruned = build_model(cfg, cfg.vocab_size)
+    pruned.load_state_dict(state)
+    small_state, small_cfg = shrink_state(state, cfg)
+    assert (small_cfg.n_heads, small_cfg.n_kv_heads, small_cfg.ffn_dim) == (2, 1, 64)
+    save_hf_checkpoint(small_state, small_cfg, cfg.vocab_size, tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="sdpa").eval()
+    assert back.model.layers[0].self_attn.qkv_proj.weight.shape == (64, 64)
+    assert back.model.layers[0].mlp.gate_up_proj.weight.shape == (128, 64)
+    x = tokens()
+    gap = (logits(back, x) - logits(pruned.eval(), x)).abs().max().item()
+    assert gap < 1e-4, gap
+
+
+def test_phi3_longrope_is_refused_in_one_line(phi3_dir):
+    """The 128k variants' LongRoPE (`longrope`, or `su` in older config.json files) names the key."""
+    from meshtune.models.hf_config import model_config_from_hf
+
+    hf = json.loads((phi3_dir / "config.json").read_text())
+    factors = [1.0] * 8
+    for key, rope in (("rope_scaling", {"type": "longrope", "short_factor": factors, "long_factor": factors}),
+                      ("rope_scaling", {"type": "su", "short_factor": factors, "long_factor": factors}),
+                      ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": factors,
+                                           "long_factor": factors})):
+        bad = {**{k: v for k, v in hf.items() if k != "rope_parameters"}, key: rope}
+        with pytest.raises(ConfigError, match=rf"config\.json: {key}=.*longrope.*not implemented") as info:
+            model_config_from_hf(bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling: rope_type 'linear' is not available for "
+                                          r"model\.family=phi3"):  # an export transformers would refuse
+        load_config(None, ["data.task=add", "model.family=phi3", "model.rope_scaling={rope_type: linear, factor: 2}"])

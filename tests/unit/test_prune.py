@@ -141,6 +141,7 @@ FAMILY_FEATURES = {
     "qwen3": ["model.family=qwen3", "model.qk_norm=true", "model.head_dim=12"],  # per-head norms stay whole
     "gemma3": ["model.family=gemma3", "model.qk_norm=true", "model.norm_offset=true", "model.sandwich_norm=true",
                "model.mlp_act=gelu_tanh", "model.embed_scale=true", "model.tie_embeddings=true"],
+    "phi3": ["model.family=phi3", "model.sliding_window=8"],  # fused in HF, separate here: shrinks the same
 }
 
 

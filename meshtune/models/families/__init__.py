@@ -11,13 +11,13 @@ Adding a family: a module here with its FAMILY, listed below, and its parity tes
 from __future__ import annotations
 
 from meshtune.config import ConfigError
-from meshtune.models.families import gemma3, llama, mistral, qwen2, qwen3
+from meshtune.models.families import gemma3, llama, mistral, phi3, qwen2, qwen3
 from meshtune.models.families.base import DECODER, FEATURES, Family, ModuleNames
 
 __all__ = ["DECODER", "FAMILIES", "Family", "ModuleNames", "check_features", "family", "family_of_hf"]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
-                                                    gemma3.FAMILY)}
+                                                    gemma3.FAMILY, phi3.FAMILY)}
 
 
 def family(name: str, key: str = "model.family") -> Family:
@@ -57,3 +57,8 @@ def check_features(m, key: str = "model") -> None:
             have = [f.name for f in FAMILIES.values() if name in f.features]
             raise ConfigError(f"{key}.{name}={getattr(m, name)!r}: model.family={fam.name} has no such feature; "
                               f"families that do: {', '.join(have) or 'none'}")
+    kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type", "default"))
+    if not fam.rope_scaling and kind != "default":
+        raise ConfigError(f"{key}.rope_scaling: rope_type {kind!r} is not available for model.family={fam.name} "
+                          "(its Hugging Face architecture scales rotary embeddings in a way meshtune does not "
+                          "implement); drop model.rope_scaling")

@@ -87,13 +87,23 @@ class Family:
     the one-line error for an unsupported key."""
     to_hf: Callable[[object], dict] = lambda m: {}
     """Family-specific config.json keys for a ModelConfig (on top of `common_to_hf`)."""
+    rope_scaling: bool = True
+    """The architecture takes meshtune's scaled rotary embeddings (model.rope_scaling); False: plain only."""
     names: ModuleNames = DECODER
     hf_block: dict[str, str] = field(default_factory=lambda: dict(HF_BLOCK))
     hf_top: dict[str, str] = field(default_factory=lambda: dict(HF_TOP))
+    hf_fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """HF block modules holding several meshtune modules as row ranges of one tensor, in row order (Phi-3:
+    `self_attn.qkv_proj` -> (wq, wk, wv)); `hf_block` maps each of those modules to the fused name too. The
+    weight adapter splits such tensors on load and concatenates them on export; PEFT export fuses the LoRAs."""
 
     def peft_name(self, module: str) -> str:
         """A block module's name in PEFT's `target_modules` (`attention.wq` -> `q_proj`)."""
         return self.hf_block[module].rsplit(".", 1)[-1]
+
+    def fused_parts(self, module: str) -> tuple[str, ...] | None:
+        """The meshtune modules sharing `module`'s fused HF tensor, in row order; None for an unfused module."""
+        return self.hf_fused.get(self.hf_block.get(module, ""))
 
 
 def hf_rope(hf: dict) -> tuple[float, dict]:

@@ -21,7 +21,8 @@ their base layer:
 
 Hugging Face PEFT export: `peft_state_dict` renames to PEFT's HF-Llama keys and applies the rotary row
 permutation to lora_B of wq/wk (meshtune rotates interleaved pairs, HF rotates halves); `adapter_config` writes
-adapter_config.json.
+adapter_config.json. Where the family's HF model fuses projections (Phi-3's qkv_proj, gate_up_proj) the parts'
+adapters become one exact adapter on the fused module: A stacked, B block-diagonal, its alpha scaled with its rank.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from meshtune.config import ConfigError, ModelConfig
 from meshtune.models.hf import permute_rope_rows, unpermute_rope_rows  # noqa: F401 (re-exported)
+from meshtune.models.hf_fused import fuse_lora
 from meshtune.recipes.base import PeftRecipe
 from meshtune.recipes.targets import matches
 
@@ -233,7 +235,9 @@ def peft_state_dict(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str,
 
     `layers.{i}.attention.wq.lora_a.weight` -> `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
     (names from the family spec); lora_B of the query / key projections gets the rotary row permutation
-    (n_heads / n_kv_heads) like the base weights do. Non-LoRA keys are ignored.
+    (n_heads / n_kv_heads) like the base weights do. Parts of a fused HF module (the spec's `hf_fused`) become
+    one adapter on it (`meshtune.models.hf_fused.fuse_lora`; rank = the parts' ranks summed, so
+    `adapter_config` scales its alpha to keep alpha / r). Non-LoRA keys are ignored.
 
     Raises:
         ValueError: for a LoRA tensor with no HF counterpart (e.g. on the output head).
@@ -243,7 +247,7 @@ def peft_state_dict(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str,
     fam = family(m.family)
     heads = {fam.names.q: m.n_heads, fam.names.k: m.n_kv_heads or m.n_heads}
     adaptable = [n for n in fam.names.projections if n in fam.hf_block]
-    out = {}
+    out, fused = {}, {}
     for key, t in state.items():
         if ".lora_a." not in key and ".lora_b." not in key:
             continue
@@ -254,25 +258,56 @@ def peft_state_dict(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str,
         layer, module, ab = match.groups()
         if ab == "b" and module in heads:
             t = permute_rope_rows(t, heads[module])
-        out[f"base_model.model.model.layers.{layer}.{fam.hf_block[module]}.lora_{ab.upper()}.weight"] = t.contiguous()
+        name = f"base_model.model.model.layers.{layer}.{fam.hf_block[module]}.lora_{{}}.weight"
+        if fam.fused_parts(module):  # joined with the other parts below, in its place among the keys
+            fused.setdefault(name, {})[(module, ab)] = t
+            out.setdefault(name.format("A"), None)
+            out.setdefault(name.format("B"), None)
+        else:
+            out[name.format(ab.upper())] = t.contiguous()
+    rows = _part_rows(m) if fused else {}
+    for name, pairs in fused.items():
+        parts = fam.fused_parts(next(iter(pairs))[0])
+        out[name.format("A")], out[name.format("B")] = fuse_lora(
+            [(rows[p], pairs.get((p, "a")), pairs.get((p, "b"))) for p in parts])
     return out
+
+
+def _part_rows(m: ModelConfig) -> dict[str, int]:
+    """Output rows of each block module (the same in every layer), from the decoder built on meta."""
+    from meshtune.models.decoder import build_model
+
+    block = build_model(m, m.vocab_size or 1, "meta").layers["0"]
+    return {n: mod.out_features for n, mod in block.named_modules() if isinstance(mod, nn.Linear)}
 
 
 def adapter_config(cfg: LoRAConfig, peft_state: dict[str, torch.Tensor]) -> dict:
     """adapter_config.json for `peft_state` (from `peft_state_dict`).
 
     `target_modules` is the list of HF projection names when every layer adapts the same ones, else a regex
-    that PEFT full-matches against module names (e.g. LoRA on some layers only).
+    that PEFT full-matches against module names (e.g. LoRA on some layers only). A fused module's adapter of
+    rank n * r (n parts adapted) gets `rank_pattern` n * r and `alpha_pattern` n * alpha: PEFT's alpha / r then
+    equals meshtune's.
     """
     modules = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in peft_state})
     short = sorted({m.rsplit(".", 1)[1] for m in modules})
     layers = {m.split(".")[2] for m in modules}
     uniform = len(modules) == len(short) * len(layers)
     targets = short if uniform else "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+    rank_of = {m: peft_state[f"base_model.model.{m}.lora_A.weight"].shape[0] for m in modules}
+    by_short: dict[str, set[int]] = {}
+    for module, r in rank_of.items():
+        by_short.setdefault(module.rsplit(".", 1)[1], set()).add(r)
+    if all(len(rs) == 1 for rs in by_short.values()):  # the same in every layer: patterns by the short name
+        ranks = {s: next(iter(rs)) for s, rs in by_short.items()}
+    else:
+        ranks = {re.escape(m): r for m, r in rank_of.items()}
+    ranks = {k: r for k, r in ranks.items() if r != cfg.rank}  # fused modules: n * rank, n parts adapted
+    extra = {"rank_pattern": ranks, "alpha_pattern": {k: cfg.alpha * (r // cfg.rank) for k, r in ranks.items()}}
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "", "r": cfg.rank,
             "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none",
             "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "modules_to_save": None,
-            "inference_mode": True}
+            "inference_mode": True, **(extra if ranks else {})}
 
 
 # Tensor parallelism: A and B shard like their base layer. For a colwise base (output features split) A is
