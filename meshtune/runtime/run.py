@@ -223,10 +223,11 @@ def build_pipeline(model, cfg: Config, plan: Plan, mesh: ParallelMesh, device, p
     Pipeline."""
     n = plan.num_stages
     ids = plan.stages_of(mesh.coordinate["pp"])
-    parts = [parallelize(stage_module(model, list(plan.stage_layers[i]), i == 0, i == n - 1), mesh, cfg.parallel,
-                         device, param_dtype, recipes=recipes) for i in ids]
+    chunk = cfg.train.loss_chunk_size
+    parts = [parallelize(stage_module(model, list(plan.stage_layers[i]), i == 0, i == n - 1, bool(chunk)), mesh,
+                         cfg.parallel, device, param_dtype, recipes=recipes) for i in ids]
     pipeline = Pipeline(parts, ids, n, cfg.parallel, plan.accum, pp_mesh.get_group(), device, cfg.model.dim,
-                        tied=cfg.model.tie_embeddings)
+                        tied=cfg.model.tie_embeddings, loss_chunk=chunk)
     return parts_view([unwrap(part) for part in parts]), pipeline
 
 

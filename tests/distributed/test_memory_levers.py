@@ -1,0 +1,69 @@
+"""Memory levers on real gloo ranks against the single-process reference (full logits, no checkpointing, no
+offload) from the same seed: chunked loss, selective activation checkpointing, FSDP2 CPU offload."""
+
+from dataclasses import replace
+
+import pytest
+
+from tests.distributed.cases import full_params, max_diff, step_losses, tiny_config
+
+TOL = 1e-5
+
+
+def lever_vs_reference(run_dir, overrides, teacher=None):
+    """First-step gradients and a few steps' losses of a layout with levers vs one plain process."""
+    from meshtune.runtime.data_parallel import unwrap
+    from meshtune.runtime.env import DistEnv
+    from meshtune.runtime.run import build_trainer
+    from tests.distributed.cases import full
+
+    extra = [f"recipe.distill.teacher={teacher}"] if teacher else []
+    cfg = tiny_config(run_dir, *overrides, *extra)
+    ref_cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=cfg.train.global_batch_size, loss_chunk_size=0),
+                      parallel=replace(cfg.parallel, dp_replicate=1, dp_shard=1, tp=1, pp=1, cpu_offload=False,
+                                       activation_checkpointing=False, ac_every=1, ac_mode="full"))
+    ref, trainer = build_trainer(ref_cfg, DistEnv()), build_trainer(cfg)
+
+    def grads(t):  # a pipeline rank holds its stages' parameters: compare those
+        return {n: full(p.grad).clone() for n, p in unwrap(t.model).named_parameters(remove_duplicate=False)
+                if p.requires_grad}
+
+    def held(mine, theirs):
+        return mine, {k: theirs[k] for k in mine}
+    ref.forward_backward(ref.next_micro_batches())
+    trainer.forward_backward(trainer.next_micro_batches())
+    grad_diff = max_diff(*held(grads(trainer), grads(ref)))
+    for t in (ref, trainer):
+        t.engine.zero_grad()
+    losses, ref_losses = step_losses(trainer, 3), step_losses(ref, 3)
+    return {"grad_diff": grad_diff, "losses": losses, "ref_losses": ref_losses,
+            "param_diff": max_diff(*held(full_params(trainer.model), full_params(ref.model))),
+            "devices": sorted({str(p.device) for p in unwrap(trainer.model).parameters()})}
+
+
+CHUNK = "train.loss_chunk_size=5"
+CASES = {
+    "fsdp-chunked": [CHUNK, "parallel.dp_shard=2", "train.micro_batch_size=2"],
+    "fsdp-chunked-tied": [CHUNK, "parallel.dp_shard=2", "train.micro_batch_size=4", "model.tie_embeddings=true"],
+    "ddp-chunked-lora": [CHUNK, "parallel.dp_replicate=2", "parallel.dp_shard=1", "train.micro_batch_size=2",
+                         "recipe.name=lora"],
+    "tp-chunked": [CHUNK, "parallel.tp=2", "parallel.dp_shard=1"],
+    "pp-chunked-tied": [CHUNK, "parallel.pp=2", "parallel.dp_shard=1", "train.micro_batch_size=2",
+                        "model.tie_embeddings=true"],
+    "fsdp-chunked-distill-sharded-teacher": [CHUNK, "parallel.dp_shard=2", "train.micro_batch_size=2",
+                                             "recipe.name=distill", "recipe.distill.alpha=0.4",
+                                             "recipe.distill.teacher_shard=fsdp"],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_lever_matches_single_process(rank_pool, tmp_path, name):
+    teacher = None
+    if "distill" in name:
+        from tests.distributed.test_distill_distributed import write_teacher
+
+        teacher = str(write_teacher(tmp_path / "teacher.safetensors"))
+    for r in rank_pool(2).run(lever_vs_reference, str(tmp_path / "run"), CASES[name], teacher):
+        assert r["grad_diff"] < TOL, r
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
+        assert r["param_diff"] < 1e-4, r
