@@ -311,6 +311,10 @@ def check_core(cfg) -> None:
         for key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv)):
             need(heads % p.tp == 0, f"{key}: {heads} heads cannot be split over parallel.tp={p.tp}; choose a tp "
                  f"that divides {heads}")
+    need(p.ac_every >= 1, f"parallel.ac_every: must be >= 1 (1 = every block), got {p.ac_every}")
+    need(p.activation_checkpointing or (p.ac_every == 1 and p.ac_mode == "full"), "parallel.ac_every / "
+         "parallel.ac_mode: they choose what activation checkpointing does; set parallel.activation_checkpointing"
+         "=true")
     need(p.timeout_s > 0, f"parallel.timeout_s: must be positive, got {p.timeout_s}")
     need(p.zero_stage in (1, 2, 3), f"parallel.zero_stage: {p.zero_stage} is not a ZeRO stage; pick 1, 2 or 3")
     need(not p.deepspeed_config or Path(p.deepspeed_config).is_file(), f"parallel.deepspeed_config: file "

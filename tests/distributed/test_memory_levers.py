@@ -53,6 +53,11 @@ CASES = {
     "fsdp-chunked-distill-sharded-teacher": [CHUNK, "parallel.dp_shard=2", "train.micro_batch_size=2",
                                              "recipe.name=distill", "recipe.distill.alpha=0.4",
                                              "recipe.distill.teacher_shard=fsdp"],
+    "fsdp-selective-ac-every2": ["parallel.dp_shard=2", "train.micro_batch_size=2",
+                                 "parallel.activation_checkpointing=true", "parallel.ac_mode=selective_op",
+                                 "parallel.ac_every=2"],
+    "tp-selective-ac-lora": ["parallel.tp=2", "parallel.dp_shard=1", "recipe.name=lora",
+                             "parallel.activation_checkpointing=true", "parallel.ac_mode=selective_op"],
 }
 
 
