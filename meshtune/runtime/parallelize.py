@@ -79,7 +79,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
             block.compile()
     pipelined = mesh.get("pp") is not None
     if (fsdp_mesh := mesh.get("fsdp")) is not None:
-        return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype, pipelined)
+        return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype, pipelined, cfg.cpu_offload)
     if mesh.dims.dp_mode == "ddp" and tp_mesh is not None:
         # DDP cannot take DTensor parameters; FSDP2 replicating over (dp_replicate, dp_shard=1) is DDP x TP
         return apply_fsdp(model, mesh.replicate_mesh(), False, param_dtype, pipelined)

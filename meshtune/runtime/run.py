@@ -170,11 +170,16 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     if meta:
         for part in pipeline.parts if pipeline else [model]:
             part = unwrap(part)
-            part.to_empty(device=env.device)
+            # FSDP2 CPU offload wants its shards materialised in CPU memory; the buffers then go to the device
+            part.to_empty(device="cpu" if cfg.parallel.cpu_offload else env.device)
             if source is None:
                 part.init_weights()
             else:  # every base weight comes from init_from (check_fits): random values would be overwritten
                 part.init_buffers()
+            if cfg.parallel.cpu_offload:
+                for module in part.modules():
+                    for name, buf in module.named_buffers(recurse=False):
+                        setattr(module, name, buf.to(env.device))
             for recipe in recipes:
                 recipe.init_weights(part)
         if pipeline is not None and source is None:

@@ -58,6 +58,14 @@ CASES = {
                                  "parallel.ac_every=2"],
     "tp-selective-ac-lora": ["parallel.tp=2", "parallel.dp_shard=1", "recipe.name=lora",
                              "parallel.activation_checkpointing=true", "parallel.ac_mode=selective_op"],
+    "fsdp-offload": ["parallel.cpu_offload=true", "parallel.dp_shard=2", "train.micro_batch_size=2"],
+    "fsdp-offload-chunked-selective-lora": ["parallel.cpu_offload=true", "parallel.dp_shard=2", CHUNK,
+                                            "parallel.activation_checkpointing=true", "parallel.ac_mode=selective_op",
+                                            "recipe.name=lora", "train.micro_batch_size=4"],
+    "fsdp2-tp2-offload": ["parallel.cpu_offload=true", "parallel.dp_shard=2", "parallel.tp=2",
+                          "train.micro_batch_size=2"],
+    "pp2-fsdp2-offload-chunked": ["parallel.cpu_offload=true", "parallel.dp_shard=2", "parallel.pp=2", CHUNK,
+                                  "train.micro_batch_size=2"],
 }
 
 
@@ -68,7 +76,43 @@ def test_lever_matches_single_process(rank_pool, tmp_path, name):
         from tests.distributed.test_distill_distributed import write_teacher
 
         teacher = str(write_teacher(tmp_path / "teacher.safetensors"))
-    for r in rank_pool(2).run(lever_vs_reference, str(tmp_path / "run"), CASES[name], teacher):
+    world = 4 if any(k in name for k in ("tp2", "pp2")) else 2
+    for r in rank_pool(world).run(lever_vs_reference, str(tmp_path / "run"), CASES[name], teacher):
         assert r["grad_diff"] < TOL, r
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
         assert r["param_diff"] < 1e-4, r
+
+
+def offload_vs_on_device(run_dir):
+    """Losses of FSDP2 with and without CPU offload on the same ranks, and where the shards live."""
+    from meshtune.runtime.data_parallel import unwrap
+    from meshtune.runtime.run import build_trainer
+
+    out = {}
+    for offload in (False, True):
+        trainer = build_trainer(tiny_config(run_dir, "parallel.dp_shard=2", "train.micro_batch_size=2",
+                                            f"parallel.cpu_offload={str(offload).lower()}"))
+        out[offload] = [x.hex() for x in step_losses(trainer, 3)]
+        out[f"devices-{offload}"] = sorted({p.device.type for p in unwrap(trainer.model).parameters()})
+        group = unwrap(trainer.model).layers["0"]._get_fsdp_state()._fsdp_param_group  # FSDP2 internals: test only
+        out[f"policy-{offload}"] = type(group.offload_policy).__name__
+    return out
+
+
+def test_cpu_offload_on_a_cpu_device_changes_nothing(rank_pool, tmp_path):
+    """On a CPU device FSDP2's offload copies are `.to("cpu")` of CPU tensors (no copy): losses are bitwise those
+    of the run without offload; the policy is applied all the same."""
+    for r in rank_pool(2).run(offload_vs_on_device, str(tmp_path)):
+        assert r[True] == r[False], r
+        assert r["policy-True"] == "CPUOffloadPolicy" and r["policy-False"] == "OffloadPolicy", r
+        assert r["devices-True"] == ["cpu"]
+
+
+@pytest.mark.parametrize("world,overrides", [(1, ["parallel.dp_shard=1"]), (2, ["parallel.engine=deepspeed"])])
+def test_cpu_offload_needs_fsdp2(tmp_path, world, overrides):
+    from meshtune.config import ConfigError
+    from meshtune.runtime.plan import make_plan
+
+    cfg = tiny_config(str(tmp_path), "parallel.cpu_offload=true", *overrides)
+    with pytest.raises(ConfigError, match=r"^parallel\.cpu_offload: FSDP2 offload needs parallel\.engine=native"):
+        make_plan(cfg, world)
