@@ -8,9 +8,9 @@ for 16-bit; rotary and norms compute in fp32, so bf16 is an estimate):
     none           5 dim + 5 q + 4 ffn + heads + 2    (q = heads x head_dim; k and v are stored repeated to q)
     full           dim                                (the block's input; backward recomputes one block at once)
     selective_op   3 dim + 2 q + 2 kv + 2 ffn + heads (the outputs of the matmuls and of attention, and the input)
-Logits: without chunking the loss keeps fp32 log-probabilities (4 B T V bytes) for backward and the logits
-themselves exist while the loss is computed (B T V x element size); chunked, the same for B x chunk x V, one
-chunk at a time (in backward, where the chunk's logits are recomputed).
+Logits: without chunking the loss keeps fp32 log-probabilities (4 B T V bytes) for backward, and backward adds
+their gradient and the logits' (`logits_bytes`); chunked, the same for B x chunk x V, one chunk at a time (in
+backward, where the chunk's logits are recomputed). bench/bench_memory.py measures these peaks.
 """
 
 from __future__ import annotations
@@ -57,11 +57,16 @@ def activation_bytes(s: Shapes, tokens: int, layers: list[int], elem: int, check
 
 
 def logits_bytes(s: Shapes, batch: int, seq: int, elem: int, chunk: int = 0) -> dict[str, float]:
-    """{'kept': fp32 log-probabilities kept for backward at once, 'peak': kept + the logits alive with them}
-    for one micro-batch of `batch` x `seq` tokens; `chunk` = train.loss_chunk_size (0 = off)."""
+    """Bytes of the loss for one micro-batch of `batch` x `seq` tokens; `chunk` = train.loss_chunk_size (0 = off).
+
+    'kept': the fp32 log-probabilities kept for backward at once. 'peak': the most the loss holds, in backward:
+    kept + their gradient (fp32) + the logits' gradient (element size) + the head weight's gradient before it is
+    accumulated, + the logits themselves when unchunked (the trainer holds them for the recipes; a chunk's are
+    freed once its log-probabilities exist)."""
     positions = min(chunk, seq) if chunk else seq
-    kept = 4.0 * batch * positions * s.vocab
-    return {"kept": kept, "peak": kept + elem * batch * positions * s.vocab}
+    n = batch * positions * s.vocab
+    kept = 4.0 * n
+    return {"kept": kept, "peak": kept + 4.0 * n + elem * n + (0 if chunk else elem * n) + 4.0 * s.vocab * s.dim}
 
 
 def parse_bytes(text: str) -> float:
