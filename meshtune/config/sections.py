@@ -163,7 +163,18 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in backward instead of storing them."""
+    """Recompute blocks' activations in backward instead of storing them (every block; see parallel.ac_every
+    and parallel.ac_mode)."""
+    ac_every: int = 1
+    """With activation checkpointing, checkpoint every k-th block (layers 0, k, 2k, ...); 1 = every block, 2 =
+    half of them (trades memory for less recompute)."""
+    ac_mode: Literal["full", "selective_op"] = "full"
+    """With activation checkpointing: `full` recomputes a checkpointed block entirely; `selective_op` keeps its
+    matmul and attention outputs and recomputes only the cheap ops between them (norms, activations, rotary)."""
+    cpu_offload: bool = False
+    """FSDP2 (parallel.engine=native with dp_shard > 1): keep sharded parameters, gradients and optimizer state
+    in CPU memory (CPUOffloadPolicy, pinned where CUDA is present); each block's parameters are copied to the
+    device for its compute and the optimizer steps on CPU."""
     compile: bool = False
     """Compile each block with torch.compile."""
     timeout_s: float = 600.0
@@ -214,6 +225,10 @@ class TrainConfig:
     """Micro-batches per rank used by one evaluation; 0 = the whole evaluation split."""
     log_every: int = 10
     """Write a metrics line every this many steps."""
+    loss_chunk_size: int = 0
+    """Compute the output head and the loss in chunks of this many sequence positions, each chunk's logits
+    recomputed in backward, so the full (batch, seq, vocab) logits are never held (distillation's KL too);
+    0 = off. E.g. 1024 with a 128K vocabulary at seq 8192 holds 1/8 of the logits at a time."""
     deterministic: bool = True
     """Use deterministic CUDA algorithms so a resumed run repeats an uninterrupted one bitwise (CPU kernels
     already are)."""
@@ -268,7 +283,7 @@ def check_core(cfg) -> None:
                        ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
                        ("train.eval_every", t.eval_every), ("train.eval_batches", t.eval_batches),
                        ("checkpoint.every", c.every), ("data.num_train", d.num_train),
-                       ("train.stop_after", t.stop_after)]:
+                       ("train.stop_after", t.stop_after), ("train.loss_chunk_size", t.loss_chunk_size)]:
         need(value >= 0, f"{key}: must be >= 0, got {value}")
     need(t.log_every > 0, f"train.log_every: must be positive, got {t.log_every}")
     need(c.keep_last >= 1, f"checkpoint.keep_last: must be >= 1 so the newest checkpoint is kept, got {c.keep_last}")
@@ -296,6 +311,10 @@ def check_core(cfg) -> None:
         for key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv)):
             need(heads % p.tp == 0, f"{key}: {heads} heads cannot be split over parallel.tp={p.tp}; choose a tp "
                  f"that divides {heads}")
+    need(p.ac_every >= 1, f"parallel.ac_every: must be >= 1 (1 = every block), got {p.ac_every}")
+    need(p.activation_checkpointing or (p.ac_every == 1 and p.ac_mode == "full"), "parallel.ac_every / "
+         "parallel.ac_mode: they choose what activation checkpointing does; set parallel.activation_checkpointing"
+         "=true")
     need(p.timeout_s > 0, f"parallel.timeout_s: must be positive, got {p.timeout_s}")
     need(p.zero_stage in (1, 2, 3), f"parallel.zero_stage: {p.zero_stage} is not a ZeRO stage; pick 1, 2 or 3")
     need(not p.deepspeed_config or Path(p.deepspeed_config).is_file(), f"parallel.deepspeed_config: file "
@@ -310,6 +329,12 @@ def check_core(cfg) -> None:
     need(p.engine != "fairscale" or p.dp_shard in (-1, 1), f"parallel.dp_shard: {p.dp_shard} asks for sharded "
          "parameters, and FairScale's FSDP needs CUDA streams (it now lives in PyTorch as FSDP2); use "
          "parallel.engine=native for FSDP2, or dp_shard=1 for FairScale OSS + DDP")
+    need(not (t.loss_chunk_size and p.tp != 1 and p.sequence_parallel), "train.loss_chunk_size: a chunked loss "
+         "does not split sequence-parallel hidden states; set parallel.sequence_parallel=false or "
+         "train.loss_chunk_size=0")
+    need(not (t.loss_chunk_size and p.engine == "deepspeed" and p.zero_stage == 3), "train.loss_chunk_size: "
+         "DeepSpeed ZeRO-3 gathers the head only inside forward; use parallel.zero_stage 1 or 2, or "
+         "train.loss_chunk_size=0")
     if c.resume not in ("auto", "never"):
         need(Path(c.resume).exists(), f"checkpoint.resume: {c.resume} does not exist; give auto, never or a "
              "checkpoint directory")

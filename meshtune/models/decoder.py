@@ -269,12 +269,15 @@ class Transformer(nn.Module):
         self.tie_weights()
         return self
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                hidden_only: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V).
 
         A pipeline stage without `tok_embeddings` takes hidden states (B, T, dim); one without `norm` and
-        `output` returns hidden states (B, T, dim). `positions` (B, T), for packed rows (`data.packing`), are
-        each token's position in its own example; a 0 starts an example, and attention stays within one.
+        `output` returns hidden states (B, T, dim), and so does `hidden_only=True` (the final norm applied,
+        the head not: a chunked loss applies `output` itself, runtime/chunked_loss.py). `positions` (B, T), for
+        packed rows (`data.packing`), are each token's position in its own example; a 0 starts an example, and
+        attention stays within one.
 
         Raises:
             ValueError: if T exceeds model.max_seq_len.
@@ -296,7 +299,7 @@ class Transformer(nn.Module):
             h = layer(h, *local, segments) if layer.local_rope else layer(h, cos, sin, segments)
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is not None:
+        if self.output is not None and not hidden_only:
             h = self.output(h)  # (B, T, V)
         return h
 

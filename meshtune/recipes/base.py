@@ -74,8 +74,9 @@ class Recipe:
 
         `task_loss` is the cross-entropy SUMMED over the micro-batch's valid tokens (the trainer scales it by
         dp / global tokens afterwards), so a returned loss must be a per-token sum too. `logits` are the model's
-        outputs for `batch["input_ids"]` (on the device), `batch` holds input_ids and labels. Recipes chain:
-        each gets the previous one's result. The logged loss stays the task loss."""
+        outputs for `batch["input_ids"]` (on the device), or, with train.loss_chunk_size, a ChunkedLogits
+        (runtime/chunked_loss.py) whose `sum_over_chunks` sums a term chunk by chunk; `batch` holds input_ids and
+        labels. Recipes chain: each gets the previous one's result. The logged loss stays the task loss."""
         return task_loss
 
     def tp_plan(self, model: nn.Module, plan: dict) -> dict:

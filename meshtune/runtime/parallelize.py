@@ -14,7 +14,7 @@ import functools
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from meshtune.config import ParallelConfig
 from meshtune.runtime.data_parallel import apply_ddp, apply_fsdp
@@ -22,14 +22,38 @@ from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.tensor_parallel import apply_tp
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward instead of keeping them.
+def _matmul_ops() -> set:
+    """The ops selective checkpointing keeps: matmuls and fused attention (whichever kernels this torch has)."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"]
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
 
-    The block's own `forward` is replaced by a checkpointed call of it, rather than wrapping the block in
-    another module, so parameter names (and so checkpoints and recipes' name patterns) do not change.
+
+def _selective_context():
+    """torch.utils.checkpoint contexts that keep matmul / attention outputs and recompute every other op."""
+    keep = _matmul_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int = 1, mode: str = "full") -> None:
+    """Recompute blocks' activations in backward instead of keeping them.
+
+    Layers 0, every, 2 * every, ... are checkpointed (by layer index, so a pipeline cut does not move them).
+    `mode="full"` keeps only each checkpointed block's input; `selective_op` also keeps its matmul and
+    attention outputs (the expensive ops) and recomputes norms, rotary, activations and the rest (Korthikanti
+    et al. 2022's selective recomputation, per op). The block's own `forward` is replaced by a checkpointed call
+    of it, rather than wrapping the block in another module, so parameter names (and so checkpoints and
+    recipes' name patterns) do not change.
     """
-    for block in model.layers.values():
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    extra = {"context_fn": _selective_context} if mode == "selective_op" else {}
+    for name, block in model.layers.items():
+        if int(name) % every:
+            continue
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **extra)
         block.activation_checkpointing = True
 
 
@@ -49,13 +73,13 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
     if (tp_mesh := mesh.get("tp")) is not None:
         apply_tp(model, tp_mesh, cfg.sequence_parallel, recipes)
     if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, cfg.ac_every, cfg.ac_mode)
     if cfg.compile:
         for block in model.layers.values():
             block.compile()
     pipelined = mesh.get("pp") is not None
     if (fsdp_mesh := mesh.get("fsdp")) is not None:
-        return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype, pipelined)
+        return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype, pipelined, cfg.cpu_offload)
     if mesh.dims.dp_mode == "ddp" and tp_mesh is not None:
         # DDP cannot take DTensor parameters; FSDP2 replicating over (dp_replicate, dp_shard=1) is DDP x TP
         return apply_fsdp(model, mesh.replicate_mesh(), False, param_dtype, pipelined)

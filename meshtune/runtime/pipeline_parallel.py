@@ -20,18 +20,24 @@ everywhere in meshtune; `scale_grads=False` keeps the schedule from dividing by 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
 
 from meshtune.config import ParallelConfig
+from meshtune.runtime.chunked_loss import ChunkedLogits
 from meshtune.runtime.grads import eval_counts, summed_loss
 from meshtune.runtime.plan import stage_ids
 
 
-def stage_module(model: nn.Module, layers: list[int], first: bool, last: bool) -> nn.Module:
-    """A copy of `model` holding only `layers` (and embeddings / head at the ends); names are unchanged."""
+def stage_module(model: nn.Module, layers: list[int], first: bool, last: bool,
+                 head_in_loss: bool = False) -> nn.Module:
+    """A copy of `model` holding only `layers` (and embeddings / head at the ends); names are unchanged.
+    With `head_in_loss` (a chunked loss) the last stage keeps its head but returns hidden states."""
     stage = copy.deepcopy(model)
+    if last and head_in_loss:  # the schedule calls stages without keywords
+        stage.forward = functools.partial(stage.forward, hidden_only=True)
     for name in list(stage.layers):
         if int(name) not in layers:
             del stage.layers[name]
@@ -61,7 +67,8 @@ class Pipeline:
     """This rank's stages and the schedule that runs them."""
 
     def __init__(self, parts: list[nn.Module], ids: list[int], num_stages: int, cfg: ParallelConfig,
-                 n_microbatches: int, pp_group, device: torch.device, dim: int, tied: bool = False):
+                 n_microbatches: int, pp_group, device: torch.device, dim: int, tied: bool = False,
+                 loss_chunk: int = 0):
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
@@ -72,6 +79,7 @@ class Pipeline:
         self.dim = dim
         self.is_first, self.is_last = 0 in ids, num_stages - 1 in ids
         self.tied = tied
+        self.loss_chunk = loss_chunk  # the last stage returns hidden states; the loss applies its head in chunks
         self.scale = 1.0
         self._eval_totals: torch.Tensor | None = None
         stages = [PipelineStage(part, i, num_stages, device, group=pp_group) for part, i in zip(parts, ids,
@@ -82,9 +90,15 @@ class Pipeline:
                             scale_grads=False)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.loss_chunk:
+            from meshtune.runtime.data_parallel import unwrap
+
+            head = unwrap(self.parts[self.ids.index(self.num_stages - 1)]).output
+            logits = ChunkedLogits(logits, head, self.loss_chunk)
         if self._eval_totals is not None:  # evaluation: count, nothing to differentiate
-            self._eval_totals += eval_counts(logits, labels)
-            return logits.new_zeros(())
+            full = logits.full() if self.loss_chunk else logits
+            self._eval_totals += eval_counts(full, labels)
+            return full.new_zeros(())
         return summed_loss(logits, labels) * self.scale
 
     def _run(self, run, micro_batches: list[dict], device: torch.device) -> list[torch.Tensor]:

@@ -166,6 +166,10 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Pl
         raise ConfigError(str(e)) from None
     if p.engine != "native":  # every rank a replica; the engine shards state itself (tp = pp = 1 by config)
         dims = replace(dims, dp_replicate=dims.world_size, dp_shard=1)
+    if p.cpu_offload and (p.engine != "native" or dims.dp_shard == 1):
+        raise ConfigError("parallel.cpu_offload: FSDP2 offload needs parallel.engine=native and parallel.dp_shard > 1 "
+                          f"(got engine={p.engine}, dp_shard={dims.dp_shard}); DeepSpeed offloads with "
+                          "parallel.offload_optimizer / offload_param")
     if t.global_batch_size % (t.micro_batch_size * dims.dp):
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                           f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree {dims.dp}; "

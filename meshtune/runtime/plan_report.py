@@ -6,10 +6,9 @@ rank are counted exactly by building the busiest rank's share on the meta device
     parameters 4 B per parameter the rank holds, gradients 4 B and optimizer state 8 B per trainable one,
     divided over the data-parallel ranks where the engine shards them (FSDP2: all three; DeepSpeed ZeRO-1:
     optimizer state, ZeRO-2: + gradients, ZeRO-3: + parameters; FairScale OSS: optimizer state);
-    activations per micro-batch ~ 34 * layers * tokens * dim bytes in 16-bit (Korthikanti et al. 2022, with
-    fused scaled-dot-product attention, which stores no score matrix; tensor parallelism divides 24 of the
-    34 terms by tp, sequence parallelism all of them), doubled for fp32; with activation checkpointing each
-    block keeps only its input, plus one block's full activations during recompute.
+    activations and logits per micro-batch in flight from the decoder's own shapes (runtime/memory_plan.py,
+    checked against counted saved tensors), with each lever on and off: chunked loss, activation checkpointing
+    modes, FSDP2 CPU offload (parameters, gradients and optimizer state leave the device).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from meshtune.data import build_tokenizer
 from meshtune.data.files import iter_records
 from meshtune.models import build_model
 from meshtune.recipes import apply_recipes, build_recipes
+from meshtune.runtime.memory_plan import Shapes, activation_bytes, logits_bytes
 from meshtune.runtime.mesh import AXES, ParallelMesh, fake_process_group
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import stage_module
@@ -59,7 +59,9 @@ def _rank_layout(cfg: Config, plan: Plan, vocab: int, rank: int) -> dict:
         local = [(q.to_local() if isinstance(q, DTensor) else q, q.requires_grad) for q in unique]
         groups = {a: mesh.get(a).mesh.flatten().tolist() for a in AXES if mesh.get(a) is not None}
         return {"rank": rank, "params": sum(t.numel() for t, _ in local), "groups": groups,
-                "trainable": sum(t.numel() for t, g in local if g), "layers": sum(len(x.layers) for x in parts)}
+                "trainable": sum(t.numel() for t, g in local if g), "layers": sum(len(x.layers) for x in parts),
+                "layer_ids": sorted(int(i) for x in parts for i in x.layers),
+                "head": any(getattr(x, "output", None) is not None for x in parts)}
 
 
 def engine_shards(plan: Plan) -> tuple[int, int, int]:
@@ -74,8 +76,9 @@ def engine_shards(plan: Plan) -> tuple[int, int, int]:
     return 1, 1, 1
 
 
-def describe_plan(cfg: Config, world_size: int) -> str:
-    """A short report of the plan and per-rank memory; raises ConfigError for an impossible plan."""
+def describe_plan(cfg: Config, world_size: int, device_memory: float | None = None) -> str:
+    """A short report of the plan and per-rank memory, with each memory lever on and off (and, given
+    `device_memory` bytes, which fit); raises ConfigError for an impossible plan."""
     t, m, p = cfg.train, cfg.model, cfg.parallel
     plan = preflight(cfg, world_size)  # every check a rank would make at start-up
     vocab = vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
@@ -89,22 +92,28 @@ def describe_plan(cfg: Config, world_size: int) -> str:
     per_stage = world_size // dims.pp
     layouts = [_rank_layout(cfg, plan, vocab, s * per_stage) for s in range(dims.pp)]
     busiest = max(layouts, key=lambda x: x["params"])
-    seq, dim = cfg.data.seq_len, m.dim
+    seq = cfg.data.seq_len
     bytes_per_elem = 4 if t.dtype == "fp32" else 2  # auto = bf16 on the GPUs a plan is made for
-    # Korthikanti et al.: tensor parallelism divides 24 of the 34 sbh terms, sequence parallelism all of them
-    factor = 34 / dims.tp if p.sequence_parallel else 10 + 24 / dims.tp
-    per_layer = t.micro_batch_size * seq * dim * factor / 2 * bytes_per_elem
-    layers = busiest["layers"]
+    layers = busiest["layer_ids"]
     # micro-batches whose activations a stage holds at once: all of them under GPipe, up to pp under 1F1B
     accum = plan.accum
     in_flight = 1 if dims.pp == 1 else accum if p.pp_schedule == "GPipe" else min(accum, dims.pp)
-    if p.activation_checkpointing:
-        act = layers * t.micro_batch_size * seq * dim * bytes_per_elem * in_flight + per_layer
-    else:
-        act = layers * per_layer * in_flight
+    shapes = model_shapes(cfg, vocab, dims.tp)
+    tokens = t.micro_batch_size * seq * in_flight
     params, trainable = busiest["params"], busiest["trainable"]
     sp, sg, so = engine_shards(plan)
-    mem_p, mem_g, mem_o = 4 * params / sp, 4 * trainable / sg, 8 * trainable / so
+    state = {"parameters": 4 * params / sp, "gradients": 4 * trainable / sg, "optimizer": 8 * trainable / so}
+    has_head = busiest["head"]  # the last pipeline stage holds the logits
+
+    def levers(chunk: int, ac: bool, every: int, mode: str, offload: bool) -> dict[str, float]:
+        act = activation_bytes(shapes, tokens, layers, bytes_per_elem, ac, every, mode)
+        logit = logits_bytes(shapes, t.micro_batch_size, seq, bytes_per_elem, chunk)["peak"] if has_head else 0.0
+        row = {k: (0.0 if offload else v) for k, v in state.items()}
+        return {**row, "activations": act, "logits": logit}
+
+    now = levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload)
+    act = now["activations"]
+    mem_p, mem_g, mem_o = state["parameters"], state["gradients"], state["optimizer"]
     lines = [f"layout: {plan.describe()}",
              f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dims.dp} x accumulation "
              f"{accum}; {t.global_batch_size * seq:,} tokens per step"]
@@ -117,8 +126,47 @@ def describe_plan(cfg: Config, world_size: int) -> str:
                      f"{[len(x) for x in plan.stage_layers]}")
     held = f"{params // sp:,}" if sp > 1 else f"{params:,}"
     lines += [f"model: {n:,} parameters; recipe: {cfg.recipe.name or 'none (full training)'}",
-              f"per rank (busiest: rank {busiest['rank']}, {layers} layers): {held} parameters "
+              f"per rank (busiest: rank {busiest['rank']}, {len(layers)} layers): {held} parameters "
               f"({trainable // sp:,} trainable); parameters {_gb(mem_p)}, gradients {_gb(mem_g)}, "
               f"AdamW state {_gb(mem_o)}, activations ~{_gb(act)} "
               f"({'fp32' if bytes_per_elem == 4 else 'bf16'}); total ~{_gb(mem_p + mem_g + mem_o + act)}"]
+    lines += lever_table(now, levers, cfg, plan, device_memory)
     return "\n".join(lines + data_lines)
+
+
+def model_shapes(cfg: Config, vocab: int, tp: int) -> Shapes:
+    """The widths the memory formulas need, per tensor-parallel rank (heads and the MLP split over tp)."""
+    from meshtune.models.sizes import ffn_hidden_dim, head_dim
+
+    m = cfg.model
+    hd = head_dim(m)
+    return Shapes(dim=m.dim, q=m.n_heads * hd // tp, kv=(m.n_kv_heads or m.n_heads) * hd // tp,
+                  ffn=ffn_hidden_dim(m) // tp, heads=m.n_heads // tp, vocab=vocab)
+
+
+def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float | None) -> list[str]:
+    """Per-rank bytes with each memory lever switched on alone (from the config as it is), and which fit."""
+    t, p = cfg.train, cfg.parallel
+    chunk = t.loss_chunk_size or min(1024, cfg.data.seq_len)
+    rows = [("as configured", now),
+            (f"train.loss_chunk_size={chunk}", levers(chunk, p.activation_checkpointing, p.ac_every, p.ac_mode,
+                                                       p.cpu_offload)),
+            ("activation_checkpointing (all blocks)", levers(t.loss_chunk_size, True, 1, "full", p.cpu_offload)),
+            ("ac_every=2", levers(t.loss_chunk_size, True, 2, "full", p.cpu_offload)),
+            ("ac_mode=selective_op", levers(t.loss_chunk_size, True, 1, "selective_op", p.cpu_offload))]
+    if plan.engine == "native" and plan.dims.dp_shard > 1:
+        rows.append(("cpu_offload (params, grads, AdamW state on CPU)",
+                     levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, True)))
+    rows.append(("all levers", levers(chunk, True, 1, "full", plan.engine == "native" and plan.dims.dp_shard > 1)))
+    keys = ("parameters", "gradients", "optimizer", "activations", "logits")
+    out = ["memory levers, per rank on the device (GiB): " + " / ".join(keys) + " = total"]
+    for name, row in rows:
+        total = sum(row[k] for k in keys)
+        fits = "" if device_memory is None else ("  fits" if total <= device_memory else "  does not fit")
+        out.append(f"  {name:<48} " + " / ".join(f"{row[k] / 2**30:.3f}" for k in keys) + f" = {total / 2**30:.3f}"
+                   + fits)
+    if device_memory is not None:
+        fit = [name for name, row in rows if sum(row[k] for k in keys) <= device_memory]
+        out.append(f"device memory {_gb(device_memory)}: " + (
+            f"fits with: {', '.join(fit)}" if fit else "no lever alone fits; add ranks (dp_shard, tp or pp)"))
+    return out

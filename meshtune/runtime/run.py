@@ -170,11 +170,16 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
     if meta:
         for part in pipeline.parts if pipeline else [model]:
             part = unwrap(part)
-            part.to_empty(device=env.device)
+            # FSDP2 CPU offload wants its shards materialised in CPU memory; the buffers then go to the device
+            part.to_empty(device="cpu" if cfg.parallel.cpu_offload else env.device)
             if source is None:
                 part.init_weights()
             else:  # every base weight comes from init_from (check_fits): random values would be overwritten
                 part.init_buffers()
+            if cfg.parallel.cpu_offload:
+                for module in part.modules():
+                    for name, buf in module.named_buffers(recurse=False):
+                        setattr(module, name, buf.to(env.device))
             for recipe in recipes:
                 recipe.init_weights(part)
         if pipeline is not None and source is None:
@@ -223,10 +228,11 @@ def build_pipeline(model, cfg: Config, plan: Plan, mesh: ParallelMesh, device, p
     Pipeline."""
     n = plan.num_stages
     ids = plan.stages_of(mesh.coordinate["pp"])
-    parts = [parallelize(stage_module(model, list(plan.stage_layers[i]), i == 0, i == n - 1), mesh, cfg.parallel,
-                         device, param_dtype, recipes=recipes) for i in ids]
+    chunk = cfg.train.loss_chunk_size
+    parts = [parallelize(stage_module(model, list(plan.stage_layers[i]), i == 0, i == n - 1, bool(chunk)), mesh,
+                         cfg.parallel, device, param_dtype, recipes=recipes) for i in ids]
     pipeline = Pipeline(parts, ids, n, cfg.parallel, plan.accum, pp_mesh.get_group(), device, cfg.model.dim,
-                        tied=cfg.model.tie_embeddings)
+                        tied=cfg.model.tie_embeddings, loss_chunk=chunk)
     return parts_view([unwrap(part) for part in parts]), pipeline
 
 

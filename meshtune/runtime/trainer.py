@@ -24,6 +24,8 @@ import torch.distributed as dist
 from meshtune.data import StepSampler, collate, eval_batches, model_args
 from meshtune.recipes.base import Recipe
 from meshtune.runtime.checkpoint import Checkpointer
+from meshtune.runtime.chunked_loss import ChunkedLogits
+from meshtune.runtime.data_parallel import unwrap
 from meshtune.runtime.grads import (
     IGNORE_INDEX,
     count_tokens,
@@ -73,6 +75,8 @@ class Trainer:
         self.engine = engine  # backward, no-sync, clip + optimizer step, checkpoints (runtime/engines)
         # FSDP2 casts parameters itself (MixedPrecisionPolicy), so do engines that own precision; else autocast
         self.autocast = use_bf16(cfg.train.dtype, device) and not mesh.uses_fsdp and not engine.owns_precision
+        self.loss_chunk = cfg.train.loss_chunk_size  # chunked loss: the model returns hidden states
+        self._forward_kwargs = {"hidden_only": True} if self.loss_chunk else {}
         self.history: list[dict] = []
         self.stop_signal: int | None = None  # set from a signal handler: save and stop after this step
         self._prefetch: ThreadPoolExecutor | None = None  # assembles the next step's batches during this one
@@ -110,11 +114,14 @@ class Trainer:
             # DDP's no_sync must cover forward and backward; autocast only the forward
             with self.engine.accumulate(last=i == len(micro_batches) - 1):
                 with self._autocast():
-                    logits = self.model(*model_args(mb, self.device))
-                loss = summed_loss(logits, labels)
-                total = loss
-                for recipe in self.recipes:
-                    total = recipe.loss(total, logits, mb)
+                    logits = self.model(*model_args(mb, self.device), **self._forward_kwargs)
+                if self.loss_chunk:  # the head runs chunk by chunk inside the loss, in the forward's precision
+                    logits = ChunkedLogits(logits, unwrap(self.model).output, self.loss_chunk)
+                with self._autocast() if self.loss_chunk else contextlib.nullcontext():
+                    loss = summed_loss(logits, labels)
+                    total = loss
+                    for recipe in self.recipes:
+                        total = recipe.loss(total, logits, mb)
                 self.engine.backward(total * scale)
             loss_sum += loss.detach()
         return loss_sum, tokens

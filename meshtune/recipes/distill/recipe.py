@@ -17,6 +17,8 @@ dropped from merged exports: it serves training only.
 The teacher is laid out on its own (`recipe.distill.teacher_shard`): a full copy per rank, or FSDP2-sharded
 over the data-parallel ranks whatever the student's layout (a DDP student with a sharded teacher is the case
 that saves memory). Every dp rank runs the same number of micro-batches, so the teacher's collectives match.
+With `train.loss_chunk_size` both models return hidden states and the KL is summed chunk by chunk, each
+chunk's student and teacher logits recomputed in backward (runtime/chunked_loss.py).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from meshtune.config import ConfigError
 from meshtune.data import IGNORE_INDEX, model_args
 from meshtune.recipes.base import Recipe
+from meshtune.runtime.chunked_loss import ChunkedLogits
 
 PROJ = "distill_proj"  # the projection's module name on the student (a top-level child of the decoder)
 
@@ -116,13 +120,17 @@ class DistillRecipe(Recipe):
         if self.teacher is None:
             raise RuntimeError("DistillRecipe.loss before setup(): build the trainer with build_trainer")
         mask = batch["labels"].to(logits.device) != IGNORE_INDEX
+        chunked = isinstance(logits, ChunkedLogits)  # train.loss_chunk_size: the teacher's head is chunked too
         # the teacher computes in the student's precision (bf16 when the trainer autocasts the student)
-        autocast = torch.autocast(self.device.type, dtype=logits.dtype, enabled=logits.dtype == torch.bfloat16)
-        with torch.no_grad(), autocast:
-            teacher_logits = self.teacher(*model_args(batch, self.device))
+        def autocast():
+            return torch.autocast(self.device.type, dtype=logits.dtype, enabled=logits.dtype == torch.bfloat16)
+        with torch.no_grad(), autocast():
+            teacher_logits = self.teacher(*model_args(batch, self.device), hidden_only=chunked)
         kd = self.kd
         total = kd.alpha * task_loss
-        if kd.alpha < 1:
+        if kd.alpha < 1 and chunked:
+            total = total + (1 - kd.alpha) * logits.sum_over_chunks(self._chunk_kd(autocast), teacher_logits, mask)
+        elif kd.alpha < 1:
             total = total + (1 - kd.alpha) * kd_loss(logits, teacher_logits, mask, kd.temperature, kd.kl)
         if kd.hidden > 0:
             student, teacher = self._hidden["student"], self._hidden["teacher"]
@@ -130,6 +138,19 @@ class DistillRecipe(Recipe):
             mse = F.mse_loss(student[mask].float(), teacher[mask].float(), reduction="none").mean(-1).sum()
             total = total + kd.hidden * mse
         return total
+
+    def _chunk_kd(self, autocast):
+        """The KL of one chunk, given the student's chunk logits and the teacher's chunk hidden states: the
+        teacher's head runs here too (again in backward), so neither model's full logits exist at once."""
+        weight = self.teacher.output.weight
+        if isinstance(weight, DTensor):  # an FSDP2-sharded teacher: its frozen head, gathered once per batch
+            weight = weight.full_tensor()
+
+        def kd_chunk(student: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), autocast():
+                teacher = F.linear(teacher_hidden, weight)
+            return kd_loss(student, teacher, mask, self.kd.temperature, self.kd.kl)
+        return kd_chunk
 
     def merge_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in state.items() if PROJ not in k.split(".")}

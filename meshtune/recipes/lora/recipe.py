@@ -89,9 +89,11 @@ class LoRALinear(nn.Linear):
                 x, w, a, b = x.to(dt), w.to(dt), a.to(dt), b.to(dt)
             return _LoRAFn.apply(x, w, a, b, self.scaling)
         # the general path (bias, active dropout, tensor-parallel DTensors): the same sum through the
-        # children, whose parallel styles shard A and B; the rank-r tensor is scaled, then added in place
+        # children, whose parallel styles shard A and B; the rank-r tensor is scaled, then added. Not in place:
+        # selective checkpointing (parallel.ac_mode=selective_op) keeps the base matmul's output for backward,
+        # and DTensor hides an in-place add on it from the checkpoint's mutation check
         out = F.linear(x, w, self.bias)
-        return out.add_(self.lora_b(self.lora_a(self.lora_dropout(x)) * self.scaling))
+        return out + self.lora_b(self.lora_a(self.lora_dropout(x)) * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A, shaped like the base weight (out x in)."""

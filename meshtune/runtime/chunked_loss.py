@@ -1,0 +1,70 @@
+"""Chunked cross-entropy: the output head and the loss over sequence chunks, never the full (B, T, V) logits.
+
+A 128K vocabulary at 8K tokens is 4 GiB of fp32 logits per sequence, and backward holds their gradient too.
+With `train.loss_chunk_size: c` the model returns its final hidden states (B, T, dim) (`hidden_only=True`)
+and the loss runs the head on c positions at a time. Each chunk's head matmul and fp32 loss run inside
+`torch.utils.checkpoint`: backward keeps only the chunk's input (a view of the hidden states, which exist
+anyway) and recomputes the chunk's logits there, one chunk at a time. Peak logits memory: B x c x V (with
+its fp32 copy and gradient) instead of B x T x V. Cost: the head's forward matmul runs twice (one third more
+head FLOPs). The head is called as a module, so LoRA, fake-quant and tensor-parallel hooks on it still run.
+
+    logits = ChunkedLogits(model(tokens, hidden_only=True), model.output, 512)
+    loss = logits.sum_over_chunks(summed_loss, labels)    # what summed_loss(logits, labels) does for you
+
+Recipes whose loss reads logits (distillation's KL) receive a ChunkedLogits and sum their term the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class ChunkedLogits:
+    """Stand-in for the (B, T, V) logits of `head(hidden)`, computed `chunk_size` positions at a time.
+
+    Attributes:
+        hidden: the head's input (B, T, dim).
+        head: the output projection module.
+        chunk_size: sequence positions per chunk.
+    """
+
+    def __init__(self, hidden: torch.Tensor, head: nn.Module, chunk_size: int):
+        assert chunk_size > 0, chunk_size
+        self.hidden, self.head, self.chunk_size = hidden, head, chunk_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    def sum_over_chunks(self, fn: Callable[..., torch.Tensor], *aligned: torch.Tensor) -> torch.Tensor:
+        """Sum over sequence chunks of `fn(logits_chunk, *aligned_chunks)`.
+
+        Args:
+            fn: a deterministic function of one chunk's logits (B, c, V) and the matching slices of `aligned`,
+                returning a scalar (it runs again in backward, on the recomputed logits).
+            aligned: (B, T, ...) tensors sliced along the sequence like the logits (labels, masks, a teacher's
+                hidden states).
+        """
+        T = self.hidden.shape[1]
+        total = None
+        for start in range(0, T, self.chunk_size):
+            parts = [t[:, start:start + self.chunk_size] for t in (self.hidden, *aligned)]
+            part = checkpoint(functools.partial(self._apply, fn), *parts, use_reentrant=False)
+            total = part if total is None else total + part
+        return total
+
+    def _apply(self, fn: Callable[..., torch.Tensor], hidden: torch.Tensor, *aligned: torch.Tensor) -> torch.Tensor:
+        return fn(self.head(hidden), *aligned)  # (B, c, V) logits live only inside this call
+
+    def full(self) -> torch.Tensor:
+        """The whole (B, T, V) logits (evaluation, tests)."""
+        return self.head(self.hidden)

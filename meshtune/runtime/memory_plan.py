@@ -1,0 +1,88 @@
+"""Per-rank bytes of one micro-batch's activations and logits, with each memory lever on or off.
+
+No torch import: `meshtune validate` and the benchmark share these formulas, and tests check them against bytes
+counted with torch.autograd.graph.saved_tensors_hooks (tests/unit/test_memory_plan.py).
+
+Activations a block keeps for backward, per token, counted on this decoder in fp32 (scaled by the element size
+for 16-bit; rotary and norms compute in fp32, so bf16 is an estimate):
+    none           5 dim + 5 q + 4 ffn + heads + 2    (q = heads x head_dim; k and v are stored repeated to q)
+    full           dim                                (the block's input; backward recomputes one block at once)
+    selective_op   3 dim + 2 q + 2 kv + 2 ffn + heads (the outputs of the matmuls and of attention, and the input)
+Logits: without chunking the loss keeps fp32 log-probabilities (4 B T V bytes) for backward, and backward adds
+their gradient and the logits' (`logits_bytes`); chunked, the same for B x chunk x V, one chunk at a time (in
+backward, where the chunk's logits are recomputed). bench/bench_memory.py measures these peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshtune.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the formulas need from the model config (per tensor-parallel rank where tp splits it)."""
+
+    dim: int
+    q: int  # heads x head_dim
+    kv: int  # kv heads x head_dim
+    ffn: int
+    heads: int
+    vocab: int
+
+
+def block_elems_per_token(s: Shapes, mode: str) -> float:
+    """Elements one block keeps for backward per token: mode `none`, `full` or `selective_op`."""
+    if mode == "full":
+        return s.dim
+    if mode == "selective_op":
+        return 3 * s.dim + 2 * s.q + 2 * s.kv + 2 * s.ffn + s.heads
+    return 5 * s.dim + 5 * s.q + 4 * s.ffn + s.heads + 2
+
+
+def activation_bytes(s: Shapes, tokens: int, layers: list[int], elem: int, checkpointing: bool = False,
+                     every: int = 1, mode: str = "full") -> float:
+    """Bytes the blocks `layers` (global indices) keep for backward over `tokens` tokens; with checkpointing, one
+    checkpointed block's full activations are added (live while it is recomputed)."""
+    none = block_elems_per_token(s, "none")
+    total, recompute = 0.0, 0.0
+    for i in layers:
+        if checkpointing and i % every == 0:
+            total += block_elems_per_token(s, mode)
+            recompute = none
+        else:
+            total += none
+    return (total + recompute) * tokens * elem
+
+
+def logits_bytes(s: Shapes, batch: int, seq: int, elem: int, chunk: int = 0) -> dict[str, float]:
+    """Bytes of the loss for one micro-batch of `batch` x `seq` tokens; `chunk` = train.loss_chunk_size (0 = off).
+
+    'kept': the fp32 log-probabilities kept for backward at once. 'peak': the most the loss holds, in backward:
+    kept + their gradient (fp32) + the logits' gradient (element size) + the head weight's gradient before it is
+    accumulated, + the logits themselves when unchunked (the trainer holds them for the recipes; a chunk's are
+    freed once its log-probabilities exist)."""
+    positions = min(chunk, seq) if chunk else seq
+    n = batch * positions * s.vocab
+    kept = 4.0 * n
+    return {"kept": kept, "peak": kept + 4.0 * n + elem * n + (0 if chunk else elem * n) + 4.0 * s.vocab * s.dim}
+
+
+def parse_bytes(text: str) -> float:
+    """'80GiB', '80GB', '512MiB', '1e9' -> bytes.
+
+    Raises:
+        ConfigError: for a size it cannot read.
+    """
+    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
+             "gib": 2**30, "tib": 2**40}
+    t = text.strip().lower()
+    number = t.rstrip("kmgtib")
+    unit = t[len(number):]
+    if unit not in units:
+        raise ConfigError(f"--device-memory: cannot read {text!r}; write e.g. 80GiB, 24GB or 512MiB")
+    try:
+        return float(number) * units[unit]
+    except ValueError:
+        raise ConfigError(f"--device-memory: cannot read {text!r}; write e.g. 80GiB, 24GB or 512MiB") from None

@@ -1,0 +1,70 @@
+"""Chunked cross-entropy (train.loss_chunk_size) against the full logits, one process, fp32."""
+
+import pytest
+import torch
+
+from meshtune.config import ConfigError
+from meshtune.runtime.data_parallel import unwrap
+from meshtune.runtime.env import DistEnv
+from meshtune.runtime.run import build_trainer
+from meshtune.schema import load_config
+from tests.distributed.cases import full, step_losses, tiny_config
+from tests.distributed.test_distill_distributed import write_teacher
+
+TOL = 1e-6
+
+
+def first_step(run_dir, *overrides):
+    """(mean loss, every parameter's gradient) of one forward/backward."""
+    torch.manual_seed(0)
+    trainer = build_trainer(tiny_config(str(run_dir), "parallel.dp_shard=1", *overrides), DistEnv())
+    loss, tokens = trainer.forward_backward(trainer.next_micro_batches())
+    grads = {n: full(p.grad).clone() for n, p in unwrap(trainer.model).named_parameters() if p.requires_grad}
+    assert grads
+    return trainer.mean_loss(loss, tokens), grads
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["recipe.name=lora"], ["model.tie_embeddings=true"], ["train.micro_batch_size=4"],
+    ["recipe.name=distill", "recipe.distill.alpha=0.3", "recipe.distill.temperature=2"],
+    ["recipe.name=lora+distill", "recipe.distill.kl=reverse", "recipe.distill.hidden=0.5"],
+], ids=["base", "lora", "tied", "accum2", "distill", "lora-distill-reverse-hidden"])
+def test_chunked_loss_and_gradients_equal_full_logits(tmp_path, overrides):
+    if any("distill" in o for o in overrides):
+        overrides = [*overrides, f"recipe.distill.teacher={write_teacher(tmp_path / 'teacher.safetensors')}"]
+    ref_loss, ref_grads = first_step(tmp_path / "full", *overrides)
+    for chunk in (5, 24, 100):  # uneven chunks, one chunk, larger than the sequence
+        loss, grads = first_step(tmp_path / f"c{chunk}", *overrides, f"train.loss_chunk_size={chunk}")
+        assert abs(loss - ref_loss) < TOL
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            assert (g - ref_grads[name]).abs().max().item() < TOL, (chunk, name)
+
+
+# recorded before train.loss_chunk_size existed (commit 29d1b9f): with the key off, training is bitwise unchanged
+BEFORE = {"base": ["0x1.64f9b286bca1bp+2", "0x1.629347711dc47p+2", "0x1.557f438e38e39p+2"],
+          "tied-ac": ["0x1.674c06bca1af3p+2", "0x1.5effd3594d653p+2", "0x1.4b20100000000p+2"]}
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("base", []), ("tied-ac", ["model.tie_embeddings=true", "parallel.activation_checkpointing=true"])])
+def test_losses_bitwise_unchanged_when_off(tmp_path, name, overrides):
+    torch.manual_seed(0)
+    trainer = build_trainer(tiny_config(str(tmp_path), "parallel.dp_shard=1", *overrides), DistEnv())
+    assert [x.hex() for x in step_losses(trainer, 3)] == BEFORE[name]
+
+
+def test_chunked_training_evaluates_with_full_logits(tmp_path):
+    trainer = build_trainer(tiny_config(str(tmp_path), "parallel.dp_shard=1", "train.loss_chunk_size=8",
+                                        "train.steps=2"), DistEnv())
+    out = trainer.fit()
+    assert out["final_eval"]["eval_loss"] > 0
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.loss_chunk_size=-1", r"^train\.loss_chunk_size: must be >= 0"),
+    ("parallel.sequence_parallel=true", r"^train\.loss_chunk_size: .*sequence_parallel=false"),
+])
+def test_bad_chunk_settings(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["data.task=sort", "parallel.tp=2", "train.loss_chunk_size=8", override])

@@ -1,0 +1,98 @@
+"""The planner's activation and logits bytes (runtime/memory_plan.py) against bytes counted with
+torch.autograd.graph.saved_tensors_hooks, per lever, within 10%; and `meshtune validate --device-memory`."""
+
+import pytest
+import torch
+
+from meshtune.config import ConfigError, ModelConfig
+from meshtune.models import build_model
+from meshtune.runtime.chunked_loss import ChunkedLogits
+from meshtune.runtime.grads import summed_loss
+from meshtune.runtime.memory_plan import activation_bytes, block_elems_per_token, logits_bytes, parse_bytes
+from meshtune.runtime.parallelize import apply_activation_checkpointing
+from meshtune.runtime.plan_report import describe_plan, model_shapes
+from meshtune.schema import load_config
+
+B, T, V = 2, 64, 512
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward, parameters and buffers left out."""
+
+    def __init__(self, model):
+        self.skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.skip:
+            self.seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+@pytest.mark.parametrize("dims", [(64, 4, 2, 0), (96, 6, 3, 320), (128, 8, 8, 0)])
+@pytest.mark.parametrize("ac", [None, (1, "full"), (2, "full")], ids=["none", "full", "every2"])
+def test_activation_bytes_match_counted(dims, ac):
+    dim, heads, kv, ffn = dims
+    cfg = ModelConfig(dim=dim, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn, n_layers=4, max_seq_len=T)
+    model = build_model(cfg, V)
+    if ac:
+        apply_activation_checkpointing(model, *ac)
+    counter = SavedBytes(model)
+    h = model.tok_embeddings(torch.randint(0, V, (B, T))).detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        for block in model.layers.values():
+            h = block(h, model.rope_cos[:T], model.rope_sin[:T])
+    shapes = model_shapes(load_config(None, ["data.task=sort", f"model.dim={dim}", f"model.n_heads={heads}",
+                                             f"model.n_kv_heads={kv}", f"model.ffn_dim={ffn}"]), V, 1)
+    predicted = activation_bytes(shapes, B * T, list(range(4)), 4, ac is not None, *(ac or (1, "full")))
+    if ac:  # saved in forward: without the one block's activations that are live only while it is recomputed
+        predicted -= block_elems_per_token(shapes, "none") * B * T * 4
+    assert abs(counter.total() - predicted) / predicted < 0.10, (counter.total(), predicted)
+
+
+@pytest.mark.parametrize("chunk", [0, 16, 48])
+def test_logits_bytes_kept_for_backward_match_counted(chunk):
+    """Unchunked: the fp32 log-probabilities saved in forward. Chunked: the forward saves no vocabulary-sized
+    tensor at all, and backward's recompute of one chunk saves what the plain loss saves for B x chunk
+    positions (the checkpoint's recompute bypasses saved-tensor hooks, so that chunk is counted directly)."""
+    model = build_model(ModelConfig(dim=32, n_heads=4, n_layers=1, max_seq_len=T), V)
+    hidden = torch.randn(B, T, 32, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    inputs = B * T * (32 * 4 + 8)  # the hidden states and labels (views of them), not logits
+
+    def saved(logits_of, h, lab) -> int:
+        counter = SavedBytes(model)
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            summed_loss(logits_of(h), lab).backward()
+        return counter.total()
+    if chunk:
+        assert saved(lambda h: ChunkedLogits(h, model.output, chunk), hidden, labels) <= inputs
+        counted = saved(model.output, hidden[:, :chunk], labels[:, :chunk]) - B * chunk * 32 * 4
+    else:
+        counted = saved(model.output, hidden, labels) - B * T * 32 * 4
+    shapes = model_shapes(load_config(None, ["data.task=sort", "model.dim=32", "model.n_heads=4"]), V, 1)
+    predicted = logits_bytes(shapes, B, T, 4, chunk)["kept"]
+    assert abs(counted - predicted) / predicted < 0.10, (counted, predicted)
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("24GB") == 24e9
+    with pytest.raises(ConfigError, match=r"^--device-memory: cannot read"):
+        parse_bytes("lots")
+
+
+def test_validate_prints_each_lever_and_what_fits():
+    cfg = load_config(None, ["data.task=sort", "model.vocab_size=131072", "data.seq_len=2048",
+                             "model.max_seq_len=2048", "train.micro_batch_size=1", "train.global_batch_size=2"])
+    text = describe_plan(cfg, 2, device_memory=2 * 2**30)
+    rows = {line.split("  ")[1].strip(): line for line in text.splitlines() if line.startswith("  ") and "=" in line
+            and "/" in line}
+    assert "as configured" in rows and "ac_mode=selective_op" in rows and "all levers" in rows
+    assert "does not fit" in rows["as configured"]  # 131072 x 2048 logits: 3 GiB at the loss's peak
+    assert rows["train.loss_chunk_size=1024"].endswith(" fits")
+    assert "fits with: train.loss_chunk_size=1024" in text
