@@ -171,6 +171,10 @@ class ParallelConfig:
     ac_mode: Literal["full", "selective_op"] = "full"
     """With activation checkpointing: `full` recomputes a checkpointed block entirely; `selective_op` keeps its
     matmul and attention outputs and recomputes only the cheap ops between them (norms, activations, rotary)."""
+    activation_offload: bool = False
+    """Move the activations blocks save for backward to CPU memory during forward and back in backward
+    (torch.autograd.graph.save_on_cpu, pinned on CUDA); with activation checkpointing that is each checkpointed
+    block's input. On a CPU device it changes nothing (the tensors are already in CPU memory)."""
     cpu_offload: bool = False
     """FSDP2 (parallel.engine=native with dp_shard > 1): keep sharded parameters, gradients and optimizer state
     in CPU memory (CPUOffloadPolicy, pinned where CUDA is present); each block's parameters are copied to the

@@ -42,10 +42,13 @@ def block_elems_per_token(s: Shapes, mode: str) -> float:
 
 
 def activation_bytes(s: Shapes, tokens: int, layers: list[int], elem: int, checkpointing: bool = False,
-                     every: int = 1, mode: str = "full") -> float:
+                     every: int = 1, mode: str = "full", offload: bool = False) -> float:
     """Bytes the blocks `layers` (global indices) keep for backward over `tokens` tokens; with checkpointing, one
-    checkpointed block's full activations are added (live while it is recomputed)."""
+    checkpointed block's full activations are added (live while it is recomputed). With `offload`
+    (parallel.activation_offload) what blocks save lives in CPU memory: the device holds one block's at a time."""
     none = block_elems_per_token(s, "none")
+    if offload:
+        return none * tokens * elem if layers else 0.0
     total, recompute = 0.0, 0.0
     for i in layers:
         if checkpointing and i % every == 0:

@@ -1,6 +1,7 @@
 """Turn a freshly built model into its parallel form, in one documented order:
 
-    tensor parallel -> activation checkpointing -> torch.compile -> FSDP2 / HSDP / DDP (x TP: FSDP2 replicating)
+    tensor parallel -> activation checkpointing -> activation offload -> torch.compile -> FSDP2 / HSDP / DDP
+    (x TP: FSDP2 replicating)
 
 TP first because it rewrites parameters into DTensors that FSDP then shards along another mesh axis;
 checkpointing and compile wrap whole blocks, so they come before data parallelism wraps those blocks.
@@ -57,6 +58,20 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1, mode: str =
         block.activation_checkpointing = True
 
 
+def apply_activation_offload(model: nn.Module, pin_memory: bool) -> None:
+    """Save each block's tensors for backward in CPU memory (`torch.autograd.graph.save_on_cpu`): they are copied
+    to CPU as forward saves them and back to the device when backward reads them. Outside checkpointed blocks that
+    is every saved activation; a checkpointed block saves only its input, and its recomputation in backward runs
+    outside the offload context, so it stays on the device (one block at a time)."""
+    for block in model.layers.values():
+        block.forward = functools.partial(_offloaded, block.forward, pin_memory)
+
+
+def _offloaded(forward, pin_memory: bool, *args, **kwargs):
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+        return forward(*args, **kwargs)
+
+
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, device: torch.device,
                 param_dtype: torch.dtype | None = None, wrap_ddp: bool = True, recipes=()) -> nn.Module:
     """Apply the parallel layout of `mesh` to `model` and return the module to train.
@@ -74,6 +89,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
         apply_tp(model, tp_mesh, cfg.sequence_parallel, recipes)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, cfg.ac_every, cfg.ac_mode)
+    if cfg.activation_offload:
+        apply_activation_offload(model, pin_memory=device.type == "cuda")
     if cfg.compile:
         for block in model.layers.values():
             block.compile()

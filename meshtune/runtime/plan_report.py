@@ -8,7 +8,8 @@ rank are counted exactly by building the busiest rank's share on the meta device
     optimizer state, ZeRO-2: + gradients, ZeRO-3: + parameters; FairScale OSS: optimizer state);
     activations and logits per micro-batch in flight from the decoder's own shapes (runtime/memory_plan.py,
     checked against counted saved tensors), with each lever on and off: chunked loss, activation checkpointing
-    modes, FSDP2 CPU offload (parameters, gradients and optimizer state leave the device).
+    modes, activation offload (saved activations in CPU memory), FSDP2 CPU offload (parameters, gradients and
+    optimizer state leave the device).
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def describe_plan(cfg: Config, world_size: int, device_memory: float | None = No
     state = {"parameters": 4 * params / sp, "gradients": 4 * trainable / sg, "optimizer": 8 * trainable / so}
     has_head = busiest["head"]  # the last pipeline stage holds the logits
 
-    def levers(chunk: int, ac: bool, every: int, mode: str, offload: bool) -> dict[str, float]:
-        act = activation_bytes(shapes, tokens, layers, bytes_per_elem, ac, every, mode)
+    def levers(chunk: int, ac: bool, every: int, mode: str, offload: bool,
+               act_offload: bool = p.activation_offload) -> dict[str, float]:
+        act = activation_bytes(shapes, tokens, layers, bytes_per_elem, ac, every, mode, act_offload)
         logit = logits_bytes(shapes, t.micro_batch_size, seq, bytes_per_elem, chunk)["peak"] if has_head else 0.0
         row = {k: (0.0 if offload else v) for k, v in state.items()}
         return {**row, "activations": act, "logits": logit}
@@ -157,7 +159,10 @@ def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float
     if plan.engine == "native" and plan.dims.dp_shard > 1:
         rows.append(("cpu_offload (params, grads, AdamW state on CPU)",
                      levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, True)))
-    rows.append(("all levers", levers(chunk, True, 1, "full", plan.engine == "native" and plan.dims.dp_shard > 1)))
+    rows.append(("activation_offload (saved activations on CPU)",
+                 levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload, True)))
+    rows.append(("all levers", levers(chunk, True, 1, "full", plan.engine == "native" and plan.dims.dp_shard > 1,
+                                      True)))
     keys = ("parameters", "gradients", "optimizer", "activations", "logits")
     out = ["memory levers, per rank on the device (GiB): " + " / ".join(keys) + " = total"]
     for name, row in rows:

@@ -48,3 +48,25 @@ def test_checkpointing_modes_equal_none(tmp_path, mode, recipe):
 def test_bad_checkpointing_settings(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["data.task=sort", *overrides])
+
+
+@pytest.mark.parametrize("extra", [[], [AC]], ids=["offload", "offload+full"])
+def test_activation_offload_equals_none_and_packs_every_saved_tensor(tmp_path, extra):
+    """parallel.activation_offload: the same losses and gradients (on CPU save_on_cpu's copies are the tensors
+    themselves), and every tensor a block saves goes through save_on_cpu's hooks (the innermost hooks win, so an
+    outer counter sees none of them)."""
+    ref_grads, ref_losses, _ = grads_and_losses(tmp_path / "ref", "recipe.name=lora")
+    grads, losses, _ = grads_and_losses(tmp_path / "offload", "parallel.activation_offload=true", *extra,
+                                        "recipe.name=lora")
+    assert grads.keys() == ref_grads.keys() and all(torch.equal(g, ref_grads[n]) for n, g in grads.items())
+    assert losses == ref_losses
+    cfg = tiny_config(str(tmp_path / "count"), "parallel.dp_shard=1", "parallel.activation_offload=true", *extra)
+    trainer = build_trainer(cfg, DistEnv())
+    model = unwrap(trainer.model)
+    seen = []
+    h = model.tok_embeddings(torch.randint(0, 200, (2, 16))).detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        for block in model.layers.values():
+            h = block(h, model.rope_cos[:16], model.rope_sin[:16])
+    h.sum().backward()
+    assert seen == [] and h.grad_fn is not None
