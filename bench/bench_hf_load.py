@@ -161,7 +161,8 @@ def meshtune_launch(path: Path, run_dir: Path, extra: tuple[str, ...] = (), stop
     marks.setdefault("step", time.perf_counter() - t0)
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     first = next((r for r in records if "loss" in r), {})
-    return {"peak": peak, "loading": loading, "marks": marks, "first": first, "total": time.perf_counter() - t0}
+    return {"peak": peak, "loading": loading, "marks": marks, "first": first, "records": records,
+            "total": time.perf_counter() - t0}
 
 
 def main() -> None:

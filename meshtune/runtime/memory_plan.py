@@ -59,17 +59,19 @@ def activation_bytes(s: Shapes, tokens: int, layers: list[int], elem: int, check
     return (total + recompute) * tokens * elem
 
 
-def logits_bytes(s: Shapes, batch: int, seq: int, elem: int, chunk: int = 0) -> dict[str, float]:
+def logits_bytes(s: Shapes, batch: int, seq: int, elem: int, chunk: int = 0,
+                 head_trains: bool = True) -> dict[str, float]:
     """Bytes of the loss for one micro-batch of `batch` x `seq` tokens; `chunk` = train.loss_chunk_size (0 = off).
 
     'kept': the fp32 log-probabilities kept for backward at once. 'peak': the most the loss holds, in backward:
     kept + their gradient (fp32) + the logits' gradient (element size) + the head weight's gradient before it is
-    accumulated, + the logits themselves when unchunked (the trainer holds them for the recipes; a chunk's are
-    freed once its log-probabilities exist)."""
+    accumulated (when the head trains), + the logits themselves when unchunked (the trainer holds them for the
+    recipes; a chunk's are freed once its log-probabilities exist)."""
     positions = min(chunk, seq) if chunk else seq
     n = batch * positions * s.vocab
     kept = 4.0 * n
-    return {"kept": kept, "peak": kept + 4.0 * n + elem * n + (0 if chunk else elem * n) + 4.0 * s.vocab * s.dim}
+    head_grad = 4.0 * s.vocab * s.dim if head_trains else 0.0
+    return {"kept": kept, "peak": kept + 4.0 * n + elem * n + (0 if chunk else elem * n) + head_grad}
 
 
 def parse_bytes(text: str) -> float:

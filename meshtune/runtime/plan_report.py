@@ -28,6 +28,7 @@ from meshtune.runtime.mesh import AXES, ParallelMesh, fake_process_group
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import stage_module
 from meshtune.runtime.plan import Plan
+from meshtune.runtime.precision import frozen_dtype, store_frozen
 from meshtune.runtime.preflight import preflight, vocab_size
 from meshtune.schema import Config
 
@@ -49,6 +50,8 @@ def _rank_layout(cfg: Config, plan: Plan, vocab: int, rank: int) -> dict:
         mesh = ParallelMesh(plan.dims, "cpu", rank)
         recipes = build_recipes(cfg.recipe)
         model = apply_recipes(build_model(cfg.model, vocab, device="meta"), recipes)
+        # frozen weights as the run stores them (train.frozen_dtype; auto = bf16 on the GPUs a plan is made for)
+        store_frozen(model, frozen_dtype(cfg.train.frozen_dtype, cfg.train.dtype, torch.device("cuda")))
         if plan.dims.pp > 1:
             n = plan.num_stages
             parts = [stage_module(model, list(plan.stage_layers[i]), i == 0, i == n - 1)
@@ -59,10 +62,37 @@ def _rank_layout(cfg: Config, plan: Plan, vocab: int, rank: int) -> dict:
         unique = {id(q): q for part in parts for q in part.parameters()}.values()
         local = [(q.to_local() if isinstance(q, DTensor) else q, q.requires_grad) for q in unique]
         groups = {a: mesh.get(a).mesh.flatten().tolist() for a in AXES if mesh.get(a) is not None}
+        heads = [x.output for x in parts if getattr(x, "output", None) is not None]
         return {"rank": rank, "params": sum(t.numel() for t, _ in local), "groups": groups,
+                "param_bytes": sum(_nbytes(t) for t, _ in local),
                 "trainable": sum(t.numel() for t, g in local if g), "layers": sum(len(x.layers) for x in parts),
                 "layer_ids": sorted(int(i) for x in parts for i in x.layers),
-                "head": any(getattr(x, "output", None) is not None for x in parts)}
+                "head": bool(heads), "head_trains": any(h.weight.requires_grad for h in heads),
+                "gathered": _gathered_bytes(parts, plan.dims.dp_shard) if mesh.get("fsdp") is not None else 0}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor stores: its own, or a tensor subclass's inner tensors (NF4's packed values and scales)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+        return sum(_nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
+def _gathered_bytes(parts: list, shards: int) -> int:
+    """FSDP2's unsharded parameters at the busiest moment: the root unit (embeddings, final norm, head; kept
+    gathered all step) and two blocks (the one computing and the prefetched next), plus one all-gather buffer of
+    the largest unit while it is copied out into the unsharded parameters."""
+    root, blocks = 0, [0]
+    for part in parts:
+        in_blocks = set()
+        for block in part.layers.values():
+            own = {id(q): q for q in block.parameters()}
+            in_blocks |= own.keys()
+            blocks.append(sum(_nbytes(q.to_local() if isinstance(q, DTensor) else q) for q in own.values()))
+        root += sum(_nbytes(q.to_local() if isinstance(q, DTensor) else q)
+                    for q in {id(q): q for q in part.parameters()}.values() if id(q) not in in_blocks)
+    blocks = sorted(blocks, reverse=True)
+    return shards * (root + sum(blocks[:2]) + max(root, blocks[0]))
 
 
 def engine_shards(plan: Plan) -> tuple[int, int, int]:
@@ -103,15 +133,17 @@ def describe_plan(cfg: Config, world_size: int, device_memory: float | None = No
     tokens = t.micro_batch_size * seq * in_flight
     params, trainable = busiest["params"], busiest["trainable"]
     sp, sg, so = engine_shards(plan)
-    state = {"parameters": 4 * params / sp, "gradients": 4 * trainable / sg, "optimizer": 8 * trainable / so}
+    state = {"parameters": busiest["param_bytes"] / sp, "gradients": 4 * trainable / sg,
+             "optimizer": 8 * trainable / so}
     has_head = busiest["head"]  # the last pipeline stage holds the logits
 
     def levers(chunk: int, ac: bool, every: int, mode: str, offload: bool,
                act_offload: bool = p.activation_offload) -> dict[str, float]:
         act = activation_bytes(shapes, tokens, layers, bytes_per_elem, ac, every, mode, act_offload)
-        logit = logits_bytes(shapes, t.micro_batch_size, seq, bytes_per_elem, chunk)["peak"] if has_head else 0.0
+        logit = logits_bytes(shapes, t.micro_batch_size, seq, bytes_per_elem, chunk,
+                             busiest["head_trains"])["peak"] if has_head else 0.0
         row = {k: (0.0 if offload else v) for k, v in state.items()}
-        return {**row, "activations": act, "logits": logit}
+        return {**row, "gathered": busiest["gathered"], "activations": act, "logits": logit}
 
     now = levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload)
     act = now["activations"]
@@ -163,7 +195,7 @@ def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float
                  levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload, True)))
     rows.append(("all levers", levers(chunk, True, 1, "full", plan.engine == "native" and plan.dims.dp_shard > 1,
                                       True)))
-    keys = ("parameters", "gradients", "optimizer", "activations", "logits")
+    keys = ("parameters", "gradients", "optimizer", "gathered", "activations", "logits")
     out = ["memory levers, per rank on the device (GiB): " + " / ".join(keys) + " = total"]
     for name, row in rows:
         total = sum(row[k] for k in keys)

@@ -96,3 +96,30 @@ def test_validate_prints_each_lever_and_what_fits():
     assert "does not fit" in rows["as configured"]  # 131072 x 2048 logits: 3 GiB at the loss's peak
     assert rows["train.loss_chunk_size=1024"].endswith(" fits")
     assert "fits with: train.loss_chunk_size=1024" in text
+
+
+def test_planner_counts_stored_bytes_gathered_units_and_a_frozen_head():
+    """Parameters as the run stores them (train.frozen_dtype), FSDP2's unsharded units (the root and two blocks,
+    plus the all-gather buffer of the largest), and no head gradient when the head is frozen (LoRA)."""
+    from meshtune.data import build_tokenizer
+    from meshtune.runtime.plan_report import _rank_layout
+    from meshtune.runtime.preflight import preflight, vocab_size
+
+    def layout(*extra):
+        cfg = load_config(None, ["data.task=sort", "model.dim=64", "model.n_layers=4", "model.n_heads=4",
+                                 "recipe.name=lora", *extra])
+        vocab = vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
+        return _rank_layout(cfg, preflight(cfg, 2), vocab, 0), build_model(cfg.model, vocab, device="meta"), vocab
+
+    fsdp, model, vocab = layout("train.dtype=fp32")
+    half, _, _ = layout("train.dtype=bf16", "train.frozen_dtype=bf16")
+    ddp, _, _ = layout("train.dtype=fp32", "parallel.dp_replicate=2", "parallel.dp_shard=1")
+    lora_bytes = 4 * fsdp["trainable"]
+    assert abs((half["param_bytes"] - lora_bytes) * 2 - (fsdp["param_bytes"] - lora_bytes)) <= 64  # shard padding
+    block = 4 * sum(p.numel() for p in model.layers["0"].parameters())
+    root = 4 * (model.num_params() - 4 * sum(p.numel() for p in model.layers["0"].parameters()))
+    assert abs(fsdp["gathered"] - lora_bytes - (root + 2 * block + max(root, block))) / fsdp["gathered"] < 0.05
+    assert ddp["gathered"] == 0 and not fsdp["head_trains"]
+    s = model_shapes(load_config(None, ["data.task=sort", "model.dim=64"]), vocab, 1)
+    frozen, trained = (logits_bytes(s, 1, 64, 4, 0, h)["peak"] for h in (False, True))
+    assert trained - frozen == 4 * vocab * 64

@@ -1,0 +1,76 @@
+"""Memory levers on a Llama-3.2-1B-shaped LoRA fine-tune: the frozen base in fp32, bf16 and NF4, NF4 + offload.
+
+    python bench/bench_lora_memory.py               # ~6-8 min on 2 cores (+1 min writing the checkpoint once)
+    python bench/bench_lora_memory.py --steps 2     # optimizer steps per variant (default 2)
+
+The checkpoint is bench_hf_load.py's (Llama-3.2-1B shape, 1.24B params, tied, random fp32 weights, written once
+to --dir). Each variant is `meshtune launch finetune/lora-hf-llama --nproc-per-node 2 init_from=DIR` (FSDP2 over
+2 gloo ranks, LoRA r=16 on every projection, seq 64, micro-batch 1), one launch each, in this order:
+  lora-fp32        the frozen base in fp32 (the reference)
+  lora-bf16        train.frozen_dtype=bf16 (with bf16 compute, which it needs): stopped once the model is
+                   ready, since a CPU bf16 step of this size takes minutes (model state and RSS to ready only)
+  qlora-nf4        recipe.name=qlora: the frozen base linear weights in NF4 (embedding, norms: fp32)
+  qlora-nf4-offl   qlora + parallel.cpu_offload=true (FSDP2 CPUOffloadPolicy; on a CPU device the offload
+                   copies are the tensors themselves, so this measures its overhead only)
+For each: rank 0's model-state bytes (parameters held + fp32 gradients + AdamW state of the trainable ones,
+from the start event), every rank's peak RSS (sampled from /proc every 0.1 s), the median step time after the
+first step, and their ratios to lora-fp32. Targets (issue "Memory levers"): NF4 base model state <= 0.2x the
+fp32 base's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_hf_load import meshtune_launch, write_checkpoint  # noqa: E402
+
+VARIANTS = {
+    "lora-fp32": ((), False),
+    "lora-bf16": (("train.dtype=bf16", "train.frozen_dtype=bf16"), True),
+    "qlora-nf4": (("recipe.name=qlora",), False),
+    "qlora-nf4-offl": (("recipe.name=qlora", "parallel.cpu_offload=true"), False),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "meshtune-bench-hf-llama32-1b"))
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = ap.parse_args()
+    path = Path(args.dir)
+    nbytes = write_checkpoint(path)
+    print(f"checkpoint: {path} ({nbytes / 2**30:.2f} GiB fp32, Llama-3.2-1B shape); 2 ranks, FSDP2, LoRA r=16, "
+          f"seq 64, {args.steps} steps")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.variants:
+            extra, stop = VARIANTS[name]
+            r = meshtune_launch(path, Path(tmp) / name, (*extra, f"train.steps={args.steps}"), stop)
+            steps = [rec["step_time_s"] for rec in r["records"] if "step_time_s" in rec]
+            results[name] = {"state": r["marks"]["state_bytes"], "peak": max(r["peak"].values()),
+                             "ready": max(r["loading"].values()),
+                             "step": statistics.median(steps[1:] or steps) if steps and not stop else None}
+    ref = results.get("lora-fp32")
+    print(f"{'variant':<16}{'model state GiB':>16}{'x fp32':>8}{'peak RSS GiB':>14}{'x fp32':>8}"
+          f"{'RSS to ready':>14}{'step s':>9}{'x fp32':>8}")
+    def ratio(r, key):
+        return f"{r[key] / ref[key]:.2f}" if ref and r[key] and ref[key] else "-"
+
+    for name, r in results.items():
+        step = f"{r['step']:.1f}" if r["step"] else "-"
+        peak = "-" if VARIANTS[name][1] else f"{r['peak'] / 2**30:.2f}"
+        print(f"{name:<16}{r['state'] / 2**30:>16.3f}{ratio(r, 'state'):>8}{peak:>14}"
+              f"{ratio(r, 'peak') if peak != '-' else '-':>8}{r['ready'] / 2**30:>14.2f}{step:>9}{ratio(r, 'step'):>8}")
+    if ref and "qlora-nf4" in results:
+        print(f"NF4 base model state / fp32 base's: {results['qlora-nf4']['state'] / ref['state']:.3f} "
+              "(target <= 0.2)")
+
+
+if __name__ == "__main__":
+    main()
