@@ -21,13 +21,15 @@ fp32 base's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_hf_load import meshtune_launch, write_checkpoint  # noqa: E402
+from bench_hf_load import REPO, meshtune_launch, write_checkpoint  # noqa: E402
 
 VARIANTS = {
     "lora-fp32": ((), False),
@@ -35,6 +37,17 @@ VARIANTS = {
     "qlora-nf4": (("recipe.name=qlora",), False),
     "qlora-nf4-offl": (("recipe.name=qlora", "parallel.cpu_offload=true"), False),
 }
+
+
+def predicted(path: Path, extra: tuple[str, ...]) -> float:
+    """`meshtune validate`'s per-rank total for the same launch, as configured (bytes)."""
+    argv = [sys.executable, "-m", "meshtune", "validate", "finetune/lora-hf-llama", "--world-size", "2",
+            f"init_from={path}", "model.max_seq_len=64", "data.seq_len=64", "train.global_batch_size=2",
+            "train.micro_batch_size=1", "train.dtype=fp32", *extra]
+    out = subprocess.run(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                         text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.strip().startswith("as configured"))
+    return float(row.rsplit("=", 1)[1].split()[0]) * 2**30
 
 
 def main() -> None:
@@ -54,11 +67,12 @@ def main() -> None:
             r = meshtune_launch(path, Path(tmp) / name, (*extra, f"train.steps={args.steps}"), stop)
             steps = [rec["step_time_s"] for rec in r["records"] if "step_time_s" in rec]
             results[name] = {"state": r["marks"]["state_bytes"], "peak": max(r["peak"].values()),
+                             "plan": predicted(path, extra),
                              "ready": max(r["loading"].values()),
                              "step": statistics.median(steps[1:] or steps) if steps and not stop else None}
     ref = results.get("lora-fp32")
     print(f"{'variant':<16}{'model state GiB':>16}{'x fp32':>8}{'peak RSS GiB':>14}{'x fp32':>8}"
-          f"{'RSS to ready':>14}{'step s':>9}{'x fp32':>8}")
+          f"{'planner GiB':>13}{'RSS to ready':>14}{'step s':>9}{'x fp32':>8}")
     def ratio(r, key):
         return f"{r[key] / ref[key]:.2f}" if ref and r[key] and ref[key] else "-"
 
@@ -66,7 +80,8 @@ def main() -> None:
         step = f"{r['step']:.1f}" if r["step"] else "-"
         peak = "-" if VARIANTS[name][1] else f"{r['peak'] / 2**30:.2f}"
         print(f"{name:<16}{r['state'] / 2**30:>16.3f}{ratio(r, 'state'):>8}{peak:>14}"
-              f"{ratio(r, 'peak') if peak != '-' else '-':>8}{r['ready'] / 2**30:>14.2f}{step:>9}{ratio(r, 'step'):>8}")
+              f"{ratio(r, 'peak') if peak != '-' else '-':>8}{r['plan'] / 2**30:>13.2f}{r['ready'] / 2**30:>14.2f}"
+              f"{step:>9}{ratio(r, 'step'):>8}")
     if ref and "qlora-nf4" in results:
         print(f"NF4 base model state / fp32 base's: {results['qlora-nf4']['state'] / ref['state']:.3f} "
               "(target <= 0.2)")
