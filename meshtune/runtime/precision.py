@@ -31,7 +31,8 @@ def store_frozen(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
         return 0
     n = 0
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+        # a tensor subclass (torchao's NF4 weights) keeps its own storage format: casting would dequantize it
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and not hasattr(p, "__tensor_flatten__"):
             p.data = p.data.to(dtype)
             n += 1
     return n

@@ -36,15 +36,24 @@ from meshtune.runtime.trainer import Trainer, lr_lambda
 from meshtune.schema import Config
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes `t` stores: numel x element size, or for a wrapper tensor subclass (torchao's NF4Tensor: 4-bit
+    codes + scales) the bytes of the inner tensors it flattens to."""
+    if hasattr(t, "__tensor_flatten__"):  # plain tensors and Parameters have none
+        return sum(tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
 def model_state_bytes(model: torch.nn.Module) -> int:
-    """Bytes of model state this rank holds: its parameter shards, plus a gradient and two AdamW moments (fp32)
-    per trainable element (the rank-0 figure of the run's start event)."""
+    """Bytes of model state this rank holds: its parameter shards (as stored: NF4 weights at their packed size),
+    plus a gradient and two AdamW moments (fp32) per trainable element (the rank-0 figure of the run's start
+    event)."""
     from torch.distributed.tensor import DTensor
 
     total = 0
     for p in model.parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
-        total += local.numel() * (local.element_size() + (12 if p.requires_grad else 0))
+        total += tensor_bytes(local) + local.numel() * (12 if p.requires_grad else 0)
     return total
 
 
