@@ -22,10 +22,15 @@ _SHARDED = ("quantized_data", "quantized_scalers", "quantization_factor")
 _PACKED = ".nf4."
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor object a DTensor holds (else `t`). `DTensor.to_local()` of a parameter returns a fresh
+    `view_as` of it, which for an NF4Tensor is a new object: attributes set on it would not stick."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
 def is_nf4(t) -> bool:
     """Whether `t` (or a DTensor's local shard) is a torchao NF4Tensor."""
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return type(local).__name__ == "NF4Tensor"
+    return type(local_tensor(t)).__name__ == "NF4Tensor"
 
 
 def _parts(t: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -188,6 +188,8 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                 recipe.init_weights(part)
         if pipeline is not None and source is None:
             pipeline.sync_tied_weights()  # each stage drew its own: the head takes the embedding's values
+    for recipe in recipes:
+        recipe.after_parallelize(unwrap(model))
     phases("parallelize")
     if source is not None:  # base weights: only the recipes' own tensors may be missing from them
         load_weights(model, source, shapes, shapes.keys() - base_keys, key="init_from")

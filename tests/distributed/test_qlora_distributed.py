@@ -1,6 +1,8 @@
 """QLoRA on real gloo ranks: FSDP2 shards and all-gathers the NF4 base as NF4 bytes, and trains like the same
 run in one process from the same seed; a DCP checkpoint of the NF4 base resumes bitwise."""
 
+import torch
+
 from tests.distributed.cases import full, layout, max_diff, reference_trainer, step_losses, tiny_config
 
 TOL = 1e-5
@@ -99,3 +101,40 @@ def test_qlora_resume_is_bitwise_identical(rank_pool, tmp_path):
         assert r["start"] == 2
         assert r["losses"] == r["ref_losses"], r
         assert r["param_diff"] == 0.0
+
+
+def qlora_init_from_hf(run_dir, meta):
+    """Each rank's NF4 rows after an FSDP2 run loads an HF dir (built on meta or on the device)."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from meshtune.runtime.data_parallel import unwrap
+    from meshtune.runtime.run import build_trainer
+    from tests.unit.test_qlora import init_from_hf
+
+    path = Path(run_dir) / ("meta" if meta else "auto")
+    if dist.get_rank() == 0:
+        init_from_hf(path)  # writes the HF dir
+    dist.barrier()
+    cfg, loaded = init_from_hf(path, *layout(1, 2, 2), f"model.init_device={'meta' if meta else 'auto'}")
+    trainer = build_trainer(cfg)
+    model = unwrap(trainer.model)
+    local = model.get_parameter("layers.0.attention.wq.weight").to_local()
+    losses = step_losses(trainer, 2)
+    return {"type": type(local).__name__, "rows": local.get_original_weight(), "losses": losses,
+            "loaded": loaded["layers.0.attention.wq.weight"], "rank": dist.get_rank()}
+
+
+def test_qlora_init_from_hf_under_fsdp2_on_meta_or_device(rank_pool, tmp_path):
+    """Each rank quantizes the rows it holds as they load (its own scale mean: one int8 step of a block scale
+    from a one-process quantization at most); built on meta or on the device, the same weights and losses."""
+    from torchao.quantization import to_nf4
+
+    runs = {meta: rank_pool(2).run(qlora_init_from_hf, str(tmp_path), meta) for meta in (False, True)}
+    for r_auto, r_meta in zip(runs[False], runs[True], strict=True):
+        assert r_auto["type"] == r_meta["type"] == "NF4Tensor"
+        rows = r_auto["loaded"].chunk(2)[r_auto["rank"]]
+        assert torch.equal(r_auto["rows"], to_nf4(rows, 32, 4).get_original_weight())
+        assert torch.equal(r_meta["rows"], r_auto["rows"])
+        assert r_meta["losses"][0] == r_auto["losses"][0]  # B = 0: the base alone (A is drawn differently on meta)

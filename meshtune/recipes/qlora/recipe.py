@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from meshtune.artifacts.packed import is_nf4
+from meshtune.artifacts.packed import is_nf4, local_tensor
 from meshtune.config import ConfigError
 from meshtune.quiet import quiet_torchao
 from meshtune.recipes.lora.recipe import LoRALinear, LoRARecipe, lora_modules
@@ -65,8 +65,7 @@ class QLoRALinear(LoRALinear):
         scaler mean and the 16-value table) made real: a model built on meta is materialised by `to_empty`,
         and its weights are then loaded into these tensors."""
         out = super()._apply(fn, recurse)
-        with torch.no_grad():  # DTensor.to_local returns the local tensor itself only without grad
-            w = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
+        w = local_tensor(self.weight)
         if is_nf4(w) and not w.is_meta:
             _, to_nf4, _ = _nf4()
             if w.nf4.is_meta:
@@ -106,6 +105,15 @@ class QLoRARecipe(LoRARecipe):
                                   "product divides it, or drop it from recipe.lora.targets")
             QLoRALinear.quantize(m, q.block_size, q.scaler_block_size)
         return model
+
+    def after_parallelize(self, model: nn.Module) -> None:
+        """Each FSDP2 shard of an NF4 weight keeps the whole weight's block count (torchao's split copies it);
+        set it to the shard's own, or torchao's `copy_` of a loaded full-precision shard (which compares the
+        counts) never finds its quantization the same and recurses without end."""
+        for _, m in lora_modules(model):
+            w = local_tensor(m.weight)
+            if is_nf4(w):
+                w.n_blocks = w.quantized_scalers.numel()
 
     def merge_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Dequantize the NF4 base weights (fp32), then fold B A in as LoRA does."""
