@@ -87,7 +87,8 @@ def init_from_hf(tmp_path, *overrides: str):
     hf_model("llama-linear").save_pretrained(tmp_path / "hf")
     cfg = load_config(None, [f"init_from={tmp_path / 'hf'}", f"run_dir={tmp_path / 'run'}", "data.task=add",
                              "data.seq_len=16", "recipe.name=qlora", *SMALL_BLOCKS, "checkpoint.resume=never",
-                             "metrics.progress=false", "train.global_batch_size=4", "train.micro_batch_size=4", *overrides])
+                             "metrics.progress=false", "train.global_batch_size=4", "train.micro_batch_size=4",
+                             *overrides])
     return cfg, load_hf_state_dict(tmp_path / "hf")
 
 
