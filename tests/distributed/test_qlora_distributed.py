@@ -138,3 +138,19 @@ def test_qlora_init_from_hf_under_fsdp2_on_meta_or_device(rank_pool, tmp_path):
         assert torch.equal(r_auto["rows"], to_nf4(rows, 32, 4).get_original_weight())
         assert torch.equal(r_meta["rows"], r_auto["rows"])
         assert r_meta["losses"][0] == r_auto["losses"][0]  # B = 0: the base alone (A is drawn differently on meta)
+
+
+def qlora_pp_vs_reference(run_dir):
+    from meshtune.runtime.run import build_trainer
+    from tests.distributed.test_pipeline_parallel import pp_layout
+
+    cfg = tiny_config(run_dir, *pp_layout(2, 1, 1, 2, "1F1B"), *QLORA)
+    ref, trainer = reference_trainer(cfg), build_trainer(cfg)
+    nf4 = [n for n, p in trainer.model.named_parameters() if type(p).__name__ == "NF4Tensor"]
+    return {"losses": step_losses(trainer, 3), "ref_losses": step_losses(ref, 3), "nf4": nf4}
+
+
+def test_qlora_pipeline_parallel_matches_single_process(rank_pool, tmp_path):
+    for r in rank_pool(2).run(qlora_pp_vs_reference, str(tmp_path)):
+        assert len(r["nf4"]) == 7  # one block per stage, its projections NF4
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r

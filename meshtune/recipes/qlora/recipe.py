@@ -25,6 +25,8 @@ merged / hf exports are full-precision models; the adapter / peft exports are Lo
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -74,6 +76,19 @@ class QLoRALinear(LoRALinear):
                 w.scaler_mean = torch.zeros((), dtype=w.scaler_mean.dtype, device=w.device)
         return out
 
+    def __deepcopy__(self, memo):
+        """A deep copy (pipeline stages are cut from copies) whose NF4 weight is copied part by part: torchao's
+        NF4 `clone` re-quantizes the dequantized weight at its default block sizes."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_parameters":
+                new._parameters = {n: (_copy_nf4(p, memo) if p is not None and is_nf4(p) else copy.deepcopy(p, memo))
+                                   for n, p in value.items()}
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, linear_nf4 = _nf4()
         out = linear_nf4(x, self.weight)  # dequantized in x's dtype; autograd keeps the NF4 weight only
@@ -89,6 +104,15 @@ class QLoRALinear(LoRALinear):
 
     def unmerge(self) -> None:
         raise ValueError("a merged QLoRA layer holds full-precision weights; rebuild it to get the NF4 base back")
+
+
+def _copy_nf4(p: nn.Parameter, memo: dict) -> nn.Parameter:
+    """A frozen Parameter holding a copy of the NF4 tensor `p` (its parts cloned, nothing re-quantized)."""
+    if id(p) not in memo:
+        names, ctx = p.__tensor_flatten__()
+        t = type(p).__tensor_unflatten__({n: getattr(p, n).clone() for n in names}, ctx, p.shape, p.stride())
+        memo[id(p)] = nn.Parameter(t, requires_grad=False)
+    return memo[id(p)]
 
 
 class QLoRARecipe(LoRARecipe):
