@@ -27,6 +27,7 @@ from meshtune.runtime.mesh import AXES, ParallelMesh, fake_process_group
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import stage_module
 from meshtune.runtime.plan import Plan
+from meshtune.runtime.precision import tensor_bytes
 from meshtune.runtime.preflight import preflight, vocab_size
 from meshtune.schema import Config
 
@@ -59,6 +60,7 @@ def _rank_layout(cfg: Config, plan: Plan, vocab: int, rank: int) -> dict:
         local = [(q.to_local() if isinstance(q, DTensor) else q, q.requires_grad) for q in unique]
         groups = {a: mesh.get(a).mesh.flatten().tolist() for a in AXES if mesh.get(a) is not None}
         return {"rank": rank, "params": sum(t.numel() for t, _ in local), "groups": groups,
+                "param_bytes": sum(tensor_bytes(t) for t, _ in local),  # NF4 weights at their packed size
                 "trainable": sum(t.numel() for t, g in local if g), "layers": sum(len(x.layers) for x in parts)}
 
 
@@ -104,7 +106,7 @@ def describe_plan(cfg: Config, world_size: int) -> str:
         act = layers * per_layer * in_flight
     params, trainable = busiest["params"], busiest["trainable"]
     sp, sg, so = engine_shards(plan)
-    mem_p, mem_g, mem_o = 4 * params / sp, 4 * trainable / sg, 8 * trainable / so
+    mem_p, mem_g, mem_o = busiest["param_bytes"] / sp, 4 * trainable / sg, 8 * trainable / so
     lines = [f"layout: {plan.describe()}",
              f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dims.dp} x accumulation "
              f"{accum}; {t.global_batch_size * seq:,} tokens per step"]

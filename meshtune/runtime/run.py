@@ -30,18 +30,10 @@ from meshtune.runtime.metrics import Metrics
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import Pipeline, parts_view, stage_module
 from meshtune.runtime.plan import Plan, make_plan
-from meshtune.runtime.precision import frozen_dtype, store_frozen, use_bf16
+from meshtune.runtime.precision import frozen_dtype, store_frozen, tensor_bytes, use_bf16
 from meshtune.runtime.preflight import check_init_from_config, check_run_dir, vocab_size
 from meshtune.runtime.trainer import Trainer, lr_lambda
 from meshtune.schema import Config
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes `t` stores: numel x element size, or for a wrapper tensor subclass (torchao's NF4Tensor: 4-bit
-    codes + scales) the bytes of the inner tensors it flattens to."""
-    if hasattr(t, "__tensor_flatten__"):  # plain tensors and Parameters have none
-        return sum(tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
-    return t.numel() * t.element_size()
 
 
 def model_state_bytes(model: torch.nn.Module) -> int:

@@ -154,3 +154,4 @@ def test_qlora_pipeline_parallel_matches_single_process(rank_pool, tmp_path):
     for r in rank_pool(2).run(qlora_pp_vs_reference, str(tmp_path)):
         assert len(r["nf4"]) == 7  # one block per stage, its projections NF4
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
+

@@ -11,9 +11,10 @@ from meshtune.config import ConfigError, ModelConfig
 from meshtune.models import build_model
 from meshtune.recipes import RecipeConfig, apply_recipes, build_recipes
 from meshtune.recipes.lora import LoRAConfig
-from meshtune.recipes.qlora import QLoRAConfig
+from meshtune.recipes.qlora import QLoRAConfig, target_shapes
 from meshtune.runtime.env import DistEnv
-from meshtune.runtime.run import build_trainer, model_state_bytes, tensor_bytes
+from meshtune.runtime.precision import tensor_bytes
+from meshtune.runtime.run import build_trainer, model_state_bytes
 from meshtune.schema import load_config
 from tests.distributed.cases import TINY, step_losses, tiny_config
 
@@ -62,6 +63,23 @@ def test_nf4_base_bytes_are_about_0_14_of_fp32():
     plain = dict(lora.named_parameters())
     saved = sum(plain[n].numel() * 4 - tensor_bytes(p) for n, p in nf4.items())
     assert model_state_bytes(lora) - model_state_bytes(model) == saved  # the run's start-event figure
+
+
+def test_validate_counts_the_nf4_bytes_per_rank():
+    """`meshtune validate`'s per-rank parameter bytes (the layout built on meta) count NF4 at its packed size."""
+    from meshtune.runtime.plan_report import _rank_layout
+    from meshtune.runtime.preflight import preflight
+
+    per_rank = {}
+    for name in ("lora", "qlora"):
+        cfg = load_config("finetune/qlora", [f"recipe.name={name}"])
+        per_rank[name] = _rank_layout(cfg, preflight(cfg, 2), 264, 0)
+    lora, qlora = per_rank["lora"], per_rank["qlora"]
+    assert lora["params"] == qlora["params"] and lora["param_bytes"] == 4 * lora["params"]
+    m = load_config("finetune/qlora").model
+    base = sum(r * c for r, c in target_shapes(m, LoRAConfig().targets).values()) * m.n_layers // 2  # per rank
+    saved = lora["param_bytes"] - qlora["param_bytes"]
+    assert 0.85 * 4 * base < saved < 0.88 * 4 * base  # ~0.86 of the fp32 base bytes saved (0.14 kept)
 
 
 def test_forward_is_lora_on_the_dequantized_base_and_only_adapters_train():
@@ -121,6 +139,8 @@ def test_refusals_are_one_line_naming_the_key():
     assert "scaler_block_size=1" in refused()
     assert refused(*SMALL_BLOCKS, "parallel.tp=2").startswith("recipe.name: qlora stores base weights as NF4")
     assert "parallel.tp=1" in refused(*SMALL_BLOCKS, "parallel.tp=2")
+    assert refused(*SMALL_BLOCKS, "parallel.dp_replicate=2", "parallel.dp_shard=1", "train.micro_batch_size=4"
+                   ).startswith("parallel.dp_replicate: qlora runs data parallelism through FSDP2, not DDP")
     assert refused(*SMALL_BLOCKS, "recipe.name=lora+qlora").startswith("recipe.name: qlora cannot be stacked with lora")
     assert refused("recipe.qlora.block_size=0").startswith("recipe.qlora.block_size: must be positive")
     assert refused(*SMALL_BLOCKS, "model.init_device=meta").startswith("model.init_device: meta with qlora needs")

@@ -62,13 +62,16 @@ def check(cfg) -> None:
 
 
 def check_plan(cfg, plan) -> None:
-    """NF4 weights shard whole rows and whole scale groups; no tensor-parallel sharding (torchao's NF4 has no
-    DTensor colwise/rowwise support)."""
+    """NF4 weights shard whole rows and whole scale groups under FSDP2; no tensor-parallel sharding (torchao's NF4
+    has no DTensor colwise/rowwise support); no DDP (its start-up broadcast re-quantizes NF4 weights)."""
     d = plan.dims
     _need(d.tp == 1, f"recipe.name: qlora stores base weights as NF4, which torchao cannot split for tensor "
           f"parallelism; set parallel.tp=1 (got {d.tp}; FSDP2, DDP and pipeline parallelism are supported)")
     _need(plan.engine == "native", f"parallel.engine: qlora's NF4 weights run on the native engine only, got "
           f"{plan.engine}; set parallel.engine=native (its FSDP2 shards them as NF4)")
+    _need(d.dp_mode != "ddp", f"parallel.dp_replicate: qlora runs data parallelism through FSDP2, not DDP (DDP's "
+          f"start-up broadcast re-quantizes the NF4 weights); set parallel.dp_shard={d.dp_replicate} "
+          "parallel.dp_replicate=1")
     shard = d.dp_shard
     q = cfg.recipe.qlora
     group = q.block_size * q.scaler_block_size
