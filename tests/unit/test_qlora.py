@@ -10,7 +10,7 @@ import torch
 from meshtune.config import ConfigError, ModelConfig
 from meshtune.models import build_model
 from meshtune.recipes import RecipeConfig, apply_recipes, build_recipes
-from meshtune.recipes.lora import LoRAConfig
+from meshtune.recipes.lora import LoRAConfig, lora_modules
 from meshtune.recipes.qlora import QLoRAConfig, target_shapes
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.precision import tensor_bytes
@@ -95,6 +95,25 @@ def test_forward_is_lora_on_the_dequantized_base_and_only_adapters_train():
     plain = build_model(m, vocab_size=64)
     plain.load_state_dict(recipe.merge_state(model.state_dict()))  # dequantized + B A folded in
     torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
+    for _, m in lora_modules(model):
+        m.merge()  # the module's own merge: a full-precision weight
+    assert not any(type(p).__name__ == "NF4Tensor" for p in model.parameters())
+    torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_qlora_on_a_family_with_biases(tmp_path):
+    """Qwen2's q/k/v biases stay full precision (and frozen) beside the NF4 weights, and the run trains."""
+    from tests.hf_models import hf_model
+
+    hf_model("qwen2.5-bias").save_pretrained(tmp_path / "hf")
+    cfg = load_config(None, [f"init_from={tmp_path / 'hf'}", f"run_dir={tmp_path / 'run'}", "data.task=add",
+                             "data.seq_len=16", "recipe.name=qlora", *SMALL_BLOCKS, "checkpoint.resume=never",
+                             "metrics.progress=false", "train.global_batch_size=4", "train.micro_batch_size=4"])
+    trainer = build_trainer(cfg, DistEnv())
+    wq = trainer.model.layers["0"].attention.wq
+    assert type(wq.weight).__name__ == "NF4Tensor" and wq.bias is not None and not wq.bias.requires_grad
+    losses = step_losses(trainer, 3)
+    assert losses[-1] < losses[0]
 
 
 def init_from_hf(tmp_path, *overrides: str):

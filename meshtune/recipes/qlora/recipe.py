@@ -10,17 +10,21 @@ mean: "double quantization") and the module becomes a `QLoRALinear`, the same mo
 torchao's `linear_nf4`: the weight is dequantized to the input's dtype for the matmul, and backward keeps only
 the NF4 weight (never a full-precision copy). A and B are LoRA's and train in the compute dtype.
 
-Memory: a weight costs 4 bits + 1 byte per block + 4 bytes per scale group (0.127 + 1/(8 * block) ... of fp32:
-~0.14x at the defaults); the model-state figure (`meshtune.runtime.run.model_state_bytes`) counts the NF4 bytes.
+Memory: a weight costs 4 bits, plus an int8 scale per block and an fp32 factor per group of scales: 0.129x of
+fp32 at the defaults (64, 256), which the run's model-state figure and `meshtune validate` count (the inner
+tensors' bytes, `meshtune.runtime.precision.tensor_bytes`).
 
-Loading. `apply` quantizes whatever the base weights hold then (the seeded init, or nothing on meta); a later
-`init_from` load copies full-precision weights into the NF4 parameters, and torchao's NF4 `copy_` quantizes
-them there. Under FSDP2 the NF4 parameter is sharded by rows (torchao splits its packed data and scales) and
-all-gathered as NF4 bytes (`NF4Tensor.fsdp_pre_all_gather` sends the uint8 codes, int8 scales and fp32 group
-factors; `fsdp_post_all_gather` rebuilds the NF4 tensor).
+Loading. `apply` quantizes whatever the base weights hold then (the seeded init, or nothing on meta); an
+`init_from` load copies full-precision weights into the NF4 parameters, where torchao's NF4 `copy_` quantizes
+them. Under FSDP2 each rank does so for the rows it holds (its shard's own scale mean: within one int8 step of a
+block scale of the one-process quantization). FSDP2 shards the NF4 parameter by rows (torchao splits its codes
+and scales) and all-gathers the NF4 bytes (`NF4Tensor.fsdp_pre_all_gather`: uint8 codes, int8 scales, fp32
+group factors; `fsdp_post_all_gather` rebuilds the NF4 tensor). Checkpoints hold the NF4 parts as plain tensors
+(`meshtune.artifacts.packed`), so they resume bitwise and reshard. Tensor parallelism and DDP are refused at
+config time (`check_plan`); pipeline stages are deep copies (`QLoRALinear.__deepcopy__`).
 
-Export: the full state dict holds the NF4 weights; `merge_state` dequantizes them (fp32) and folds B A in, so
-merged / hf exports are full-precision models; the adapter / peft exports are LoRA's.
+Export: `merge_state` dequantizes the NF4 weights (fp32) and folds B A in, so merged / hf exports are
+full-precision models; the adapter / peft exports are LoRA's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from meshtune.artifacts.packed import is_nf4, local_tensor
@@ -53,10 +58,7 @@ class QLoRALinear(LoRALinear):
         """Turn `module` into a QLoRALinear in place: the same module object, children and parameter names,
         its base weight replaced by `to_nf4(weight)` (on meta too)."""
         _, to_nf4, _ = _nf4()
-        if module.bias is not None:  # the decoder's projections have none; NF4 covers the weight only
-            raise ConfigError("recipe.name: qlora quantizes bias-free linear layers only; drop the layers with "
-                              "a bias from recipe.lora.targets")
-        w = module.weight
+        w = module.weight  # a bias (Qwen2's q/k/v) stays as it is
         module.weight = nn.Parameter(to_nf4(w.detach().contiguous(), block_size, scaler_block_size),
                                      requires_grad=False)
         module.__class__ = cls
@@ -90,8 +92,12 @@ class QLoRALinear(LoRALinear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:  # a plain full-precision weight with B A inside
+            return F.linear(x, self.weight, self.bias)
         _, _, linear_nf4 = _nf4()
         out = linear_nf4(x, self.weight)  # dequantized in x's dtype; autograd keeps the NF4 weight only
+        if self.bias is not None:
+            out = out + self.bias
         return out + self.lora_b(self.lora_a(self.lora_dropout(x))) * self.scaling
 
     @torch.no_grad()
