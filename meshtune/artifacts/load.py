@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from meshtune.artifacts.find import DEEPSPEED_DIR, Artifact
+from meshtune.artifacts.packed import fold_shapes, pack, packed_keys
 from meshtune.artifacts.safe import dcp_load, load_safetensors, load_torch_file, read_metadata
 from meshtune.config import ConfigError
 
@@ -101,8 +102,9 @@ def file_shapes(art: Artifact, key: str) -> dict[str, tuple[int, ...]] | None:
     """The model tensors an artifact holds, name -> full shape, read from metadata only (a DCP checkpoint's
     .metadata, a merged file's or an HF directory's safetensors headers); None where only loading would tell."""
     if art.kind == "checkpoint" and art.engine != "deepspeed":
-        return {k.removeprefix("model."): tuple(v.size) for k, v in read_metadata(art.path).state_dict_metadata.items()
-                if k.startswith("model.") and hasattr(v, "size")}
+        return fold_shapes({k.removeprefix("model."): tuple(v.size) for k, v in
+                            read_metadata(art.path).state_dict_metadata.items()
+                            if k.startswith("model.") and hasattr(v, "size")})
     if art.kind == "hf":
         from meshtune.models.hf import hf_shapes
 
@@ -152,9 +154,10 @@ def _load_dcp(model: nn.Module, path: Path, strict: bool) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     sd = get_model_state_dict(model)
-    state = {"model": sd}
+    saved = packed_keys(read_metadata(path).state_dict_metadata)  # NF4 weights saved as parts, as "model.X"
+    state = {"model": pack(sd, only={k.removeprefix("model.") for k in saved})}  # else a plain X quantizes in
     dcp_load(state, path, allow_partial=not strict)
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
+    set_model_state_dict(model, sd, options=StateDictOptions(strict=strict))  # the NF4 parts were loaded in place
 
 
 def _load_full(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:

@@ -1,6 +1,6 @@
 """Fine-tuning and compression recipes: model transforms plus trainer hooks, named by `recipe.name`.
 
-One package per recipe (lora, adapters, prefix_tuning, prune, distill, qat), each declaring its config
+One package per recipe (lora, adapters, prefix_tuning, prune, distill, qat, qlora), each declaring its config
 section, checks and capabilities in a torch-free `SPEC` (meshtune/recipes/registry.py); its implementation is
 imported only when a run builds it. The tuple below is the registry: adding a recipe is one package and one
 entry. The `recipe` config section (`RecipeConfig`) is assembled from it.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import field, make_dataclass
 
-from meshtune.recipes import adapters, distill, lora, prefix_tuning, prune, qat
+from meshtune.recipes import adapters, distill, lora, prefix_tuning, prune, qat, qlora
 from meshtune.recipes.registry import (
     RecipeSpec,
     apply_recipes,
@@ -23,7 +23,8 @@ from meshtune.recipes.registry import (
     specs_of,
 )
 
-SPECS: tuple[RecipeSpec, ...] = (lora.SPEC, adapters.SPEC, prefix_tuning.SPEC, prune.SPEC, distill.SPEC, qat.SPEC)
+SPECS: tuple[RecipeSpec, ...] = (lora.SPEC, adapters.SPEC, prefix_tuning.SPEC, prune.SPEC, distill.SPEC, qat.SPEC,
+                                 qlora.SPEC)
 REGISTRY: dict[str, RecipeSpec] = {s.name: s for s in SPECS}
 
 _NAME_DOC = ("Recipe to apply (" + ", ".join(f"`{s.name}`" for s in SPECS) + "), or several joined by `+` to stack "

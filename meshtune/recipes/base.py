@@ -88,6 +88,10 @@ class Recipe:
         """Distribute this recipe's parameters that no module plan covers (e.g. prefixes split by kv head),
         after the plan is applied. Default: nothing."""
 
+    def after_parallelize(self, model: nn.Module) -> None:
+        """Runs once after parallelize (and after materialising a model built on meta), before init_from loads:
+        for what sharding leaves a recipe's tensors needing fixed (QLoRA's NF4 shards). Default: nothing."""
+
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Runs after every optimizer step (re-apply pruning masks, update quantisation ranges...)."""
 

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from meshtune.artifacts.find import complete_checkpoints
 from meshtune.artifacts.load import first_line
+from meshtune.artifacts.packed import pack
 from meshtune.artifacts.safe import SafeLoadPlanner, SafeReader, load_torch_file
 from meshtune.config import ConfigError
 
@@ -135,7 +136,7 @@ class Checkpointer:
                 model_sd, optim_sd = get_state_dict(model, optimizer)
                 with warnings.catch_warnings():  # DCP warns on every save without a process group
                     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-                    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+                    dcp.save({"model": pack(model_sd), "optim": optim_sd}, checkpoint_id=str(tmp))
             (tmp / "rng").mkdir(exist_ok=True)
             torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
             _barrier()
@@ -189,12 +190,12 @@ class Checkpointer:
             raise ConfigError(f"checkpoint.resume: {path} is not a complete meshtune checkpoint (no meta.json); "
                               "give a step_N folder or use resume=auto")
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": pack(model_sd), "optim": optim_sd}  # NF4 weights load in place through their parts
         try:
             with warnings.catch_warnings():  # DCP warns on every load without a process group
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
                 dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=state["optim"])
         except ConfigError:  # an unsafe or damaged file, named by the safe reader
             raise
         except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException

@@ -28,7 +28,7 @@ from meshtune.runtime.mesh import AXES, ParallelMesh, fake_process_group
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import stage_module
 from meshtune.runtime.plan import Plan
-from meshtune.runtime.precision import frozen_dtype, store_frozen
+from meshtune.runtime.precision import frozen_dtype, store_frozen, tensor_bytes
 from meshtune.runtime.preflight import preflight, vocab_size
 from meshtune.schema import Config
 
@@ -64,18 +64,11 @@ def _rank_layout(cfg: Config, plan: Plan, vocab: int, rank: int) -> dict:
         groups = {a: mesh.get(a).mesh.flatten().tolist() for a in AXES if mesh.get(a) is not None}
         heads = [x.output for x in parts if getattr(x, "output", None) is not None]
         return {"rank": rank, "params": sum(t.numel() for t, _ in local), "groups": groups,
-                "param_bytes": sum(_nbytes(t) for t, _ in local),
+                "param_bytes": sum(tensor_bytes(t) for t, _ in local),
                 "trainable": sum(t.numel() for t, g in local if g), "layers": sum(len(x.layers) for x in parts),
                 "layer_ids": sorted(int(i) for x in parts for i in x.layers),
                 "head": bool(heads), "head_trains": any(h.weight.requires_grad for h in heads),
                 "gathered": _gathered_bytes(parts, plan.dims.dp_shard) if mesh.get("fsdp") is not None else 0}
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    """Bytes a tensor stores: its own, or a tensor subclass's inner tensors (NF4's packed values and scales)."""
-    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
-        return sum(_nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
-    return t.numel() * t.element_size()
 
 
 def _gathered_bytes(parts: list, shards: int) -> int:
@@ -88,8 +81,8 @@ def _gathered_bytes(parts: list, shards: int) -> int:
         for block in part.layers.values():
             own = {id(q): q for q in block.parameters()}
             in_blocks |= own.keys()
-            blocks.append(sum(_nbytes(q.to_local() if isinstance(q, DTensor) else q) for q in own.values()))
-        root += sum(_nbytes(q.to_local() if isinstance(q, DTensor) else q)
+            blocks.append(sum(tensor_bytes(q.to_local() if isinstance(q, DTensor) else q) for q in own.values()))
+        root += sum(tensor_bytes(q.to_local() if isinstance(q, DTensor) else q)
                     for q in {id(q): q for q in part.parameters()}.values() if id(q) not in in_blocks)
     blocks = sorted(blocks, reverse=True)
     return shards * (root + sum(blocks[:2]) + max(root, blocks[0]))

@@ -25,13 +25,22 @@ def frozen_dtype(frozen: str, dtype: str, device: torch.device) -> torch.dtype |
     return torch.bfloat16 if frozen == "bf16" or (frozen == "auto" and bf16) else None
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes `t` stores: numel x element size, or for a wrapper tensor subclass (torchao's NF4Tensor: 4-bit
+    codes + scales) the bytes of the inner tensors it flattens to (on meta too)."""
+    if hasattr(t, "__tensor_flatten__"):  # plain tensors and Parameters have none
+        return sum(tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
 def store_frozen(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
     """Cast every frozen floating-point parameter to `dtype` in place (on meta too); returns how many."""
     if dtype is None:
         return 0
     n = 0
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+        # a tensor subclass (torchao's NF4 weights) keeps its own storage format: casting would dequantize it
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and not hasattr(p, "__tensor_flatten__"):
             p.data = p.data.to(dtype)
             n += 1
     return n

@@ -30,21 +30,22 @@ from meshtune.runtime.metrics import Metrics
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import Pipeline, parts_view, stage_module
 from meshtune.runtime.plan import Plan, make_plan
-from meshtune.runtime.precision import frozen_dtype, store_frozen, use_bf16
+from meshtune.runtime.precision import frozen_dtype, store_frozen, tensor_bytes, use_bf16
 from meshtune.runtime.preflight import check_init_from_config, check_run_dir, vocab_size
 from meshtune.runtime.trainer import Trainer, lr_lambda
 from meshtune.schema import Config
 
 
 def model_state_bytes(model: torch.nn.Module) -> int:
-    """Bytes of model state this rank holds: its parameter shards, plus a gradient and two AdamW moments (fp32)
-    per trainable element (the rank-0 figure of the run's start event)."""
+    """Bytes of model state this rank holds: its parameter shards (as stored: NF4 weights at their packed size),
+    plus a gradient and two AdamW moments (fp32) per trainable element (the rank-0 figure of the run's start
+    event)."""
     from torch.distributed.tensor import DTensor
 
     total = 0
     for p in model.parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
-        total += local.numel() * (local.element_size() + (12 if p.requires_grad else 0))
+        total += tensor_bytes(local) + local.numel() * (12 if p.requires_grad else 0)
     return total
 
 
@@ -184,6 +185,8 @@ def build_trainer(cfg: Config, env: DistEnv | None = None) -> Trainer:
                 recipe.init_weights(part)
         if pipeline is not None and source is None:
             pipeline.sync_tied_weights()  # each stage drew its own: the head takes the embedding's values
+    for recipe in recipes:
+        recipe.after_parallelize(unwrap(model))
     phases("parallelize")
     if source is not None:  # base weights: only the recipes' own tensors may be missing from them
         load_weights(model, source, shapes, shapes.keys() - base_keys, key="init_from")
