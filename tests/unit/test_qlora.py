@@ -72,7 +72,8 @@ def test_validate_counts_the_nf4_bytes_per_rank():
 
     per_rank = {}
     for name in ("lora", "qlora"):
-        cfg = load_config("finetune/qlora", [f"recipe.name={name}"])
+        # fp32 compute: the plan's default (auto) is bf16, which would store LoRA's frozen base in bf16
+        cfg = load_config("finetune/qlora", [f"recipe.name={name}", "train.dtype=fp32"])
         per_rank[name] = _rank_layout(cfg, preflight(cfg, 2), 264, 0)
     lora, qlora = per_rank["lora"], per_rank["qlora"]
     assert lora["params"] == qlora["params"] and lora["param_bytes"] == 4 * lora["params"]
