@@ -28,6 +28,12 @@ Measured here (2026-12-02, 2 CPU cores, gloo, page cache warm; 4.60 GiB checkpoi
   train.frozen_dtype=bf16: until ready 1.56-1.57 GiB = 0.34x per rank; model state 1.23 GiB = 0.52x of fp32's.
 Not met: the peak during the step (the tied 1 GiB embedding is gathered whole in fp32 for the root FSDP unit,
 plus block all-gathers and gloo's buffers) and the time to the first step on CPU.
+2026-12-07, after the point-to-point FSDP all-gather (runtime/gloo_fsdp.py: no second full-size buffer per
+gather), 2 cores shared with other jobs: transformers 2.6-3.3 s; peak over the first step 5.05 / 4.98 GiB =
+1.10x / 1.08x; until ready 2.64 GiB = 0.57x; model ready 9.3 s = 3.6x (rank 0: process start 2.1 s, init_from
+1.9 s, model 0.6 s; the launcher 4.3 s before the rank began); first step done 31.5 s = 12x (the step: 22 s).
+What is left of the peak: shards 0.50x + the root unit's tied embedding gathered 0.23x + its all-gather output
+during the copy-out 0.23x + two blocks: under 0.75x needs the embedding and head vocabulary-parallel instead.
 """
 
 from __future__ import annotations
