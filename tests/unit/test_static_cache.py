@@ -49,3 +49,24 @@ def test_cache_length_is_checked():
     model = build_model(ModelConfig(**BASE), vocab_size=50)
     with pytest.raises(ConfigError, match="--max-seq-len: 25 is outside 2..24"):
         StaticCacheDecoder(model, 25)
+
+
+def test_a_structured_pruned_run_exports_its_shrunk_decoder(tmp_path):
+    """`--format executorch` lowers `program_model(run)`: the shrunk dense decoder, with the pruned run's logits."""
+    from meshtune.artifacts import find, find_checkpoint, load_run
+    from meshtune.export.executorch import program_model
+    from meshtune.runtime.env import DistEnv
+    from meshtune.runtime.run import build_trainer
+    from tests.distributed.cases import tiny_config
+
+    cfg = tiny_config(str(tmp_path / "run"), "recipe.name=prune", "recipe.prune.method=structured",
+                      "recipe.prune.sparsity=0.5", "train.steps=6", "checkpoint.save_final=true")
+    trainer = build_trainer(cfg, DistEnv())
+    trainer.fit()
+    run = load_run(find(find_checkpoint(tmp_path / "run", None), key="RUN_DIR"))
+    model = program_model(run)
+    assert (model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.head_dim) == (2, 1, 8)  # half the heads
+    x = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pruned = trainer.model.eval()(x)
+        torch.testing.assert_close(cached_logits(StaticCacheDecoder(model, 32), x, 9), pruned, atol=1e-5, rtol=1e-5)
