@@ -17,6 +17,7 @@ sees this module.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -146,4 +147,6 @@ def lower(wrapper: StaticCacheDecoder):
         ep = torch.export.export(wrapper, example_inputs(batch), dynamic_shapes=({1: seq}, {0: seq}), strict=False)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    return edge.to_executorch()
+    with warnings.catch_warnings():  # the caches' undefined initial state is intended (see _attend)
+        warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
+        return edge.to_executorch()

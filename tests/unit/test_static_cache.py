@@ -1,5 +1,6 @@
 """The export-only KV-cache decoder (meshtune/export/static_cache.py) computes meshtune's logits for every model
-feature, fed as generation feeds it (a prefill, then one token at a time), eagerly; no ExecuTorch needed."""
+feature, fed as generation feeds it (a prefill, then one token at a time), eagerly (no ExecuTorch needed); and how
+`--format executorch` picks its model and scheme."""
 
 from __future__ import annotations
 
@@ -70,3 +71,26 @@ def test_a_structured_pruned_run_exports_its_shrunk_decoder(tmp_path):
     with torch.no_grad():
         pruned = trainer.model.eval()(x)
         torch.testing.assert_close(cached_logits(StaticCacheDecoder(model, 32), x, 9), pruned, atol=1e-5, rtol=1e-5)
+
+
+def test_program_scheme_defaults_to_the_runs_qat_scheme():
+    from types import SimpleNamespace
+
+    from meshtune.export.executorch import program_scheme
+    from meshtune.recipes.qat import QuantConfig
+
+    def fake_run(qat: bool, **quant):
+        recipe = SimpleNamespace(export_formats=lambda: ("quantized",) if qat else ())
+        return SimpleNamespace(artifact=SimpleNamespace(recipe_cfg=SimpleNamespace(qat=QuantConfig(**quant))),
+                               recipes=[recipe])
+
+    assert program_scheme(fake_run(False), None) == ("fp32", None)
+    scheme, c = program_scheme(fake_run(True, scheme="int8-int4", group_size=64), None)
+    assert (scheme, c.scheme, c.group_size) == ("int8-int4", "int8-int4", 64)
+    assert program_scheme(fake_run(True), "fp32") == ("fp32", None)
+    scheme, c = program_scheme(fake_run(False, group_size=32), "int8-int8")
+    assert c.group_size == 0  # XNNPACK's int8 weights are per channel
+    with pytest.raises(ConfigError, match="would discard its QAT"):
+        program_scheme(fake_run(True, scheme="int8-int4"), "int8-int8")
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        program_scheme(fake_run(False, group_size=16), "int8-int4")
