@@ -10,6 +10,7 @@
     meshtune report RUN_DIR [RUN_DIR ...] [--out DIR]   PNG plots and a Markdown table of runs, overlaid
     meshtune demo                                      the end-to-end demo on 2 CPU ranks
     meshtune serve CHECKPOINT [--port P]               an OpenAI-compatible /v1/completions endpoint on loopback
+    meshtune generate RUN|--program PTE --prompt TEXT  greedy text, eager or through an ExecuTorch program
     meshtune distill-data --prompts F --out O --url U|--teacher CKPT    a teacher's responses as training JSONL
 
 A user error prints one line naming the key, flag or file and the fix, and exits with code 2. Commands
@@ -23,11 +24,11 @@ import os
 import sys
 
 from meshtune import __version__
-from meshtune.cli import distill_data, export, launch, report, serve, slurm, tools, train, validate
+from meshtune.cli import distill_data, export, generate, launch, report, serve, slurm, tools, train, validate
 from meshtune.config import ConfigError
 
 # the registry: a command is one module here and its entry in this tuple (the order of `--help`)
-COMMANDS = (tools.Ls, train, launch, validate, slurm, export, report, tools.Demo, serve, distill_data)
+COMMANDS = (tools.Ls, train, launch, validate, slurm, export, report, tools.Demo, serve, generate, distill_data)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,12 +4,13 @@
     meshtune export runs/lora --format adapter --step 40       # runs/lora/adapter.safetensors
     meshtune export runs/lora --format peft --out my_adapter   # my_adapter/adapter_config.json, adapter_model.*
     meshtune export runs/hf-lora --format hf                   # runs/hf-lora/hf/config.json, model.safetensors
+    meshtune export runs/tiny --format executorch              # runs/tiny/executorch/model.pte, model.json
 
 One process (world size 1) reads the run's checkpoint through `meshtune.artifacts` (any engine, any layout:
 every exported tensor is full-size, so an adapter trained under FSDP or ZeRO-3 is never a shard or empty),
 checks the format against what the run's recipes declare they can produce, and writes it. The formats
-(merged, adapter, peft, hf, sparse, shrunk, program, quantized) are described in their modules; adding one is
-one module and its line below. Every user error is a one-line ConfigError naming the thing and the fix.
+(merged, adapter, peft, hf, sparse, shrunk, program, quantized, executorch) are described in their modules;
+adding one is one module and its line below. Every user error is a one-line ConfigError naming the thing and the fix.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from meshtune.export.base import REGISTRY, Options, check_format, human_size, me
 
 # the registry: importing a format module registers it, in the order `--format` lists them
 # isort: off
-from meshtune.export import merged, adapter, peft, hf, sparse, shrunk, program, quantized  # noqa: E402, F401
+from meshtune.export import merged, adapter, peft, hf, sparse, shrunk, program, quantized, executorch  # noqa: E402, F401
 # isort: on
 
 FORMATS = tuple(REGISTRY)
@@ -30,7 +31,8 @@ __all__ = ["FORMATS", "check_format", "export", "human_size", "merged_state", "s
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: int | None = None,
-           quiet: bool = False, scheme: str | None = None, dtype: str | None = None) -> list[Path]:
+           quiet: bool = False, scheme: str | None = None, dtype: str | None = None,
+           max_seq_len: int | None = None) -> list[Path]:
     """Export a run's checkpoint in `fmt` (one of FORMATS) and print each file with its size.
 
     Args:
@@ -39,8 +41,10 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
         out: output directory; default: the run dir, or the format's folder in it (run_dir/peft, run_dir/hf).
         step: export this checkpoint step instead of the newest complete one.
         quiet: do not print.
-        scheme: for `quantized`: int8-int4 or int8-int8 instead of the run's recipe.qat.scheme.
+        scheme: for `quantized`: int8-int4 or int8-int8 instead of the run's recipe.qat.scheme; for
+            `executorch` also fp32 (its default when the run has no QAT).
         dtype: for `hf`: bf16, fp16 or fp32 (default: the dtype of the run's init_from HF checkpoint, else fp32).
+        max_seq_len: for `executorch`: KV-cache length (default: model.max_seq_len).
 
     Returns:
         The written files.
@@ -58,7 +62,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
     ckpt = find_checkpoint(run_dir, step)
     run = load_run(find(ckpt, key="RUN_DIR"))
     dest = Path(out) if out is not None else run_dir / spec.out_dir
-    written = spec.write(run, dest, Options(run_dir, quiet, scheme, dtype))
+    written = spec.write(run, dest, Options(run_dir, quiet, scheme, dtype, max_seq_len))
     if not quiet:
         name = run.artifact.recipe_cfg.name
         what = f"recipe {name}" if name else "no recipe"

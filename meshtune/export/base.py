@@ -51,6 +51,8 @@ class Options:
     scheme: str | None = None
     dtype: str | None = None
     """--dtype (bf16, fp16, fp32) for formats writing dense weights; None = the source checkpoint's."""
+    max_seq_len: int | None = None
+    """--max-seq-len: the KV-cache length of an ExecuTorch program; None = model.max_seq_len."""
 
 
 def register(fmt: Format) -> Format:

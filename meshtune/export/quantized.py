@@ -74,6 +74,9 @@ def fp32_bytes(state: dict[str, torch.Tensor]) -> int:
 
 def write(run, out, opts) -> list:
     art = run.artifact
+    if opts.scheme == "fp32":
+        raise ConfigError("--scheme fp32: --format quantized writes int8-int4 or int8-int8 weights; give one of "
+                          "them (fp32 is for --format executorch)")
     fp32 = fp32_bytes(merged_state(run))
     model, qcfg, how = quantize_loaded(run, opts.scheme)
     written = [save_quantized(model, out / FILE, art.model_cfg, art.vocab_size, qcfg, how)]
