@@ -3,7 +3,10 @@ that offers `quantized` (QAT) is converted by it (`recipe.quantize(model, scheme
 after training (post-training quantization, recipes merged first) with the scheme, group size and targets of
 its `recipe.qat` section (`--scheme` overrides the scheme). Prints its size against fp32. The file holds the
 quantized weights as plain tensors (int4 codes packed two to a byte), the other tensors as they are, and the
-model / quantization config; `meshtune.artifacts` loads it back (meshtune/artifacts/quantized.py)."""
+model / quantization config; `meshtune.artifacts` loads it back (meshtune/artifacts/quantized.py).
+It is an interchange format, not a deployment one: torchao's eager int8/int4 linears dequantize the weights in
+every call and run slower than fp32 on CPU (bench/bench_executorch.py: 6x slower batch-1 decode, 1.8-2.3x slower
+prefill); `--format executorch` runs the same schemes in XNNPACK's kernels."""
 
 from __future__ import annotations
 
