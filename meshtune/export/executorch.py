@@ -137,7 +137,7 @@ def write(run, out, opts) -> list:
         size = path.stat().st_size
         group = f" group_size={qcfg.group_size}" if qcfg else ""
         print(f"meshtune export: ExecuTorch program, {scheme}{group}, KV cache of {max_seq_len} positions: "
-              f"{human_size(size)} vs {human_size(fp32)} of fp32 weights ({fp32 / size:.2f}x smaller)")
+              f"{human_size(size)}, {size / fp32:.2f}x the {human_size(fp32)} of its fp32 weights")
     return [path, out / "model.json", *files]
 
 

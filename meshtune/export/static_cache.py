@@ -30,6 +30,9 @@ INSTALL = "pip install 'meshtune[executorch]'"
 
 def require_executorch(what: str = "--format executorch"):
     """Import executorch, or a one-line ConfigError with the install command."""
+    from meshtune.quiet import quiet_torchao
+
+    quiet_torchao()  # executorch imports torchao
     try:
         import executorch  # noqa: F401
         from executorch import exir  # noqa: F401
