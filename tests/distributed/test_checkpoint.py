@@ -5,9 +5,9 @@ import signal
 from tests.distributed.cases import full_params, layout, max_diff, step_losses, tiny_config
 
 
-def interrupted_vs_uninterrupted(run_dir, save_layout, load_layout, steps, cut):
+def interrupted_vs_uninterrupted(run_dir, save_layout, load_layout, steps, cut, params=full_params):
     """Train `steps` straight through; separately train `cut` steps, save, rebuild under `load_layout`,
-    resume, and train the rest. Return both loss curves and final parameters."""
+    resume, and train the rest. Return both loss curves and final parameters (gathered by `params`)."""
     from meshtune.runtime.run import build_trainer
 
     straight = build_trainer(tiny_config(f"{run_dir}/straight", *save_layout))
@@ -19,7 +19,7 @@ def interrupted_vs_uninterrupted(run_dir, save_layout, load_layout, steps, cut):
     start = resumed.step
     losses += step_losses(resumed, steps - cut)
     return {"start": start, "losses": losses, "ref_losses": ref_losses,
-            "param_diff": max_diff(full_params(resumed.model), full_params(straight.model)),
+            "param_diff": max_diff(params(resumed.model), params(straight.model)),
             "lr": resumed.scheduler.get_last_lr()[0], "ref_lr": straight.scheduler.get_last_lr()[0]}
 
 

@@ -31,19 +31,10 @@ def full_params(model):
 
 
 def interrupted_vs_uninterrupted(run_dir, lay, steps, cut):
-    """`steps` straight through against `cut` steps, a save, a rebuild from the checkpoint and the rest."""
-    from meshtune.runtime.run import build_trainer
+    """Resume within one layout, NF4 parameters compared dequantized (`full_params` above)."""
+    from tests.distributed.test_checkpoint import interrupted_vs_uninterrupted as resume_run
 
-    straight = build_trainer(tiny_config(f"{run_dir}/straight", *lay))
-    ref_losses = step_losses(straight, steps)
-    first = build_trainer(tiny_config(f"{run_dir}/cut", *lay))
-    losses = step_losses(first, cut)
-    first.save()
-    resumed = build_trainer(tiny_config(f"{run_dir}/cut", *lay, "checkpoint.resume=auto"))
-    start = resumed.step
-    losses += step_losses(resumed, steps - cut)
-    return {"start": start, "losses": losses, "ref_losses": ref_losses,
-            "param_diff": max_diff(full_params(resumed.model), full_params(straight.model))}
+    return resume_run(run_dir, lay, lay, steps, cut, params=full_params)
 
 
 def _gathered(t):

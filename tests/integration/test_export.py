@@ -102,17 +102,12 @@ def hf_llama_state(state: dict, cfg: ModelConfig) -> dict:
     return to_hf_state_dict({k: v for k, v in state.items() if "lora_" not in k}, cfg)
 
 
-def test_peft_export_loads_onto_hf_llama(lora_run, capsys):
+def assert_peft_logits(run_dir, r: dict, peft_dir) -> None:
+    """The run's frozen base (r["params"] without adapters) in a transformers Llama, `peft_dir` loaded onto it
+    with PeftModel: the same logits as meshtune's (r["logits"] of r["tokens"]) within 1e-4."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from meshtune.artifacts import run_config
-
-    run_dir, r = lora_run
-    code, out, _ = run_cli(capsys, run_dir, "--format", "peft")  # default out: RUN_DIR/peft
-    assert code == 0
-    peft_dir = run_dir / "peft"
-    assert {p.name for p in peft_dir.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
-    assert "adapter_model.safetensors (" in out
 
     m = run_config(run_dir).model
     vocab = r["params"]["tok_embeddings.weight"].shape[0]
@@ -128,6 +123,16 @@ def test_peft_export_loads_onto_hf_llama(lora_run, capsys):
     hf = peft.PeftModel.from_pretrained(hf, str(peft_dir)).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(r["tokens"]).logits, r["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_peft_export_loads_onto_hf_llama(lora_run, capsys):
+    run_dir, r = lora_run
+    code, out, _ = run_cli(capsys, run_dir, "--format", "peft")  # default out: RUN_DIR/peft
+    assert code == 0
+    peft_dir = run_dir / "peft"
+    assert {p.name for p in peft_dir.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert "adapter_model.safetensors (" in out
+    assert_peft_logits(run_dir, r, peft_dir)
 
 
 def test_hf_export_loads_in_transformers(lora_run, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from meshtune.cli import main
-from tests.integration.test_export import hf_llama_state
+from tests.integration.test_export import assert_peft_logits
 
 STEPS = 3
 QLORA = ["recipe.name=qlora", "recipe.lora.rank=4", "recipe.lora.alpha=8", "recipe.qlora.block_size=32",
@@ -69,27 +69,10 @@ def test_merged_export_is_the_dequantized_base_plus_lora(qlora_run, tmp_path):
 
 
 def test_peft_export_on_the_dequantized_base(qlora_run, capsys):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    from meshtune.artifacts import run_config
-
     run_dir, r = qlora_run
     code, out, err = run_cli(capsys, run_dir, "--format", "peft")
     assert code == 0, err
-    m = run_config(run_dir).model
-    vocab = r["params"]["tok_embeddings.weight"].shape[0]
-    ffn = r["params"]["layers.0.feed_forward.w1.weight"].shape[0]
-    hf_cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=m.dim, intermediate_size=ffn,
-                                      num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-                                      num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
-                                      rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False)
-    hf = transformers.LlamaForCausalLM(hf_cfg)
-    base = {k: v for k, v in r["params"].items() if ".lora_" not in k}  # the NF4 base, dequantized
-    missing, unexpected = hf.load_state_dict(hf_llama_state(base, m), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing)
-    hf = peft.PeftModel.from_pretrained(hf, str(run_dir / "peft")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(hf(r["tokens"]).logits, r["logits"], atol=1e-4, rtol=1e-4)
+    assert_peft_logits(run_dir, r, run_dir / "peft")  # r["params"]: the NF4 base dequantized, and the adapters
 
 
 def test_hf_export_loads_in_transformers(qlora_run, capsys):
