@@ -46,7 +46,6 @@ exports + 6 lowerings 369 s:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -57,33 +56,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_base import train_base  # noqa: E402
 
+from meshtune.measure import decode_timer, median_time, program_step, prompt_tokens  # noqa: E402
+
 SCHEMES = ("fp32", "int8-int8", "int8-int4")
 
 
-def median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def decode_fn(step, prompt_len: int, n: int):
-    """A closure that prefills `prompt_len` tokens with `step(tokens, input_pos) -> logits (1, T, V)` (untimed
-    apart) and decodes n greedy tokens; returns the time of the n decode steps only."""
-    prompt = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-
-    def run() -> float:
-        logits = step(prompt, torch.arange(prompt_len))
-        t0 = time.perf_counter()
-        for i in range(n):
-            nxt = logits[:, -1:].argmax(-1)  # (1, 1)
-            logits = step(nxt, torch.tensor([prompt_len + i]))
-        return time.perf_counter() - t0
-
-    return run
+    """A closure: prefill a fixed `prompt_len`-token prompt (untimed), then n greedy decode steps; returns their
+    seconds (meshtune.measure's decode timing)."""
+    return decode_timer(step, prompt_tokens(prompt_len, 256), n)
 
 
 def eager_no_cache_fn(model, prompt_len: int, n: int):
@@ -97,13 +78,6 @@ def eager_no_cache_fn(model, prompt_len: int, n: int):
         return time.perf_counter() - t0
 
     return run
-
-
-def program_step(pte: bytes):
-    from executorch.runtime import Runtime
-
-    method = Runtime.get().load_program(pte).load_method("forward")
-    return lambda tokens, pos: method.execute([tokens, pos])[0]
 
 
 def main() -> None:

@@ -14,12 +14,19 @@ Every row is then measured the same way, on the exported artifact loaded back wi
 (`meshtune.artifacts`, the loader export, serve and teachers use): parameters (and how many are nonzero),
 size on disk, CPU latency of a batched forward (median of a few runs, the models timed in turn so machine load
 hits all alike) and exact-match accuracy on the held-out split, teacher-forced like the trainer's evaluation.
+
+Then the deployment table: every row exported again as an ExecuTorch program (`meshtune export --format
+executorch`: the run's own scheme, so QAT rows are int8/int4 programs, the PTQ rows the base's programs with
+theirs, pruned rows dense fp32 programs, the structured row and the student the smaller decoders they are),
+measured in the ExecuTorch runtime on one thread (`meshtune.measure`): .pte size, prefill of a prompt, batch-1
+decode tokens/s next to the teacher in eager PyTorch behind the same KV cache, and the accuracy of the program
+itself on the same held-out examples.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +50,8 @@ VARIANTS = [
     ("QAT int4", "compress-qat4", "finetune/qat", ["recipe.qat.scheme=int8-int4"], "quantized"),
 ]
 PTQ = [("PTQ int8", "ptq-int8", "int8-int8"), ("PTQ int4", "ptq-int4", "int8-int4")]  # (row, out dir, scheme)
+EAGER = "teacher, eager fp32"  # the decode reference: the teacher in eager PyTorch behind the programs' KV cache
+PROMPT_LEN, NEW_TOKENS = 16, 24  # the deployment table's prefill prompt and timed decode steps
 ORDER = ["teacher (base)", "distilled student", "pruned 50%", "pruned 2:4", "structured 40%", "QAT int8",
          "PTQ int8", "QAT int4", "PTQ int4"]
 
@@ -60,6 +69,15 @@ class Row:
     latency_s: float = float("nan")
     accuracy: float = float("nan")
     eval_loss: float = float("nan")
+    # its ExecuTorch program (`meshtune export --format executorch`), measured by measure_programs
+    program: Path | None = None
+    scheme: str = "fp32"
+    vocab: int = 0
+    pte_size: int = 0
+    prefill_s: float = float("nan")
+    decode_tps: float = float("nan")
+    pte_accuracy: float = float("nan")
+    pte_loss: float = float("nan")
 
 
 def load_artifact(path: str | Path, fmt: str = "") -> nn.Module:
@@ -76,35 +94,6 @@ def eval_split(cfg):
     return build_datasets(cfg.data, build_tokenizer(cfg.data.tokenizer), cfg.train.seed)[1]
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, eval_ds, batch: int = 32) -> tuple[float, float]:
-    """(exact-match accuracy, mean token loss) of `model` on `eval_ds`, teacher-forced as in Trainer.evaluate."""
-    from meshtune.data.datasets import collate
-    from meshtune.runtime.grads import eval_counts
-
-    totals = torch.zeros(4, dtype=torch.float64)
-    for start in range(0, len(eval_ds), batch):
-        b = collate([eval_ds[i] for i in range(start, min(start + batch, len(eval_ds)))])
-        totals += eval_counts(model(b["input_ids"]), b["labels"])
-    loss, ntok, correct, nseq = totals.tolist()
-    return correct / max(nseq, 1), loss / max(ntok, 1)
-
-
-@torch.inference_mode()
-def latencies(models: dict[str, nn.Module], tokens: torch.Tensor, reps: int = 5) -> dict[str, float]:
-    """Median seconds of one forward of `tokens` per model; the models take turns (order reversed every other
-    round) after one warm-up each, so load on the machine hits all of them alike."""
-    times: dict[str, list[float]] = {n: [] for n in models}
-    for m in models.values():
-        m(tokens)
-    for i in range(reps):
-        for n in (list(models) if i % 2 == 0 else list(models)[::-1]):
-            start = time.perf_counter()
-            models[n](tokens)
-            times[n].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
-
-
 def _counts(model: nn.Module) -> tuple[int, int]:
     """(parameters, nonzero parameters); quantized tensor subclasses count as nonzero."""
     total = nonzero = 0
@@ -118,17 +107,61 @@ def _counts(model: nn.Module) -> tuple[int, int]:
 def measure(rows: list[Row], eval_ds, seq_len: int, batch: int = 32, reps: int = 7, loader=load_artifact
             ) -> list[Row]:
     """Fill in every row's counts, file size, accuracy, loss and latency (in place; returns `rows`)."""
+    from meshtune.measure import evaluate, forward_latencies
+
     models = {r.name: loader(r.path, r.fmt) for r in rows}
     gen = torch.Generator().manual_seed(0)
     vocab = min(m.vocab_size for m in models.values())
     tokens = torch.randint(0, vocab, (batch, seq_len), generator=gen)
     for r in rows:
         r.params, r.nonzero = _counts(models[r.name])
+        r.vocab = models[r.name].vocab_size
         r.size = r.path.stat().st_size
         r.accuracy, r.eval_loss = evaluate(models[r.name], eval_ds, batch)
-    for name, t in latencies(models, tokens, reps).items():
+    for name, t in forward_latencies(models, tokens, reps).items():
         next(r for r in rows if r.name == name).latency_s = t
     return rows
+
+
+def _export_program(job: tuple[str, str, str | None]) -> str:
+    """(run dir, out dir, scheme) -> the written model.pte, in a worker process on one thread."""
+    from meshtune.export import export
+
+    torch.set_num_threads(1)
+    run_dir, out, scheme = job
+    return str(export(run_dir, "executorch", out, scheme=scheme, quiet=True)[0])
+
+
+def export_programs(jobs: list[tuple[Path, Path, str | None]], workers: int) -> list[Path]:
+    """`meshtune export RUN --format executorch [--scheme S] --out OUT` of every (run, out, scheme), `workers` at a
+    time in fresh processes (a lowering is one busy core for ~20-30 s at this size)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    args = [(str(run), str(out), scheme) for run, out, scheme in jobs]
+    with ProcessPoolExecutor(max(1, min(workers, len(jobs))), mp_context=multiprocessing.get_context("spawn")) as ex:
+        return [Path(p) for p in ex.map(_export_program, args)]
+
+
+def measure_programs(rows: list[Row], eval_ds, prompt_len: int, new_tokens: int = 24, reps: int = 5,
+                     reference: nn.Module | None = None) -> float:
+    """Fill in every row's program figures (in place): .pte size, the program's own accuracy and loss, and its
+    prefill and decode speed on one thread, the programs (and `reference`, an eager model behind the same KV
+    cache, when given) taking turns. Returns the reference's decode tokens/s (nan without one)."""
+    from meshtune.measure import cached_step, evaluate_step, one_thread, program_step, speeds
+
+    with one_thread():  # before loading: ExecuTorch's threadpool cannot be resized under a loaded program
+        steps = {r.name: program_step(r.program) for r in rows}
+        vocab = min(r.vocab for r in rows)
+        for r in rows:
+            r.pte_size = r.program.stat().st_size
+            r.pte_accuracy, r.pte_loss = evaluate_step(steps[r.name], eval_ds)
+        if reference is not None:
+            steps[EAGER] = cached_step(reference, prompt_len + new_tokens + 1)
+        got = speeds(steps, prompt_len, new_tokens, vocab, reps)
+    for r in rows:
+        r.prefill_s, r.decode_tps = got[r.name]
+    return got[EAGER][1] if reference is not None else float("nan")
 
 
 def format_table(rows: list[Row]) -> str:
@@ -143,6 +176,23 @@ def format_table(rows: list[Row]) -> str:
         lines.append(f"{r.name:<20}{r.params:>10,}{r.nonzero:>10,}{r.nonzero / ref.nonzero:>6.2f}  {r.fmt:<11}"
                      f"{human_size(r.size):>10}{r.size / ref.size:>6.2f}{r.latency_s * 1e3:>8.1f}"
                      f"{ref.latency_s / r.latency_s:>7.2f}x{r.accuracy:>9.3f}")
+    return "\n".join(lines)
+
+
+def format_programs(rows: list[Row], eager_tps: float) -> str:
+    """The deployment table: each row's ExecuTorch program; sizes against the teacher's fp32 artifact (the first
+    row), decode speed against the teacher in eager PyTorch behind the same KV cache (`eager_tps`)."""
+    from meshtune.export import human_size
+
+    ref = rows[0]
+    head = (f"{'model':<20}{'scheme':<10}{'.pte':>10}{'smaller':>8}{'prefill ms':>11}{'decode tok/s':>13}"
+            f"{'x eager':>8}{'accuracy':>9}{'(eager)':>8}")
+    lines = [head, "-" * len(head), f"{'teacher, eager fp32':<20}{'-':<10}{human_size(ref.size):>10}{1:>8.2f}"
+             f"{'-':>11}{eager_tps:>13.0f}{1:>8.2f}{ref.accuracy:>9.3f}{ref.accuracy:>8.3f}"]
+    for r in rows:
+        lines.append(f"{r.name:<20}{r.scheme:<10}{human_size(r.pte_size):>10}{ref.size / r.pte_size:>8.2f}"
+                     f"{r.prefill_s * 1e3:>11.2f}{r.decode_tps:>13.0f}{r.decode_tps / eager_tps:>8.2f}"
+                     f"{r.pte_accuracy:>9.3f}{r.accuracy:>8.3f}")
     return "\n".join(lines)
 
 
@@ -182,9 +232,27 @@ def compression_stage(root: Path, sort_dir: Path, base: Path, nproc: int, num_ev
         rows.append(Row(name, path, "quantized"))
     rows.sort(key=lambda r: ORDER.index(r.name))
     cfg = load_config(sort_dir / "config.yaml", [f"data.num_eval={num_eval}"])
-    measure(rows, eval_split(cfg), cfg.data.seq_len)
+    eval_ds = eval_split(cfg)
+    measure(rows, eval_ds, cfg.data.seq_len)
     print(f"\ncompressed from {base}; accuracy = exact match on {num_eval} held-out sort examples; ms/fwd = median "
           f"CPU forward of a (32, {cfg.data.seq_len}) batch of the exported model loaded back; x = vs the teacher")
     print(format_table(rows))
+
+    # deployment: every row as an ExecuTorch program (the run's own scheme; PTQ rows the base with theirs)
+    sources = {"teacher (base)": (sort_dir, root / "base-executorch", None),
+               **{name: (root / sub, root / sub / "executorch", None) for name, sub, *_ in VARIANTS},
+               **{name: (sort_dir, root / f"{sub}-executorch", scheme) for name, sub, scheme in PTQ}}
+    t1 = time.time()
+    print(f"\n$ meshtune export RUN --format executorch [--scheme S] for each of the {len(rows)} rows "
+          f"({nproc} at a time)", flush=True)
+    for r, pte in zip(rows, export_programs([sources[r.name] for r in rows], nproc), strict=True):
+        r.program, r.scheme = pte, json.loads(pte.with_suffix(".json").read_text())["scheme"]
+    print(f"lowered in {time.time() - t1:.0f} s", flush=True)
+    eager_tps = measure_programs(rows, eval_ds, PROMPT_LEN, NEW_TOKENS, reference=load_artifact(base, "merged"))
+    print(f"\ndeployment: each row's ExecuTorch program (XNNPACK) in the ExecuTorch runtime, 1 thread; prefill = a "
+          f"(1, {PROMPT_LEN}) prompt, decode = {NEW_TOKENS} greedy tokens after it (batch 1); accuracy = the program's "
+          "own, teacher-forced on the same examples (eager artifact's beside it); x = vs the teacher's fp32 "
+          "artifact (size) and vs the teacher in eager PyTorch behind the same KV cache (decode)")
+    print(format_programs(rows, eager_tps))
     print(f"stage 5: {time.time() - t0:.0f} s")
     return 0, runs

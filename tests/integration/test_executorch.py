@@ -223,3 +223,19 @@ def test_bad_flags_are_one_line_errors(run, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_program_accuracy_is_measured_on_the_program(run, programs):
+    """meshtune.measure.evaluate_step (the demo's and compress-search's accuracy of a deployed program): the
+    fp32 program scores what the eager model scores, token for token; a quantized one what its torchao model does
+    within the scheme's bound."""
+    from meshtune.demo.compress import eval_split
+    from meshtune.measure import evaluate, evaluate_step, program_step
+    from meshtune.schema import load_config
+
+    ds = eval_split(load_config(run / "config.yaml", []))
+    for scheme, (folder, model) in programs.items():
+        acc, loss = evaluate_step(program_step(folder / "model.pte"), ds)
+        ref_acc, ref_loss = evaluate(model, ds, batch=4)
+        assert acc == ref_acc, scheme
+        assert loss == pytest.approx(ref_loss, rel=1e-5 if scheme == "fp32" else 1e-3), scheme

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from meshtune import measure as measure_mod
 from meshtune.config import ConfigError
-from meshtune.demo import compress as compress_table
-from meshtune.demo.compress import Row, eval_split, format_table, latencies, load_artifact, measure
+from meshtune.demo.compress import Row, eval_split, format_table, load_artifact, measure
 from meshtune.export import export
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.run import build_trainer
@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
 
 
 class FakeClock:
-    """`perf_counter` for meshtune.demo.compress: time moves only when a model's forward advances it, so a
+    """`perf_counter` for meshtune.measure: time moves only when a model's forward advances it, so a
     latency is exactly what the test made that forward take (powers of two: the sums stay exact)."""
 
     def __init__(self):
@@ -51,7 +51,7 @@ FORWARD_S = {"teacher": 2.0 ** -7, "pruned 50%": 2.0 ** -8, "structured": 2.0 **
 
 def test_rows_measure_the_exported_models(runs, monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(compress_table, "time", clock)
+    monkeypatch.setattr(measure_mod, "time", clock)
 
     def timed_loader(path, fmt):
         model = load_artifact(path, fmt)
@@ -96,7 +96,7 @@ def test_load_artifact_sparse_equals_the_merged_model(runs, tmp_path):
 
 def test_latencies_are_medians_after_a_warm_up_in_alternating_order(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(compress_table, "time", clock)
+    monkeypatch.setattr(measure_mod, "time", clock)
     # seconds of each successive forward: the first is the untimed warm-up (slow on purpose)
     durations = {"a": [100.0, 1.0, 3.0, 2.0], "b": [100.0, 0.5, 0.25, 4.0]}
     order = []
@@ -108,7 +108,7 @@ def test_latencies_are_medians_after_a_warm_up_in_alternating_order(monkeypatch)
             return x
         return fwd
 
-    out = latencies({"a": model("a"), "b": model("b")}, torch.zeros(1), reps=3)
+    out = measure_mod.forward_latencies({"a": model("a"), "b": model("b")}, torch.zeros(1), reps=3)
     assert out == {"a": 2.0, "b": 0.5}  # medians of the three timed forwards; the warm-up is not counted
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then turns reversed every other round
 
