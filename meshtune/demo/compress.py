@@ -144,10 +144,10 @@ def export_programs(jobs: list[tuple[Path, Path, str | None]], workers: int) -> 
 
 
 def measure_programs(rows: list[Row], eval_ds, prompt_len: int, new_tokens: int = 24, reps: int = 5,
-                     reference: nn.Module | None = None) -> float:
+                     reference: nn.Module | None = None) -> tuple[float, float]:
     """Fill in every row's program figures (in place): .pte size, the program's own accuracy and loss, and its
     prefill and decode speed on one thread, the programs (and `reference`, an eager model behind the same KV
-    cache, when given) taking turns. Returns the reference's decode tokens/s (nan without one)."""
+    cache, when given) taking turns. Returns the reference's (prefill seconds, decode tokens/s), nan without one."""
     from meshtune.measure import cached_step, evaluate_step, one_thread, program_step, speeds
 
     with one_thread():  # before loading: ExecuTorch's threadpool cannot be resized under a loaded program
@@ -161,7 +161,7 @@ def measure_programs(rows: list[Row], eval_ds, prompt_len: int, new_tokens: int 
         got = speeds(steps, prompt_len, new_tokens, vocab, reps)
     for r in rows:
         r.prefill_s, r.decode_tps = got[r.name]
-    return got[EAGER][1] if reference is not None else float("nan")
+    return got[EAGER] if reference is not None else (float("nan"), float("nan"))
 
 
 def format_table(rows: list[Row]) -> str:
@@ -179,20 +179,21 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def format_programs(rows: list[Row], eager_tps: float) -> str:
+def format_programs(rows: list[Row], eager: tuple[float, float]) -> str:
     """The deployment table: each row's ExecuTorch program; sizes against the teacher's fp32 artifact (the first
-    row), decode speed against the teacher in eager PyTorch behind the same KV cache (`eager_tps`)."""
+    row), speed against the teacher in eager PyTorch behind the same KV cache (`eager`: its prefill seconds and
+    decode tokens/s)."""
     from meshtune.export import human_size
 
-    ref = rows[0]
-    head = (f"{'model':<20}{'scheme':<10}{'.pte':>10}{'smaller':>8}{'prefill ms':>11}{'decode tok/s':>13}"
-            f"{'x eager':>8}{'accuracy':>9}{'(eager)':>8}")
+    ref, (pre, tps) = rows[0], eager
+    head = (f"{'model':<20}{'scheme':<10}{'.pte':>10}{'smaller':>8}{'prefill ms':>11}{'x':>6}{'decode tok/s':>13}"
+            f"{'x':>6}{'accuracy':>9}{'(eager)':>8}")
     lines = [head, "-" * len(head), f"{'teacher, eager fp32':<20}{'-':<10}{human_size(ref.size):>10}{1:>8.2f}"
-             f"{'-':>11}{eager_tps:>13.0f}{1:>8.2f}{ref.accuracy:>9.3f}{ref.accuracy:>8.3f}"]
+             f"{pre * 1e3:>11.2f}{1:>6.2f}{tps:>13.0f}{1:>6.2f}{ref.accuracy:>9.3f}{ref.accuracy:>8.3f}"]
     for r in rows:
         lines.append(f"{r.name:<20}{r.scheme:<10}{human_size(r.pte_size):>10}{ref.size / r.pte_size:>8.2f}"
-                     f"{r.prefill_s * 1e3:>11.2f}{r.decode_tps:>13.0f}{r.decode_tps / eager_tps:>8.2f}"
-                     f"{r.pte_accuracy:>9.3f}{r.accuracy:>8.3f}")
+                     f"{r.prefill_s * 1e3:>11.2f}{pre / r.prefill_s:>6.2f}{r.decode_tps:>13.0f}"
+                     f"{r.decode_tps / tps:>6.2f}{r.pte_accuracy:>9.3f}{r.accuracy:>8.3f}")
     return "\n".join(lines)
 
 
@@ -248,11 +249,11 @@ def compression_stage(root: Path, sort_dir: Path, base: Path, nproc: int, num_ev
     for r, pte in zip(rows, export_programs([sources[r.name] for r in rows], nproc), strict=True):
         r.program, r.scheme = pte, json.loads(pte.with_suffix(".json").read_text())["scheme"]
     print(f"lowered in {time.time() - t1:.0f} s", flush=True)
-    eager_tps = measure_programs(rows, eval_ds, PROMPT_LEN, NEW_TOKENS, reference=load_artifact(base, "merged"))
+    eager = measure_programs(rows, eval_ds, PROMPT_LEN, NEW_TOKENS, reference=load_artifact(base, "merged"))
     print(f"\ndeployment: each row's ExecuTorch program (XNNPACK) in the ExecuTorch runtime, 1 thread; prefill = a "
           f"(1, {PROMPT_LEN}) prompt, decode = {NEW_TOKENS} greedy tokens after it (batch 1); accuracy = the program's "
           "own, teacher-forced on the same examples (eager artifact's beside it); x = vs the teacher's fp32 "
-          "artifact (size) and vs the teacher in eager PyTorch behind the same KV cache (decode)")
-    print(format_programs(rows, eager_tps))
+          "artifact (size) and vs the teacher in eager PyTorch behind the same KV cache (speed)")
+    print(format_programs(rows, eager))
     print(f"stage 5: {time.time() - t0:.0f} s")
     return 0, runs

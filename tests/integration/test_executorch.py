@@ -239,3 +239,27 @@ def test_program_accuracy_is_measured_on_the_program(run, programs):
         ref_acc, ref_loss = evaluate(model, ds, batch=4)
         assert acc == ref_acc, scheme
         assert loss == pytest.approx(ref_loss, rel=1e-5 if scheme == "fp32" else 1e-3), scheme
+
+
+def test_deployment_rows_hold_each_programs_own_figures(run, programs):
+    """The demo's deployment table (meshtune.demo.compress.measure_programs): every row's size is its own .pte's,
+    its accuracy its own program's; the eager reference is timed with them; the table prints every row."""
+    from meshtune.demo.compress import Row, eval_split, format_programs, measure_programs
+    from meshtune.schema import load_config
+
+    ds = eval_split(load_config(run / "config.yaml", []))
+    rows = [Row(scheme, folder / "model.pte", "executorch", program=folder / "model.pte", scheme=scheme,
+                vocab=model.vocab_size, size=(folder / "model.pte").stat().st_size, accuracy=0.5)
+            for scheme, (folder, model) in programs.items()]
+    eager = measure_programs(rows, ds, prompt_len=8, new_tokens=4, reps=1, reference=programs["fp32"][1])
+    assert all(x > 0 for x in eager)
+    sizes = {r.scheme: r.pte_size for r in rows}
+    assert sizes["fp32"] > sizes["int8-int8"] > sizes["int8-int4"]
+    for r in rows:
+        assert r.pte_size == r.program.stat().st_size and r.prefill_s > 0 and r.decode_tps > 0
+    from meshtune.measure import evaluate
+
+    for r in rows:  # each row's accuracy is its own program's (the fp32 and quantized models differ in loss)
+        assert r.pte_loss == pytest.approx(evaluate(programs[r.scheme][1], ds, batch=4)[1], rel=1e-3)
+    text = format_programs(rows, eager).splitlines()
+    assert len(text) == 3 + len(rows) and all(r.scheme in line for r, line in zip(rows, text[3:], strict=True))
