@@ -240,21 +240,24 @@ class Transformer(nn.Module):
         validate_model_config(cfg, vocab_size)
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.tok_embeddings: nn.Embedding | None = nn.Embedding(vocab_size, cfg.dim)
+        # built on meta (build_model) and initialised by init_weights: an explicit weight skips nn.Embedding's own
+        # normal_ init, whose first call on meta imports torch._refs (~1 s of every launch's preflight and rank)
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(vocab_size, cfg.dim,
+                                                                _weight=torch.empty(vocab_size, cfg.dim))
         # a ModuleDict keyed "0", "1", ...: pipeline stages delete entries and the rest keep their names
         windows = layer_windows(cfg)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, windows[i]) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, vocab_size, bias=False)
         self.tie_weights()
-        # non-persistent: derived from the config, so checkpoints hold only parameters
-        cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        if cfg.rope_local_theta:
-            cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_local_theta)
-            self.register_buffer("rope_local_cos", cos, persistent=False)
-            self.register_buffer("rope_local_sin", sin, persistent=False)
+        # non-persistent: derived from the config, so checkpoints hold only parameters. Built on meta (build_model)
+        # they are only shaped here, and computed by init_buffers: arithmetic on meta runs torch's Python
+        # reference ops, whose first use imports torch._dynamo (~1.5 s of every launch's preflight and rank)
+        names = ["rope_cos", "rope_sin"] + (["rope_local_cos", "rope_local_sin"] if cfg.rope_local_theta else [])
+        for name in names:
+            self.register_buffer(name, torch.empty(cfg.max_seq_len, head_dim(cfg) // 2), persistent=False)
+        if self.rope_cos.device.type != "meta":
+            self.init_buffers()
 
     def tie_weights(self) -> None:
         """Make the output head use the embedding's Parameter (model.tie_embeddings); again after anything
