@@ -48,7 +48,7 @@ def _gathered(t):
 def qlora_fsdp_vs_reference(run_dir, tied):
     from meshtune.runtime.data_parallel import unwrap
     from meshtune.runtime.gloo_fsdp import P2PAllGather
-    from meshtune.runtime.run import build_trainer, tensor_bytes
+    from meshtune.runtime.run import build_trainer, model_state_bytes, tensor_bytes
 
     # tied: with a chunked loss too, which runs the NF4 head (the embedding's matrix) once per 8 positions
     chunk = ["model.tie_embeddings=true", "train.loss_chunk_size=8"] if tied else []
@@ -79,7 +79,8 @@ def qlora_fsdp_vs_reference(run_dir, tied):
             "gathered_bytes": sum(_gathered(t) for t in local.values()),
             "root_gathered": sum(_gathered(t) for t in root.values()), "root_names": sorted(root),
             "emb_type": type(emb).__name__, "emb_rows": emb.shape[0],
-            "head_is_emb": model.output.weight is model.tok_embeddings.weight,
+            "head_is_emb": model.output.weight is model.tok_embeddings.weight, "rank": torch.distributed.get_rank(),
+            "state_bytes": model_state_bytes(trainer.model),
             "logits": logits_of(model),
             "ref_logits": logits_of(ref.model),
             "nf4_gathered": sum(_gathered(t) for t in local.values() if type(t).__name__ == "NF4Tensor"),
@@ -98,7 +99,16 @@ def logits_of(model):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_qlora_fsdp2_matches_single_process(rank_pool, tmp_path, tied):
+    from meshtune.runtime.plan_report import _rank_layout
+    from meshtune.runtime.preflight import preflight
+
+    chunk = ["model.tie_embeddings=true", "train.loss_chunk_size=8"] if tied else []
+    # fp32 as the ranks run on CPU (a plan's `auto` is bf16, which stores the frozen norms in bf16 as on GPU)
+    cfg = tiny_config(str(tmp_path / "plan"), *layout(1, 2, 4), *QLORA, *chunk, "train.dtype=fp32")
     for r in rank_pool(2).run(qlora_fsdp_vs_reference, str(tmp_path), tied):
+        # `meshtune validate`'s layout (built on meta) holds what the rank holds: NF4 embedding and head included
+        plan = _rank_layout(cfg, preflight(cfg, 2), 264, r["rank"])
+        assert plan["param_bytes"] + 12 * plan["trainable"] == r["state_bytes"], (plan, r["state_bytes"])
         assert r["wq_type"] == "NF4Tensor" and r["wq_rows"] == 16  # each rank holds half the rows, as NF4
         assert r["emb_type"] == "NF4Tensor" and r["emb_rows"] == 132  # and half the embedding's 264
         assert r["head_is_emb"] == tied

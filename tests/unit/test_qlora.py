@@ -254,7 +254,7 @@ def test_stacks_with_another_peft_recipe():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_single_process_resume_is_bitwise(tmp_path, tied):
+def test_single_process_resume_is_bitwise(tmp_path, tied, monkeypatch):
     qlora = ["recipe.name=qlora", *SMALL_BLOCKS, f"model.tie_embeddings={str(tied).lower()}"]
     straight = build_trainer(tiny_config(str(tmp_path / "a"), *qlora), DistEnv())
     assert type(straight.model.output.weight).__name__ == "NF4Tensor"
@@ -265,6 +265,13 @@ def test_single_process_resume_is_bitwise(tmp_path, tied):
     resumed = build_trainer(tiny_config(str(tmp_path / "b"), *qlora, "checkpoint.resume=auto"), DistEnv())
     assert resumed.step == 2
     assert losses + step_losses(resumed, 2) == ref
+    import importlib
+
+    finding = importlib.import_module("meshtune.artifacts.find")  # the package's `find` is the function
+
+    ckpt = resumed.checkpointer.latest()
+    monkeypatch.setattr(finding, "read_meta", lambda _: {})  # a checkpoint without meta.json's vocabulary:
+    assert finding.checkpoint_vocab(ckpt, "init_from") == 264  # read from the packed NF4 embedding's parts
 
 
 @pytest.mark.slow
