@@ -1,9 +1,10 @@
 """NF4 storage for QLoRA's frozen modules beyond the block projections: the token embedding and the output head.
 
 A Llama-3.2-1B's tied 128K x 2048 embedding is 0.22x of the whole fp32 model; left in fp32 beside an NF4 base
-it is most of the model state. `NF4Embedding` and `NF4Head` store it as torchao's NF4Tensor (the same
-`to_nf4`, block sizes, FSDP2 sharding and all-gather as the projections, `recipe.qlora.quantize_embeddings`),
-and never build the whole dequantized matrix:
+it is most of the model state. `NF4Embedding` and `NF4Head` store it as torchao's NF4Tensor (`to_nf4` at the
+projections' block_size, with scale groups kept within a row, `row_scaler_block_size`; FSDP2 shards and
+all-gathers it as NF4 like the projections; `recipe.qlora.quantize_embeddings`), and never build the whole
+dequantized matrix:
 
     NF4Embedding   a lookup dequantizes only the looked-up rows (`dequantize_rows`; `block_size` must divide
                    the row width, so a row's codes and block scales are its own), bitwise equal to rows of
@@ -11,8 +12,9 @@ and never build the whole dequantized matrix:
                    fp32 embedding's; under bf16 compute FSDP2 (or autocast) casts it at the first block.
     NF4Head        logits = x W^T computed `rows_per_chunk` vocabulary rows at a time: each chunk is
                    dequantized, multiplied and freed, and backward (x's gradient only: W is frozen) dequantizes
-                   the chunks again. Transient memory: one chunk (2^22 weights, 16 MiB in fp32) instead of the
-                   whole matrix (1 GiB at 128K x 2048). With a tied embedding it holds the same Parameter.
+                   the chunks again. Transient memory: one chunk (2^22 weights: 16 MiB in fp32, ~40 MiB with
+                   its code indices and products) instead of the whole matrix (1 GiB at 128K x 2048). With a tied
+                   embedding it holds the same Parameter.
 
 The cost is compute: every forward dequantizes the rows it reads (the head: all of them, twice per step with
 backward, three times under `train.loss_chunk_size`, whose backward recomputes the head). The error is NF4's:
