@@ -30,8 +30,8 @@ NF4 base model state / fp32 base's: 0.160, under the 0.2 target. Before the embe
 fp32: 0.22x of the model on its own) the same run measured 0.807 GiB (0.34x), planner 2.97 GiB, RSS to ready
 1.29 GiB. The RSS to ready is now 0.33 GiB higher: loading quantizes each rank's 64K x 2048 fp32 embedding shard
 (0.49 GiB) with torchao's `to_nf4`, whose temporaries peak ~0.8 GiB above the shard (measured alone: +0.34 GiB
-over a 1.28 GiB process peak that already held two shard-sized tensors). The planner's 4.94 GiB is 11% under lora-fp32's measured peak RSS, which also holds the process itself
-(~0.4 GiB of libraries).
+over a 1.28 GiB process peak that already held two shard-sized tensors). The planner's 4.94 GiB is 11% under
+lora-fp32's measured peak RSS, which also holds the process itself (~0.4 GiB of libraries).
 """
 
 from __future__ import annotations
