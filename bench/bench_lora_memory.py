@@ -32,6 +32,11 @@ fp32: 0.22x of the model on its own) the same run measured 0.807 GiB (0.34x), pl
 (0.49 GiB) with torchao's `to_nf4`, whose temporaries peak ~0.8 GiB above the shard (measured alone: +0.34 GiB
 over a 1.28 GiB process peak that already held two shard-sized tensors). The planner's 4.94 GiB is 11% under
 lora-fp32's measured peak RSS, which also holds the process itself (~0.4 GiB of libraries).
+Stepped (`--variants qlora-nf4 --qlora-steps --steps 1`, same day, cores shared with tests): qlora-nf4 peak RSS
+2.46 GiB, step 115 s (init_from 184 s), against the planner's 0.84 GiB: the planner misses NF4's CPU peak by
+66%. Not counted by it: the RSS to ready (1.61 GiB: libraries, and load-time temporaries the allocator keeps),
+and torchao's `linear_nf4` dequantizing each whole projection per call (int64 code indices and fp32 copies of a
+2048 x 8192 weight, some hundreds of MiB at once).
 """
 
 from __future__ import annotations
