@@ -9,7 +9,8 @@ to --dir). Each variant is `meshtune launch finetune/lora-hf-llama --nproc-per-n
   lora-fp32        the frozen base in fp32 (the reference)
   lora-bf16        train.frozen_dtype=bf16 (with bf16 compute, which it needs): stopped once the model is
                    ready, since a CPU bf16 step of this size takes minutes (model state and RSS to ready only)
-  qlora-nf4        recipe.name=qlora: the frozen base linear weights in NF4 (embedding, norms: fp32)
+  qlora-nf4        recipe.name=qlora: the frozen base linear weights and the tied embedding / head in NF4
+                   (recipe.qlora.quantize_embeddings, the default; norms fp32)
   qlora-nf4-offl   qlora + parallel.cpu_offload=true (FSDP2 CPUOffloadPolicy; on a CPU device the offload
                    copies are the tensors themselves, so this measures its overhead only)
 The NF4 variants stop once the model is ready unless --qlora-steps: torchao dequantizes every NF4 weight in
@@ -21,13 +22,21 @@ Targets (issue "Memory levers"): NF4 base model state <= 0.2x the fp32 base's; p
 
 Measured here (2026-12-07, 2 CPU cores shared with other jobs, 2 steps):
     variant          model state GiB  x fp32  peak RSS GiB  planner GiB  RSS to ready  step s
-    lora-fp32                  2.386    1.00          5.42         4.94          2.65    47.4
-    lora-bf16                  1.235    0.52             -         2.55          1.55       -
-    qlora-nf4                  0.807    0.34             -         2.97          1.29       -
-    qlora-nf4-offl             0.807    0.34             -         2.16          1.30       -
-The NF4 ratio counts the whole model state: the tied 128K x 2048 embedding stays fp32 (0.22x of the model on its
-own; QLoRA quantizes the linear layers, whose NF4 bytes are 0.13x of their fp32 bytes). The planner's 4.94 GiB
-is 9% under the measured RSS, which also holds the process itself (~0.4 GiB of libraries).
+    lora-fp32                  2.386    1.00          5.55         4.94          2.64    31.3
+    lora-bf16                  1.235    0.52             -         2.55          1.61       -
+    qlora-nf4                  0.381    0.16             -         0.84          1.62       -
+    qlora-nf4-offl             0.381    0.16             -         0.46          1.60       -
+NF4 base model state / fp32 base's: 0.160, under the 0.2 target. Before the embedding was quantized (it stayed
+fp32: 0.22x of the model on its own) the same run measured 0.807 GiB (0.34x), planner 2.97 GiB, RSS to ready
+1.29 GiB. The RSS to ready is now 0.33 GiB higher: loading quantizes each rank's 64K x 2048 fp32 embedding shard
+(0.49 GiB) with torchao's `to_nf4`, whose temporaries peak ~0.8 GiB above the shard (measured alone: +0.34 GiB
+over a 1.28 GiB process peak that already held two shard-sized tensors). The planner's 4.94 GiB is 11% under
+lora-fp32's measured peak RSS, which also holds the process itself (~0.4 GiB of libraries).
+Stepped (`--variants qlora-nf4 --qlora-steps --steps 1`, same day, cores shared with tests): qlora-nf4 peak RSS
+2.46 GiB, step 115 s (init_from 184 s), against the planner's 0.84 GiB: the planner misses NF4's CPU peak by
+66%. Not counted by it: the RSS to ready (1.61 GiB: libraries, and load-time temporaries the allocator keeps),
+and torchao's `linear_nf4` dequantizing each whole projection per call (int64 code indices and fp32 copies of a
+2048 x 8192 weight, some hundreds of MiB at once).
 """
 
 from __future__ import annotations

@@ -154,12 +154,15 @@ def checkpoint_vocab(ckpt: Path, key: str) -> int:
                 if name in shapes:
                     return int(shapes[name][0])
         raise ConfigError(f"{key}: {files[0]} records no embedding shape; it is not a meshtune model checkpoint")
+    from meshtune.artifacts.packed import fold_shapes
     from meshtune.artifacts.safe import read_metadata
 
-    shapes = read_metadata(ckpt).state_dict_metadata
+    # NF4 weights (QLoRA) are saved as their parts: fold them back to the weight's shape
+    shapes = fold_shapes({k: tuple(v.size) for k, v in read_metadata(ckpt).state_dict_metadata.items()
+                          if hasattr(v, "size")})
     for name in ("model.tok_embeddings.weight", "model.output.weight"):
         if name in shapes:
-            return int(shapes[name].size[0])
+            return int(shapes[name][0])
     raise ConfigError(f"{key}: {ckpt} holds no model.tok_embeddings.weight; it is not a meshtune model checkpoint")
 
 

@@ -38,6 +38,7 @@ class Plan:
         stages_per_rank: pipeline stages each pp rank runs (1 without pipelining).
         stage_layers: the layer indices of each pipeline stage, in stage order (one stage without pipelining).
         schedule: the pipeline schedule name.
+        vocab_size: the resolved vocabulary, where the plan was made with it (0: not known).
     """
 
     world_size: int
@@ -48,6 +49,7 @@ class Plan:
     stages_per_rank: int
     stage_layers: tuple[tuple[int, ...], ...]
     schedule: str
+    vocab_size: int = 0
 
     @property
     def num_stages(self) -> int:
@@ -185,7 +187,7 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Pl
         layers = split_layers(m.n_layers, dims.pp * per_rank, p.pp_split_points)
     check_tp_sizes(cfg, dims.tp, vocab_size)
     plan = Plan(world_size, dims, p.engine, p.zero_stage if p.engine == "deepspeed" else 0, accum, per_rank,
-                tuple(tuple(x) for x in layers), p.pp_schedule)
+                tuple(tuple(x) for x in layers), p.pp_schedule, vocab_size or 0)
     if m.init_device == "meta" and not (p.engine == "native" and (dims.dp_shard > 1 or
                                                                   (dims.dp_replicate > 1 and dims.tp > 1))):
         raise ConfigError("model.init_device: meta needs a sharded model (parallel.dp_shard > 1 with "

@@ -10,6 +10,9 @@ rank are counted exactly by building the busiest rank's share on the meta device
     checked against counted saved tensors), with each lever on and off: chunked loss, activation checkpointing
     modes, activation offload (saved activations in CPU memory), FSDP2 CPU offload (parameters, gradients and
     optimizer state leave the device).
+Parameters are counted as stored (`tensor_bytes`): QLoRA's NF4 projections, embedding and head at their packed
+bytes. Not counted: the NF4 head's dequantized chunk while it runs (2^22 weights, ~40 MiB with its indices and
+products at most; recipes/qlora/nf4.py).
 """
 
 from __future__ import annotations

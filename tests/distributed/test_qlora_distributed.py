@@ -1,6 +1,7 @@
 """QLoRA on real gloo ranks: FSDP2 shards and all-gathers the NF4 base as NF4 bytes, and trains like the same
 run in one process from the same seed; a DCP checkpoint of the NF4 base resumes bitwise."""
 
+import pytest
 import torch
 
 from tests.distributed.cases import full, layout, max_diff, reference_trainer, step_losses, tiny_config
@@ -44,30 +45,44 @@ def _gathered(t):
     return sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names) if names else t.numel() * 4
 
 
-def qlora_fsdp_vs_reference(run_dir):
+def qlora_fsdp_vs_reference(run_dir, tied):
     from meshtune.runtime.data_parallel import unwrap
     from meshtune.runtime.gloo_fsdp import P2PAllGather
-    from meshtune.runtime.run import build_trainer, tensor_bytes
+    from meshtune.runtime.run import build_trainer, model_state_bytes, tensor_bytes
 
-    cfg = tiny_config(run_dir, *layout(1, 2, 4), *QLORA)
+    # tied: with a chunked loss too, which runs the NF4 head (the embedding's matrix) once per 8 positions
+    chunk = ["model.tie_embeddings=true", "train.loss_chunk_size=8"] if tied else []
+    cfg = tiny_config(run_dir, *layout(1, 2, 4), *QLORA, *chunk)
     ref, trainer = reference_trainer(cfg), build_trainer(cfg)
-    block = unwrap(trainer.model).layers["0"]
-    sent = []
+    model = unwrap(trainer.model)
+    sent = {"block": [], "root": []}
 
-    class Recording(P2PAllGather):
-        def __call__(self, output_tensor, input_tensor, group, async_op=False):
-            sent.append(input_tensor.numel() * input_tensor.element_size())
-            return super().__call__(output_tensor, input_tensor, group, async_op)
+    def recording(unit):
+        class Recording(P2PAllGather):
+            def __call__(self, output_tensor, input_tensor, group, async_op=False):
+                sent[unit].append(input_tensor.numel() * input_tensor.element_size())
+                return super().__call__(output_tensor, input_tensor, group, async_op)
 
-    block.set_custom_all_gather(Recording())
+        return Recording()
+
+    block = model.layers["0"]
+    block.set_custom_all_gather(recording("block"))
+    model.set_custom_all_gather(recording("root"))  # the root unit: embedding, final norm, head
     local = {n: p.to_local() for n, p in block.named_parameters()}
-    wq = local["attention.wq.weight"]
+    root = {n: p.to_local() for n, p in model.named_parameters() if not n.startswith("layers.")}  # tied: once
+    wq, emb = local["attention.wq.weight"], root["tok_embeddings.weight"]
     before = full_params(trainer.model)
     losses, ref_losses = step_losses(trainer, 3), step_losses(ref, 3)
     after = full_params(trainer.model)
     return {"losses": losses, "ref_losses": ref_losses, "sent": sent, "wq_type": type(wq).__name__,
             "wq_rows": wq.shape[0], "shard_bytes": sum(tensor_bytes(t) for t in local.values()),
             "gathered_bytes": sum(_gathered(t) for t in local.values()),
+            "root_gathered": sum(_gathered(t) for t in root.values()), "root_names": sorted(root),
+            "emb_type": type(emb).__name__, "emb_rows": emb.shape[0],
+            "head_is_emb": model.output.weight is model.tok_embeddings.weight, "rank": torch.distributed.get_rank(),
+            "state_bytes": model_state_bytes(trainer.model),
+            "logits": logits_of(model),
+            "ref_logits": logits_of(ref.model),
             "nf4_gathered": sum(_gathered(t) for t in local.values() if type(t).__name__ == "NF4Tensor"),
             "nf4_fp32_bytes": sum(t.numel() * 4 for t in local.values() if type(t).__name__ == "NF4Tensor"),
             "changed": {n for n in after if not (after[n] == before[n]).all()},
@@ -75,19 +90,43 @@ def qlora_fsdp_vs_reference(run_dir):
                                   {k: v for k, v in full_params(ref.model).items() if "lora_" in k})}
 
 
-def test_qlora_fsdp2_matches_single_process(rank_pool, tmp_path):
-    for r in rank_pool(2).run(qlora_fsdp_vs_reference, str(tmp_path)):
+def logits_of(model):
+    """Logits of fixed tokens after training (the NF4 embedding and head in the forward)."""
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_qlora_fsdp2_matches_single_process(rank_pool, tmp_path, tied):
+    from meshtune.runtime.plan_report import _rank_layout
+    from meshtune.runtime.preflight import preflight
+
+    chunk = ["model.tie_embeddings=true", "train.loss_chunk_size=8"] if tied else []
+    # fp32 as the ranks run on CPU (a plan's `auto` is bf16, which stores the frozen norms in bf16 as on GPU)
+    cfg = tiny_config(str(tmp_path / "plan"), *layout(1, 2, 4), *QLORA, *chunk, "train.dtype=fp32")
+    for r in rank_pool(2).run(qlora_fsdp_vs_reference, str(tmp_path), tied):
+        # `meshtune validate`'s layout (built on meta) holds what the rank holds: NF4 embedding and head included
+        plan = _rank_layout(cfg, preflight(cfg, 2), 264, r["rank"])
+        assert plan["param_bytes"] + 12 * plan["trainable"] == r["state_bytes"], (plan, r["state_bytes"])
         assert r["wq_type"] == "NF4Tensor" and r["wq_rows"] == 16  # each rank holds half the rows, as NF4
-        # every gather of the block sends this rank's shard as stored: NF4 codes + scales, not fp32
-        assert r["sent"] and set(r["sent"]) == {r["gathered_bytes"]}, r
+        assert r["emb_type"] == "NF4Tensor" and r["emb_rows"] == 132  # and half the embedding's 264
+        assert r["head_is_emb"] == tied
+        assert set(r["root_names"]) == {"norm.weight", "tok_embeddings.weight"} | (set() if tied else {"output.weight"})
+        # every gather sends this rank's shard as stored: NF4 codes + scales, not fp32
+        assert r["sent"]["block"] and set(r["sent"]["block"]) == {r["gathered_bytes"]}, r
+        assert r["sent"]["root"] and set(r["sent"]["root"]) == {r["root_gathered"]}, r
+        assert r["root_gathered"] < 0.2 * 4 * 132 * 32 * (1 if tied else 2), r  # NF4: 4 bits + scales
         assert r["nf4_gathered"] < 0.15 * r["nf4_fp32_bytes"], r  # 4 bits + 2 x 1/32 byte of scales per weight
         assert r["changed"] and all("lora_" in n for n in r["changed"])  # the NF4 base stays as it was
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
         assert r["lora_diff"] < 1e-4, r
+        torch.testing.assert_close(r["logits"], r["ref_logits"], atol=TOL, rtol=TOL)
 
 
-def test_qlora_resume_is_bitwise_identical(rank_pool, tmp_path):
-    fsdp = [*layout(1, 2, 2), *QLORA]
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_qlora_resume_is_bitwise_identical(rank_pool, tmp_path, tied):
+    fsdp = [*layout(1, 2, 2), *QLORA, f"model.tie_embeddings={str(tied).lower()}"]
     for r in rank_pool(2).run(interrupted_vs_uninterrupted, str(tmp_path), fsdp, 4, 2):
         assert r["start"] == 2
         assert r["losses"] == r["ref_losses"], r
@@ -131,18 +170,19 @@ def test_qlora_init_from_hf_under_fsdp2_on_meta_or_device(rank_pool, tmp_path):
         assert r_meta["losses"][0] == r_auto["losses"][0]  # B = 0: the base alone (A is drawn differently on meta)
 
 
-def qlora_pp_vs_reference(run_dir):
+def qlora_pp_vs_reference(run_dir, tied):
     from meshtune.runtime.run import build_trainer
     from tests.distributed.test_pipeline_parallel import pp_layout
 
-    cfg = tiny_config(run_dir, *pp_layout(2, 1, 1, 2, "1F1B"), *QLORA)
+    cfg = tiny_config(run_dir, *pp_layout(2, 1, 1, 2, "1F1B"), *QLORA, f"model.tie_embeddings={str(tied).lower()}")
     ref, trainer = reference_trainer(cfg), build_trainer(cfg)
     nf4 = [n for n, p in trainer.model.named_parameters() if type(p).__name__ == "NF4Tensor"]
     return {"losses": step_losses(trainer, 3), "ref_losses": step_losses(ref, 3), "nf4": nf4}
 
 
-def test_qlora_pipeline_parallel_matches_single_process(rank_pool, tmp_path):
-    for r in rank_pool(2).run(qlora_pp_vs_reference, str(tmp_path)):
-        assert len(r["nf4"]) == 7  # one block per stage, its projections NF4
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_qlora_pipeline_parallel_matches_single_process(rank_pool, tmp_path, tied):
+    first, last = rank_pool(2).run(qlora_pp_vs_reference, str(tmp_path), tied)
+    for r, end in ((first, "tok_embeddings.weight"), (last, "output.weight")):
+        assert len(r["nf4"]) == 8 and end in r["nf4"]  # one block per stage, its projections NF4, and its end
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
-

@@ -115,11 +115,12 @@ def assert_peft_logits(run_dir, r: dict, peft_dir) -> None:
     hf_cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=m.dim, intermediate_size=ffn,
                                       num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
                                       num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
-                                      rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False)
+                                      rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+                                      tie_word_embeddings=m.tie_embeddings)
     hf = transformers.LlamaForCausalLM(hf_cfg)
     base = {k: v for k, v in r["params"].items() if ".lora_" not in k}  # the frozen base, unmerged
     missing, unexpected = hf.load_state_dict(hf_llama_state(base, m), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing)
+    assert not unexpected and all("rotary" in k or k == "lm_head.weight" and m.tie_embeddings for k in missing), missing
     hf = peft.PeftModel.from_pretrained(hf, str(peft_dir)).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(r["tokens"]).logits, r["logits"], atol=1e-4, rtol=1e-4)

@@ -15,7 +15,7 @@ QLORA = ["recipe.name=qlora", "recipe.lora.rank=4", "recipe.lora.alpha=8", "reci
          "recipe.qlora.scaler_block_size=4"]
 
 
-def train_qlora_fsdp(run_dir: str) -> dict:
+def train_qlora_fsdp(run_dir: str, tied: bool) -> dict:
     """On every rank: a few QLoRA steps under FSDP2 with a final checkpoint; the parameters (NF4 dequantized)
     and the trained model's logits on fixed tokens."""
     from meshtune.runtime.data_parallel import unwrap
@@ -23,23 +23,28 @@ def train_qlora_fsdp(run_dir: str) -> dict:
     from tests.distributed.cases import layout, tiny_config
     from tests.distributed.test_qlora_distributed import full_params
 
-    cfg = tiny_config(run_dir, *layout(1, 2, 4), *QLORA, f"train.steps={STEPS}", "checkpoint.save_final=true")
+    cfg = tiny_config(run_dir, *layout(1, 2, 4), *QLORA, f"train.steps={STEPS}", "checkpoint.save_final=true",
+                      f"model.tie_embeddings={str(tied).lower()}")
     trainer = build_trainer(cfg)
     trainer.fit()
     model = unwrap(trainer.model)
+    ends = {n: type(p.to_local()).__name__ for n, p in model.named_parameters(remove_duplicate=False)
+            if n in ("tok_embeddings.weight", "output.weight")}
     params = full_params(trainer.model)
     model.eval()
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(x)
-    return {"params": params, "tokens": x, "logits": logits}
+    return {"params": params, "tokens": x, "logits": logits, "ends": ends}
 
 
-@pytest.fixture(scope="module")
-def qlora_run(rank_pool, tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def qlora_run(rank_pool, tmp_path_factory, request):
+    """A QLoRA run whose embedding and head (untied, or one tied matrix) were NF4 too."""
     run_dir = tmp_path_factory.mktemp("export") / "qlora"
-    r0, r1 = rank_pool(2).run(train_qlora_fsdp, str(run_dir))
+    r0, r1 = rank_pool(2).run(train_qlora_fsdp, str(run_dir), request.param)
     torch.testing.assert_close(r0["logits"], r1["logits"])
+    assert r0["ends"] == {"tok_embeddings.weight": "NF4Tensor", "output.weight": "NF4Tensor"}, r0["ends"]
     return run_dir, r0
 
 
@@ -59,7 +64,8 @@ def test_merged_export_is_the_dequantized_base_plus_lora(qlora_run, tmp_path):
     run_dir, r = qlora_run
     (path,) = export(run_dir, "merged", out=tmp_path, quiet=True)
     state = load_file(str(path))
-    assert not any(".lora_" in k for k in state) and state["layers.0.attention.wq.weight"].dtype == torch.float32
+    assert not any(".lora_" in k for k in state)
+    assert all(state[k].dtype == torch.float32 for k in ("layers.0.attention.wq.weight", "tok_embeddings.weight"))
     plain = build_model(run_config(run_dir).model, state["tok_embeddings.weight"].shape[0])
     plain.load_state_dict(state)  # strict: exactly the base model's names, plain fp32 tensors
     plain.eval()

@@ -123,3 +123,33 @@ def test_planner_counts_stored_bytes_gathered_units_and_a_frozen_head():
     s = model_shapes(load_config(None, ["data.task=sort", "model.dim=64"]), vocab, 1)
     frozen, trained = (logits_bytes(s, 1, 64, 4, 0, h)["peak"] for h in (False, True))
     assert trained - frozen == 4 * vocab * 64
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_planner_counts_the_nf4_embedding_and_head(tied):
+    """QLoRA's embedding and head (recipe.qlora.quantize_embeddings) at their stored NF4 bytes per rank: switching
+    them off adds back exactly their fp32 rows less what torchao's `to_nf4` of a real shard stores, and FSDP2's
+    gathered root unit grows by the same on each rank. (The run's own model state equals this layout's:
+    tests/distributed/test_qlora_distributed.py.)"""
+    from torchao.quantization import to_nf4
+
+    from meshtune.recipes.qlora.nf4 import row_scaler_block_size
+    from meshtune.runtime.plan_report import _rank_layout
+    from meshtune.runtime.precision import tensor_bytes
+    from meshtune.runtime.preflight import preflight
+
+    def layout(on: bool):
+        cfg = load_config("finetune/qlora", ["train.dtype=fp32", f"model.tie_embeddings={str(tied).lower()}",
+                                             f"recipe.qlora.quantize_embeddings={str(on).lower()}"])
+        return _rank_layout(cfg, preflight(cfg, 2), 264, 0), cfg
+
+    (nf4, cfg), (fp32, _) = layout(True), layout(False)
+    q, dim = cfg.recipe.qlora, cfg.model.dim
+    shard = to_nf4(torch.randn(264 // 2, dim), q.block_size, row_scaler_block_size(dim, q.block_size,
+                                                                                   q.scaler_block_size))
+    ends = 1 if tied else 2
+    saved = ends * (264 // 2 * dim * 4 - tensor_bytes(shard))
+    assert fp32["param_bytes"] - nf4["param_bytes"] == saved
+    # the gathered root over both ranks (and the all-gather buffer of the largest unit, which may then be a block)
+    assert fp32["gathered"] - nf4["gathered"] >= 2 * saved
+    assert nf4["params"] == fp32["params"] and nf4["trainable"] == fp32["trainable"]

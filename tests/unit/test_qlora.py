@@ -12,6 +12,7 @@ from meshtune.models import build_model
 from meshtune.recipes import RecipeConfig, apply_recipes, build_recipes
 from meshtune.recipes.lora import LoRAConfig, lora_modules
 from meshtune.recipes.qlora import QLoRAConfig, target_shapes
+from meshtune.recipes.qlora.nf4 import row_scaler_block_size
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.precision import tensor_bytes
 from meshtune.runtime.run import build_trainer, model_state_bytes
@@ -51,18 +52,65 @@ def test_nf4_round_trip_is_torchaos_and_within_its_bound():
         assert err.mean() < 0.1 * w.abs().mean()  # measured 0.08: NF4 on normal weights
 
 
-def test_nf4_base_bytes_are_about_0_14_of_fp32():
-    m = ModelConfig(dim=256, n_layers=2, n_heads=4)
+@pytest.mark.parametrize("tied", [False, True])
+def test_nf4_base_bytes_are_about_0_14_of_fp32(tied):
+    """Every projection, the embedding and the head (one Parameter when tied) stored as NF4 at ~0.13x."""
+    m = ModelConfig(dim=256, n_layers=2, n_heads=4, tie_embeddings=tied)
     _, model, _ = qlora_model(m, QLoRAConfig())
     torch.manual_seed(0)
     lora = apply_recipes(build_model(m, vocab_size=64), build_recipes(RecipeConfig(name="lora")))
     nf4 = {n: p for n, p in model.named_parameters() if type(p).__name__ == "NF4Tensor"}
-    assert len(nf4) == 2 * 7  # every projection of every block
+    ends = {"tok_embeddings.weight"} if tied else {"tok_embeddings.weight", "output.weight"}
+    assert nf4.keys() - {n for n in nf4 if ".layers." in f".{n}"} == ends  # and every block projection:
+    assert len(nf4) == 2 * 7 + len(ends)
+    assert (model.output.weight is model.tok_embeddings.weight) == tied
+    assert not any(p.requires_grad for p in nf4.values())
     ratio = sum(tensor_bytes(p) for p in nf4.values()) / sum(p.numel() * 4 for p in nf4.values())
-    assert 0.12 < ratio < 0.15, ratio  # 4 bits + 1/64 byte of scale + 4/16384 byte of group factor per weight
+    assert 0.12 < ratio < 0.15, ratio  # 4 bits + 1/64 byte of scale + <= 4/64 byte of group factor per weight
     plain = dict(lora.named_parameters())
     saved = sum(plain[n].numel() * 4 - tensor_bytes(p) for n, p in nf4.items())
     assert model_state_bytes(lora) - model_state_bytes(model) == saved  # the run's start-event figure
+    off = qlora_model(m, QLoRAConfig(quantize_embeddings=False))[1]  # the choice: full-precision ends
+    assert type(off.tok_embeddings.weight).__name__ == "Parameter" and off.tok_embeddings.weight.dtype == torch.float32
+
+
+def nf4_ends_model(tied: bool, seed: int = 0):
+    """A small QLoRA model (dim 64, vocab 96, blocks of 32, groups of 4) with NF4 embedding and head."""
+    m = ModelConfig(dim=64, n_layers=1, n_heads=4, tie_embeddings=tied)
+    torch.manual_seed(seed)
+    base = build_model(m, vocab_size=96)
+    full = {k: v.clone() for k, v in base.state_dict().items()}
+    recipes = build_recipes(RecipeConfig(name="qlora", qlora=QLoRAConfig(32, 4)))
+    return full, apply_recipes(base, recipes), recipes
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_nf4_embedding_and_head_are_torchaos_dequantization(tied):
+    """The lookup is the looked-up rows of torchao's dequantized weight, bitwise; the head's chunked matmul and
+    its input gradient are torchao's `linear_nf4` within fp32 rounding; the round trip is within NF4's bound."""
+    from torchao.quantization import to_nf4
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+    full, model, _ = nf4_ends_model(tied)
+    emb, head = model.tok_embeddings, model.output
+    w = full["tok_embeddings.weight"]
+    deq = emb.weight.get_original_weight()
+    # scale groups of at most 4 blocks within one 2-block row: 2 (nf4.row_scaler_block_size)
+    assert torch.equal(deq, to_nf4(w, 32, 2).get_original_weight())
+    err, scale = (deq - w).abs().view(-1, 32), w.abs().view(-1, 32).amax(dim=1, keepdim=True)
+    stored = emb.weight.dequantize_scalers(emb.weight.quantized_scalers, emb.weight.quantization_factor, 2)
+    assert (err <= NF4_HALF_GAP * scale + (scale - stored.view(-1, 1)).abs() + 1e-7).all()
+    tokens = torch.randint(0, 96, (3, 11))
+    assert torch.equal(emb(tokens), deq[tokens])
+    hw = head.weight
+    x = torch.randn(3, 11, 64, requires_grad=True)
+    head.rows_per_chunk = 40  # 96 rows: chunks of 40, 40, 16
+    out = head(x)
+    ref = linear_nf4(x, hw)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_validate_counts_the_nf4_bytes_per_rank():
@@ -77,10 +125,16 @@ def test_validate_counts_the_nf4_bytes_per_rank():
         per_rank[name] = _rank_layout(cfg, preflight(cfg, 2), 264, 0)
     lora, qlora = per_rank["lora"], per_rank["qlora"]
     assert lora["params"] == qlora["params"] and lora["param_bytes"] == 4 * lora["params"]
-    m = load_config("finetune/qlora").model
+    cfg = load_config("finetune/qlora")
+    m, q = cfg.model, cfg.recipe.qlora
     base = sum(r * c for r, c in target_shapes(m, LoRAConfig().targets).values()) * m.n_layers // 2  # per rank
+    ends = 2 * 264 * m.dim // 2  # the untied embedding and head, per rank
     saved = lora["param_bytes"] - qlora["param_bytes"]
-    assert 0.85 * 4 * base < saved < 0.88 * 4 * base  # ~0.86 of the fp32 base bytes saved (0.14 kept)
+    # 4 bits and an int8 scale per block of 64 and an fp32 factor per group: the projections' groups of 64 x 32,
+    # the embedding's and head's of one 128-wide row (2 blocks; nf4.row_scaler_block_size)
+    kept = base * (0.5 + 1 / q.block_size + 4 / (q.block_size * q.scaler_block_size)) + ends * (0.5 + 1 / 64 + 4 / 128)
+    tables = 68 * (7 * m.n_layers + 2)  # and each NF4 tensor's 16-value table and scale mean, on every rank
+    assert 0 <= 4 * (base + ends) - kept - saved <= tables, (saved, 4 * (base + ends) - kept)
 
 
 def test_forward_is_lora_on_the_dequantized_base_and_only_adapters_train():
@@ -98,7 +152,8 @@ def test_forward_is_lora_on_the_dequantized_base_and_only_adapters_train():
     torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
     for _, m in lora_modules(model):
         m.merge()  # the module's own merge: a full-precision weight
-    assert not any(type(p).__name__ == "NF4Tensor" for p in model.parameters())
+    nf4 = {n for n, p in model.named_parameters() if type(p).__name__ == "NF4Tensor"}
+    assert nf4 == {"tok_embeddings.weight", "output.weight"}  # the frozen ends stay NF4, the projections do not
     torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
@@ -140,7 +195,10 @@ def test_init_from_an_hf_dir_quantizes_the_loaded_weights(tmp_path):
         q = trainer.model.get_parameter(name)
         assert type(q).__name__ == "NF4Tensor"
         assert torch.equal(q.get_original_weight(), to_nf4(loaded[name], 32, 4).get_original_weight()), name
-    torch.testing.assert_close(trainer.model.get_parameter("tok_embeddings.weight"), loaded["tok_embeddings.weight"])
+    emb = trainer.model.get_parameter("tok_embeddings.weight")  # NF4 too, its scale groups within a row
+    groups = row_scaler_block_size(emb.shape[1], 32, 4)
+    expected = to_nf4(loaded["tok_embeddings.weight"], 32, groups).get_original_weight()
+    assert torch.equal(emb.get_original_weight(), expected)
     assert all(torch.isfinite(torch.tensor(loss)) for loss in step_losses(trainer, 2))
 
 
@@ -163,6 +221,18 @@ def test_refusals_are_one_line_naming_the_key():
                    ).startswith("parallel.dp_replicate: qlora runs data parallelism through FSDP2, not DDP")
     assert refused(*SMALL_BLOCKS, "recipe.name=lora+qlora").startswith("recipe.name: qlora cannot be stacked with lora")
     assert refused("recipe.qlora.block_size=0").startswith("recipe.qlora.block_size: must be positive")
+    # the NF4 embedding's 32-wide rows cannot hold blocks of 64 (the projections can, in groups of 64 x 1)
+    msg = refused("recipe.qlora.block_size=64", "recipe.qlora.scaler_block_size=1")
+    assert msg.startswith("recipe.qlora.quantize_embeddings: the NF4 embedding's rows are model.dim=32 wide")
+    assert "recipe.qlora.quantize_embeddings=false" in msg
+    from meshtune.runtime.plan import make_plan
+
+    odd = load_config(None, [*TINY, "recipe.name=qlora", *SMALL_BLOCKS, "parallel.dp_shard=2",
+                             "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"^parallel.dp_shard: FSDP2 splits the NF4 embedding into 2 equal row "
+                                          r"shards, and its 265 rows \(model.vocab_size\) do not split evenly"):
+        make_plan(odd, 2, 265)
+    make_plan(odd, 2, 266)  # 133 rows each
     assert refused(*SMALL_BLOCKS, "model.init_device=meta").startswith("model.init_device: meta with qlora needs")
     # wk (16x32) is one group of 32 * 16 weights: 2 FSDP2 ranks cannot split it
     msg = refused("recipe.qlora.block_size=32", "recipe.qlora.scaler_block_size=16", "parallel.dp_shard=2",
@@ -183,16 +253,25 @@ def test_stacks_with_another_peft_recipe():
         assert losses[-1] < losses[0]
 
 
-def test_single_process_resume_is_bitwise(tmp_path):
-    straight = build_trainer(tiny_config(str(tmp_path / "a"), "recipe.name=qlora", *SMALL_BLOCKS), DistEnv())
+@pytest.mark.parametrize("tied", [False, True])
+def test_single_process_resume_is_bitwise(tmp_path, tied, monkeypatch):
+    qlora = ["recipe.name=qlora", *SMALL_BLOCKS, f"model.tie_embeddings={str(tied).lower()}"]
+    straight = build_trainer(tiny_config(str(tmp_path / "a"), *qlora), DistEnv())
+    assert type(straight.model.output.weight).__name__ == "NF4Tensor"
     ref = step_losses(straight, 4)
-    first = build_trainer(tiny_config(str(tmp_path / "b"), "recipe.name=qlora", *SMALL_BLOCKS), DistEnv())
+    first = build_trainer(tiny_config(str(tmp_path / "b"), *qlora), DistEnv())
     losses = step_losses(first, 2)
     first.save()
-    resumed = build_trainer(tiny_config(str(tmp_path / "b"), "recipe.name=qlora", *SMALL_BLOCKS,
-                                        "checkpoint.resume=auto"), DistEnv())
+    resumed = build_trainer(tiny_config(str(tmp_path / "b"), *qlora, "checkpoint.resume=auto"), DistEnv())
     assert resumed.step == 2
     assert losses + step_losses(resumed, 2) == ref
+    import importlib
+
+    finding = importlib.import_module("meshtune.artifacts.find")  # the package's `find` is the function
+
+    ckpt = resumed.checkpointer.latest()
+    monkeypatch.setattr(finding, "read_meta", lambda _: {})  # a checkpoint without meta.json's vocabulary:
+    assert finding.checkpoint_vocab(ckpt, "init_from") == 264  # read from the packed NF4 embedding's parts
 
 
 @pytest.mark.slow

@@ -26,6 +26,13 @@ class QLoRAConfig:
     scaler_block_size: int = 256
     """Block scales per int8 double-quantization group (torchao's default 256); each targeted weight's element
     count must be a multiple of block_size * scaler_block_size."""
+    quantize_embeddings: bool = True
+    """Store the frozen token embedding and output head (one matrix when model.tie_embeddings) as NF4 too, in
+    blocks of block_size and scale groups of at most scaler_block_size that never cross a row (any vocabulary
+    then splits over FSDP2 ranks by rows); needs an even block_size dividing model.dim. A 128K-vocabulary
+    embedding is a fifth of a 1B model. False keeps both in full precision, as the QLoRA paper and bitsandbytes
+    do: with NF4, every logit comes from a head whose weights are each off by up to half a code gap times
+    their block's absmax."""
 
 
 def _need(ok: bool, msg: str) -> None:
@@ -59,6 +66,10 @@ def check(cfg) -> None:
         _need(rows * cols % group == 0, f"recipe.qlora.block_size: {name} has {rows}x{cols} weights, not a multiple "
               f"of block_size * scaler_block_size = {q.block_size}*{q.scaler_block_size}; pick sizes whose product "
               f"divides {rows * cols} (e.g. recipe.qlora.scaler_block_size=1) or drop {name} from recipe.lora.targets")
+    _need(not q.quantize_embeddings or (cfg.model.dim % q.block_size == 0 and q.block_size % 2 == 0),
+          f"recipe.qlora.quantize_embeddings: the NF4 embedding's rows are model.dim={cfg.model.dim} wide, which "
+          f"needs an even block_size dividing it (got {q.block_size}); pick one, or set "
+          "recipe.qlora.quantize_embeddings=false to keep the embedding and head in full precision")
 
 
 def check_plan(cfg, plan) -> None:
@@ -80,6 +91,10 @@ def check_plan(cfg, plan) -> None:
               f"parallel.dp_shard: FSDP2 splits each NF4 weight into {shard} equal row shards of whole "
               f"scale groups, and {name} ({rows}x{cols}, {rows * cols // group} groups of {group}) does not "
               f"split evenly; pick a dp_shard dividing both, or a smaller recipe.qlora.scaler_block_size")
+    v = plan.vocab_size  # the embedding's scale groups never cross a row (nf4.row_scaler_block_size)
+    _need(not (q.quantize_embeddings and v) or v % shard == 0, f"parallel.dp_shard: FSDP2 splits the NF4 embedding "
+          f"into {shard} equal row shards, and its {v} rows (model.vocab_size) do not split evenly; pick a dp_shard "
+          "dividing them, a model.vocab_size that it divides, or recipe.qlora.quantize_embeddings=false")
 
 
 def _implementation():

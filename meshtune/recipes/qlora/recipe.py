@@ -10,6 +10,10 @@ mean: "double quantization") and the module becomes a `QLoRALinear`, the same mo
 torchao's `linear_nf4`: the weight is dequantized to the input's dtype for the matmul, and backward keeps only
 the NF4 weight (never a full-precision copy). A and B are LoRA's and train in the compute dtype.
 
+With `recipe.qlora.quantize_embeddings` (the default) the frozen token embedding and output head are NF4 too,
+tied or not (`meshtune.recipes.qlora.nf4`: a lookup dequantizes the looked-up rows, the head a chunk of rows
+at a time); a LoRA-adapted head is a QLoRALinear like the projections.
+
 Memory: a weight costs 4 bits, plus an int8 scale per block and an fp32 factor per group of scales: 0.129x of
 fp32 at the defaults (64, 256), which the run's model-state figure and `meshtune validate` count (the inner
 tensors' bytes, `meshtune.runtime.precision.tensor_bytes`).
@@ -29,27 +33,17 @@ full-precision models; the adapter / peft exports are LoRA's.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from meshtune.artifacts.packed import is_nf4, local_tensor
 from meshtune.config import ConfigError
-from meshtune.quiet import quiet_torchao
 from meshtune.recipes.lora.recipe import LoRALinear, LoRARecipe, lora_modules
+from meshtune.recipes.qlora.nf4 import NF4Module, nf4_api, quantize_frozen_ends, quantize_weight
 
 
-def _nf4():
-    quiet_torchao()
-    from torchao.quantization import NF4Tensor, to_nf4
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
-
-    return NF4Tensor, to_nf4, linear_nf4
-
-
-class QLoRALinear(LoRALinear):
+class QLoRALinear(NF4Module, LoRALinear):
     """A `LoRALinear` whose frozen base weight is an NF4Tensor. Made from one by `quantize` (in place)."""
 
     @classmethod
@@ -57,45 +51,14 @@ class QLoRALinear(LoRALinear):
     def quantize(cls, module: LoRALinear, block_size: int, scaler_block_size: int) -> QLoRALinear:
         """Turn `module` into a QLoRALinear in place: the same module object, children and parameter names,
         its base weight replaced by `to_nf4(weight)` (on meta too)."""
-        _, to_nf4, _ = _nf4()
-        w = module.weight  # a bias (Qwen2's q/k/v) stays as it is
-        module.weight = nn.Parameter(to_nf4(w.detach().contiguous(), block_size, scaler_block_size),
-                                     requires_grad=False)
+        quantize_weight(module, block_size, scaler_block_size)  # a bias (Qwen2's q/k/v) stays as it is
         module.__class__ = cls
         return module
-
-    def _apply(self, fn, recurse: bool = True):
-        """nn.Module's `_apply` (to_empty, to), then the NF4 parts torchao's `empty_like` leaves on meta (the
-        scaler mean and the 16-value table) made real: a model built on meta is materialised by `to_empty`,
-        and its weights are then loaded into these tensors."""
-        out = super()._apply(fn, recurse)
-        w = local_tensor(self.weight)
-        if is_nf4(w) and not w.is_meta:
-            _, to_nf4, _ = _nf4()
-            if w.nf4.is_meta:
-                w.nf4 = to_nf4(torch.ones(1, 64, dtype=w.dtype), 64, 1).nf4.to(w.device)
-            if w.scaler_mean.is_meta:
-                w.scaler_mean = torch.zeros((), dtype=w.scaler_mean.dtype, device=w.device)
-        return out
-
-    def __deepcopy__(self, memo):
-        """A deep copy (pipeline stages are cut from copies) whose NF4 weight is copied part by part: torchao's
-        NF4 `clone` re-quantizes the dequantized weight at its default block sizes."""
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            if key == "_parameters":
-                new._parameters = {n: (_copy_nf4(p, memo) if p is not None and is_nf4(p) else copy.deepcopy(p, memo))
-                                   for n, p in value.items()}
-            else:
-                new.__dict__[key] = copy.deepcopy(value, memo)
-        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # a plain full-precision weight with B A inside
             return F.linear(x, self.weight, self.bias)
-        _, _, linear_nf4 = _nf4()
-        out = linear_nf4(x, self.weight)  # dequantized in x's dtype; autograd keeps the NF4 weight only
+        out = nf4_api()[2](x, self.weight)  # dequantized in x's dtype; autograd keeps the NF4 weight only
         if self.bias is not None:
             out = out + self.bias
         return out + self.lora_b(self.lora_a(self.lora_dropout(x))) * self.scaling
@@ -112,17 +75,9 @@ class QLoRALinear(LoRALinear):
         raise ValueError("a merged QLoRA layer holds full-precision weights; rebuild it to get the NF4 base back")
 
 
-def _copy_nf4(p: nn.Parameter, memo: dict) -> nn.Parameter:
-    """A frozen Parameter holding a copy of the NF4 tensor `p` (its parts cloned, nothing re-quantized)."""
-    if id(p) not in memo:
-        names, ctx = p.__tensor_flatten__()
-        t = type(p).__tensor_unflatten__({n: getattr(p, n).clone() for n in names}, ctx, p.shape, p.stride())
-        memo[id(p)] = nn.Parameter(t, requires_grad=False)
-    return memo[id(p)]
-
-
 class QLoRARecipe(LoRARecipe):
-    """LoRA's transform and exports (`recipe.lora`), then the adapted layers' base weights as NF4."""
+    """LoRA's transform and exports (`recipe.lora`), then the adapted layers' base weights as NF4, and the frozen
+    embedding and head (`recipe.qlora.quantize_embeddings`)."""
 
     def apply(self, model: nn.Module) -> nn.Module:
         model = super().apply(model)
@@ -134,14 +89,16 @@ class QLoRARecipe(LoRARecipe):
                                   f"* scaler_block_size = {q.block_size}*{q.scaler_block_size}; pick sizes whose "
                                   "product divides it, or drop it from recipe.lora.targets")
             QLoRALinear.quantize(m, q.block_size, q.scaler_block_size)
+        if q.quantize_embeddings:  # the frozen embedding and head (one NF4 Parameter when tied): nf4.py
+            quantize_frozen_ends(model, q.block_size, q.scaler_block_size)
         return model
 
     def after_parallelize(self, model: nn.Module) -> None:
         """Each FSDP2 shard of an NF4 weight keeps the whole weight's block count (torchao's split copies it);
         set it to the shard's own, or torchao's `copy_` of a loaded full-precision shard (which compares the
         counts) never finds its quantization the same and recurses without end."""
-        for _, m in lora_modules(model):
-            w = local_tensor(m.weight)
+        for p in model.parameters():  # the projections', the embedding's and the head's
+            w = local_tensor(p)
             if is_nf4(w):
                 w.n_blocks = w.quantized_scalers.numel()
 
