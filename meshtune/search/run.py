@@ -89,7 +89,9 @@ def _lower(job: tuple[str, str, str]) -> tuple[str, float]:
     import torch
 
     from meshtune.export import export
+    from meshtune.quiet import quiet_torchao
 
+    quiet_torchao()  # before anything imports torchao in this fresh process
     torch.set_num_threads(1)
     t0 = time.time()
     run_dir, out, scheme = job
@@ -213,7 +215,7 @@ def run_candidate(s: Settings, c: Candidate, pool: Lowering, dense_pte: Path, de
     log(f"compress-search: {n}")
     try:
         run, train_s = fine_tune(s, c)
-    except Exception as e:  # noqa: BLE001: one candidate's failure is its results line, not the search's end
+    except Exception as e:  # noqa: BLE001 (one candidate's failure is its results line, not the search's end)
         return failed(c, "fine-tune", e)
     try:
         pte, lower_s = pool.result(pool.submit(run, s.out / "programs" / c.id, c.scheme))

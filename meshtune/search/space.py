@@ -107,14 +107,16 @@ def skipped(c: Candidate, records: list[dict], meets) -> str | None:
 
     `meets(record)` tells whether a measured candidate meets the target (always False without one).
     Rule 2: once a candidate meets the target, one that compresses at least as far on every axis (and with the
-    same pruning kind and distillation) is expected to be cheaper and less accurate: it is not explored.
+    same pruning kind and distillation) is expected to be cheaper and less accurate: it is not explored. (A dense
+    run that meets the target already stops nothing: the search then maps the front below it.)
     Rule 3: once a measured unstructured program shows no gain over the dense one (>= SAME_SIZE of its size and
     <= SAME_SPEED its decode speed), the other unstructured candidates are not explored.
     """
     ok = [r for r in records if r.get("status") == "ok"]
     for r in ok:
         other = Candidate(r["structured"], r["unstructured"], r["scheme"], r["distill"])
-        if (other != c and meets(r) and other.unstructured == c.unstructured and other.distill == c.distill
+        if (other != c and not other.is_dense and meets(r) and other.unstructured == c.unstructured
+                and other.distill == c.distill
                 and all(a <= b for a, b in zip(compression(other), compression(c), strict=True))):
             return f"rule 2: {other.id} already meets the target and compresses less"
     if c.unstructured:
