@@ -75,7 +75,7 @@ def run(args) -> int:
           f"of accuracy vs {METRICS[kind][1]}")
     print(format_table(records, kind, target))
     best = [p for p in front(points_of(records, kind)) if target is None or s.meets(next(
-        r for r in ok if r["id"] == p.name))]
+        r for r in ok if r["id"] == p.name), records)]
     if target is not None:
         print(f"meets the target: {best[-1].name if best else 'none'}"
               + (" (the most accurate that does)" if best else ""))

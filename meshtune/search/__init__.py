@@ -18,14 +18,15 @@ recipes do not stack), which therefore serves its fp32, int8 and int4 candidates
 
 Why this order (rule 1, `space.FIRST`). ExecuTorch's XNNPACK delegate runs dense kernels: a program's size and
 latency follow its dense shapes and weight bytes, not its zeros. So what can make a program smaller or faster is
-fewer bytes per weight (int8 ~4x smaller block weights, int4 ~7x, and XNNPACK's int8/int4 kernels decode faster
-than fp32: issue 20 measured 2.6x / 3.3x on the demo base) and fewer weights in the dense shapes (structured
-pruning; a distilled student is the same thing reached from the teacher's own weights, which a short fine-tune
-needs). Distillation costs the program nothing (same shapes), so structured candidates are tried with it first;
-the run itself is the teacher. For a size target int8 goes first (the largest gain for the least accuracy), for a
-latency or speedup target structured 50% + KD; then the other of the two, then their combination, int4, 25%.
-Unstructured 50% and 2:4 are each measured once early, as controls, not assumed: their programs come out the
-size and speed of the dense one (the zeros are stored and multiplied) with less accuracy.
+fewer bytes per weight (int8 ~4x smaller block weights, int4 ~7x; XNNPACK's int8/int4 kernels decode 2.6x / 3.3x
+faster than eager fp32 on the demo base, bench/bench_executorch.py, but on a 32-wide model the dynamic activation
+quantization costs more than it saves: measured 0.3x the fp32 program's decode there) and fewer weights in the
+dense shapes (structured pruning; a distilled student is the same thing reached from the teacher's own weights,
+which a short fine-tune needs). Distillation costs the program nothing (same shapes), so structured candidates are
+tried with it first; the run itself is the teacher. For a size target int8 goes first (the largest gain for the
+least accuracy), for a latency or speedup target structured 50% + KD; then the other of the two, then their
+combination, int4, 25%. Unstructured 50% and 2:4 are each measured once early, as controls, not assumed: their
+programs come out the size and speed of the dense one (the zeros are stored and multiplied) with less accuracy.
 
 Rules as results come in (space.skipped): rule 2, once a candidate meets the target, candidates compressing at
 least as far on every axis (same pruning kind and distillation) are not tried: they are expected cheaper and

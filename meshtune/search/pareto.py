@@ -28,7 +28,7 @@ SETTINGS = "search.json"  # the search's run dir, fine-tune steps and target, wr
 # target kind -> (results key of the front's cost, axis label, unit of the target's value); lower cost is better
 METRICS = {
     "size": ("pte_size", ".pte size (bytes)", "bytes"),
-    "latency": ("decode_ms", "decode ms/token (1 thread; dense program's ms x paired ratio)", "ms"),
+    "latency": ("decode_time_ratio", "decode ms/token (1 thread; dense program's median ms x paired ratio)", "ms"),
     "speedup": ("decode_time_ratio", "decode time / the dense program's (paired, 1 thread)", "x"),
 }
 
@@ -69,15 +69,27 @@ def target_cost(kind: str, value: float) -> float:
     return 1.0 / value if kind == "speedup" else value
 
 
-def cost_of(record: dict, kind: str) -> float:
-    """A results line's cost on the axis of target `kind` (nan when it has none, e.g. a failed candidate)."""
+def dense_ms(records: list[dict]) -> float:
+    """The dense program's decode ms/token: the median over every measurement of it (each candidate's is timed
+    with one), so one measurement under a passing load does not move the latency axis."""
+    import statistics
+
+    ms = [1e3 / r["dense_decode_tps"] for r in records if r.get("status") == "ok" and r.get("dense_decode_tps")]
+    return statistics.median(ms) if ms else float("nan")
+
+
+def cost_of(record: dict, kind: str, records: list[dict]) -> float:
+    """A results line's cost on the axis of target `kind` (nan when it has none, e.g. a failed candidate);
+    latency is the paired time ratio times the dense program's median ms (`dense_ms` of `records`)."""
     value = record.get(METRICS[kind][0])
-    return float("nan") if value is None else float(value)
+    if value is None:
+        return float("nan")
+    return float(value) * (dense_ms(records) if kind == "latency" else 1.0)
 
 
 def points_of(records: list[dict], kind: str) -> list[Point]:
     """The measured (status ok) candidates of a results file as points on `kind`'s axis."""
-    return [Point(r["id"], cost_of(r, kind), r["accuracy"], r.get("loss", math.inf))
+    return [Point(r["id"], cost_of(r, kind, records), r["accuracy"], r.get("loss", math.inf))
             for r in records if r.get("status") == "ok"]
 
 
@@ -133,9 +145,9 @@ def format_table(records: list[dict], kind: str, target: float | None) -> str:
     head = (f"{'candidate':<20}{'.pte KB':>9}{'x size':>7}{'prefill ms':>11}{'decode tok/s':>13}{'x dense':>8}"
             f"{'accuracy':>9}{'loss':>8}{'front':>6}{'target':>7}")
     lines = [head, "-" * len(head)]
-    ok = sorted((r for r in records if r.get("status") == "ok"), key=lambda r: (cost_of(r, kind), r["id"]))
+    ok = sorted((r for r in records if r.get("status") == "ok"), key=lambda r: (cost_of(r, kind, records), r["id"]))
     for r in ok:
-        meets = "-" if limit is None else "ok" if cost_of(r, kind) <= limit else "no"
+        meets = "-" if limit is None else "ok" if cost_of(r, kind, records) <= limit else "no"
         lines.append(f"{r['id']:<20}{r['pte_size'] / 1024:>9.1f}{r['size_ratio']:>7.2f}{r['prefill_s'] * 1e3:>11.2f}"
                      f"{r['decode_tps']:>13.0f}{r['decode_speedup']:>7.2f}x{r['accuracy']:>9.3f}{r['loss']:>8.3f}"
                      f"{'*' if r['id'] in on_front else '':>6}{meets:>7}")

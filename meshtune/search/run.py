@@ -49,10 +49,10 @@ class Settings:
     workers: int = 1
     reps: int = 5
 
-    def meets(self, record: dict) -> bool:
+    def meets(self, record: dict, records: list[dict]) -> bool:
         from meshtune.search.pareto import cost_of
 
-        return self.target is not None and cost_of(record, self.kind) <= target_cost(self.kind, self.target)
+        return self.target is not None and cost_of(record, self.kind, records) <= target_cost(self.kind, self.target)
 
 
 def check(s: Settings) -> None:
@@ -195,7 +195,7 @@ def search(s: Settings, log=say) -> list[dict]:
                 break
             if any(r["id"] == c.id for r in records):
                 continue
-            why = skipped(c, records, s.meets)
+            why = skipped(c, records, lambda r, now=records: s.meets(r, now))
             if why:
                 log(f"compress-search: skip {c.id}: {why}")
                 continue

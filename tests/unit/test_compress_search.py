@@ -140,3 +140,18 @@ def test_an_existing_search_needs_resume_and_the_same_settings(tmp_path, capsys,
     cmd = ["compress-search", str(tmp_path / "run"), "--out", str(out), "--budget", "2"]
     one_line_error(capsys, cmd, "--resume")
     one_line_error(capsys, [*cmd, "--resume", "--steps", "10"], "steps=40, not 10")
+
+
+def test_latency_axis_is_the_paired_ratio_times_the_dense_programs_median():
+    from meshtune.search.pareto import cost_of, points_of
+
+    records = [{"id": "dense-fp32", "status": "ok", "accuracy": 0.9, "dense_decode_tps": 250.0,
+                "decode_time_ratio": 1.0, "pte_size": 100},  # measured once under load: 4 ms
+               {"id": "a", "status": "ok", "accuracy": 0.8, "dense_decode_tps": 1000.0, "decode_time_ratio": 0.5,
+                "pte_size": 50},
+               {"id": "b", "status": "ok", "accuracy": 0.7, "dense_decode_tps": 500.0, "decode_time_ratio": 0.25,
+                "pte_size": 40},
+               {"id": "c", "status": "failed"}]
+    assert cost_of(records[1], "latency", records) == 0.5 * 2.0  # median of 4, 1 and 2 ms
+    assert cost_of(records[2], "speedup", records) == 0.25 and math.isnan(cost_of(records[3], "size", records))
+    assert [p.cost for p in points_of(records, "latency")] == [2.0, 1.0, 0.5]
