@@ -31,8 +31,9 @@ programs come out the size and speed of the dense one (the zeros are stored and 
 Rules as results come in (space.skipped): rule 2, once a candidate meets the target, candidates compressing at
 least as far on every axis (same pruning kind and distillation) are not tried: they are expected cheaper and
 less accurate, and the search is after the most accurate candidate that meets the target. Rule 3, once a
-measured unstructured program shows no gain over the dense one (>= 0.95x its size and <= 1.10x its decode
-speed), the remaining unstructured candidates are not tried.
+measured unstructured program is no smaller than the dense one (>= 0.95x its size; size alone, because paired
+decode ratios of identical shapes still moved +-20% on a loaded machine), the remaining unstructured candidates
+are not tried. Measured on the demo base (dim 128 x 3, 40-step fine-tunes): 50% magnitude, 1.00x the dense .pte.
 
 The front (pareto.py) is accuracy (ties broken by loss) against the target's metric: .pte size (default),
 decode ms/token, or decode time relative to the dense program (--target-speedup). Every candidate's line is

@@ -20,9 +20,10 @@ SCHEMES = ("fp32", "int8-int8", "int8-int4")
 BITS = {"fp32": "fp32", "int8-int8": "int8", "int8-int4": "int4"}
 STRUCTURED = (0.5, 0.25)
 UNSTRUCTURED = ("magnitude", "2:4")
-# rule 3: an unstructured program counts as no gain when it is at least this fraction of the dense .pte and its
-# decode at most this much faster (paired): XNNPACK's kernels are dense, so the zeros are stored and multiplied
-SAME_SIZE, SAME_SPEED = 0.95, 1.10
+# rule 3: an unstructured program counts as no gain when it is at least this fraction of the dense .pte (XNNPACK's
+# kernels are dense: the zeros are stored and multiplied). Size only: on a shared machine paired decode ratios of
+# identical shapes moved by +-20% (measured: a 50%-magnitude program at 1.21x the dense program's decode)
+SAME_SIZE = 0.95
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,8 @@ def skipped(c: Candidate, records: list[dict], meets) -> str | None:
     Rule 2: once a candidate meets the target, one that compresses at least as far on every axis (and with the
     same pruning kind and distillation) is expected to be cheaper and less accurate: it is not explored. (A dense
     run that meets the target already stops nothing: the search then maps the front below it.)
-    Rule 3: once a measured unstructured program shows no gain over the dense one (>= SAME_SIZE of its size and
-    <= SAME_SPEED its decode speed), the other unstructured candidates are not explored.
+    Rule 3: once a measured unstructured program is no smaller than the dense one (>= SAME_SIZE of its size),
+    the other unstructured candidates are not explored.
     """
     ok = [r for r in records if r.get("status") == "ok"]
     for r in ok:
@@ -121,9 +122,9 @@ def skipped(c: Candidate, records: list[dict], meets) -> str | None:
             return f"rule 2: {other.id} already meets the target and compresses less"
     if c.unstructured:
         for r in ok:
-            if r["unstructured"] and r["size_ratio"] >= SAME_SIZE and r["decode_speedup"] <= SAME_SPEED:
-                return (f"rule 3: {r['id']} measured {r['size_ratio']:.2f}x the dense size and "
-                        f"{r['decode_speedup']:.2f}x its decode speed: dense kernels gain nothing from zeros")
+            if r["unstructured"] and r["size_ratio"] >= SAME_SIZE:
+                return (f"rule 3: {r['id']} measured {r['size_ratio']:.2f}x the dense size (decode "
+                        f"{r['decode_speedup']:.2f}x): dense kernels store and multiply the zeros")
     return None
 
 

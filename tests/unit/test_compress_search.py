@@ -81,8 +81,8 @@ def test_rule_3_drops_unstructured_once_one_showed_no_gain():
     flat = line(Candidate(unstructured="2:4"), size_ratio=1.0, decode_speedup=1.02)
     assert "rule 3" in skipped(Candidate(unstructured="magnitude", scheme="int8-int8"), [flat], lambda r: False)
     assert skipped(Candidate(0.5), [flat], lambda r: False) is None
-    faster = line(Candidate(unstructured="2:4"), size_ratio=1.0, decode_speedup=1.5)
-    assert skipped(Candidate(unstructured="magnitude"), [faster], lambda r: False) is None
+    smaller = line(Candidate(unstructured="2:4"), size_ratio=0.6, decode_speedup=1.0)
+    assert skipped(Candidate(unstructured="magnitude"), [smaller], lambda r: False) is None
 
 
 def test_results_keep_the_newest_line_per_candidate_and_survive_a_cut_last_line(tmp_path):
