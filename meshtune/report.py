@@ -212,3 +212,68 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, quie
         plots = ", ".join(p.name for p in written.values() if p)
         print(f"meshtune report: wrote {report} and {plots}")
     return report
+
+
+def is_search(path: str | Path) -> bool:
+    """Whether `path` is a `meshtune compress-search` dir (it holds search.json)."""
+    from meshtune.search.pareto import SETTINGS
+
+    return (Path(path) / SETTINGS).is_file()
+
+
+def plot_front(records: list[dict], kind: str, target: float | None, out: Path) -> Path:
+    """front.png: every measured candidate (cost on `kind`'s axis, accuracy), the front as a step line, the
+    dense run marked and the target as a vertical line."""
+    from matplotlib.figure import Figure
+
+    from meshtune.search.pareto import METRICS, front, points_of, target_cost
+
+    points = points_of(records, kind)
+    best = front(points)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    ax = fig.subplots()
+    ax.scatter([p.cost for p in points], [p.accuracy for p in points], color="C7", s=18, label="candidate")
+    ax.plot([p.cost for p in best], [p.accuracy for p in best], color="C0", marker="o", markersize=5,
+            drawstyle="steps-post", label="Pareto front")
+    for p in points:
+        ax.annotate(p.name, (p.cost, p.accuracy), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    dense = [p for p in points if p.name == "dense-fp32"]
+    if dense:
+        ax.scatter([dense[0].cost], [dense[0].accuracy], color="C3", marker="*", s=90, zorder=3, label="dense run")
+    if target is not None:
+        ax.axvline(target_cost(kind, target), color="C2", linestyle="--", label="target")
+    ax.set_xlabel(METRICS[kind][1])
+    ax.set_ylabel("accuracy of the program (exact match)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = out / "front.png"
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def write_search_report(search_dir: str | Path, out: str | Path | None = None, quiet: bool = False) -> Path:
+    """front.png and report.md of a compress-search dir, in `out` (default: SEARCH_DIR/report).
+
+    Raises:
+        ConfigError: naming the dir when it holds no measured candidate yet.
+    """
+    from meshtune.search.pareto import RESULTS, format_table, read_results, read_settings
+
+    search_dir = Path(search_dir)
+    settings = read_settings(search_dir) or {}
+    records = read_results(search_dir / RESULTS)
+    if not any(r.get("status") == "ok" for r in records):
+        raise ConfigError(f"{search_dir / RESULTS}: no measured candidate yet; run meshtune compress-search first")
+    kind, target = settings.get("kind", "size"), settings.get("target")
+    out = Path(out) if out is not None else search_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    plot = plot_front(records, kind, target, out)
+    text = format_table(records, kind, target)
+    report = out / "report.md"
+    report.write_text("\n".join([f"# compress-search of {settings.get('run_dir', '?')}", "", "```", text, "```", "",
+                                 f"![Pareto front]({plot.name})", ""]))
+    if not quiet:
+        print(text)
+        print(f"meshtune report: wrote {report} and {plot.name}")
+    return report

@@ -12,6 +12,7 @@
     meshtune serve CHECKPOINT [--port P]               an OpenAI-compatible /v1/completions endpoint on loopback
     meshtune generate RUN|--program PTE --prompt TEXT  greedy text, eager or through an ExecuTorch program
     meshtune distill-data --prompts F --out O --url U|--teacher CKPT    a teacher's responses as training JSONL
+    meshtune compress-search RUN_DIR --out DIR --budget N [--target-size X]   Pareto front of compressed programs
 
 A user error prints one line naming the key, flag or file and the fix, and exits with code 2. Commands
 import torch only when they need it (`--help`, `ls`, `launch --dry-run` stay instant).
@@ -24,11 +25,24 @@ import os
 import sys
 
 from meshtune import __version__
-from meshtune.cli import distill_data, export, generate, launch, report, serve, slurm, tools, train, validate
+from meshtune.cli import (
+    compress_search,
+    distill_data,
+    export,
+    generate,
+    launch,
+    report,
+    serve,
+    slurm,
+    tools,
+    train,
+    validate,
+)
 from meshtune.config import ConfigError
 
 # the registry: a command is one module here and its entry in this tuple (the order of `--help`)
-COMMANDS = (tools.Ls, train, launch, validate, slurm, export, report, tools.Demo, serve, generate, distill_data)
+COMMANDS = (tools.Ls, train, launch, validate, slurm, export, report, tools.Demo, serve, generate, distill_data,
+            compress_search)
 
 
 def build_parser() -> argparse.ArgumentParser:
