@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -177,6 +178,9 @@ def test_bad_input_errors():
         load_config(None, ["data.task=sort", "recipe.qat.group_size=-1"])
     with pytest.raises(ConfigError, match=r"parallel\.tp=1"):
         load_config(None, ["data.task=sort", "recipe.name=qat", "parallel.tp=2"])
+    for name in ("prune+qat", "qat+prune"):  # QAT's module swap would drop the masks (structured: a crash)
+        with pytest.raises(ConfigError, match=rf"recipe\.name: {re.escape(name)} stacks prune and qat"):
+            load_config(None, ["data.task=sort", f"recipe.name={name}"])
 
 
 def test_int4_codes_pack_two_to_a_byte():

@@ -38,6 +38,9 @@ def check(cfg) -> None:
     _need(bool(c.targets), "recipe.qat.targets: empty; name at least one linear layer, e.g. [wq, w1]")
     _need(not is_active(cfg, "qat") or cfg.parallel.tp == 1, "recipe.name: qat fake-quantizes whole weights, not "
           "tensor-parallel shards; set parallel.tp=1 (DDP and FSDP are supported)")
+    _need(not (is_active(cfg, "qat") and is_active(cfg, "prune")), f"recipe.name: {cfg.recipe.name} stacks prune "
+          "and qat, but QAT's module swap drops the pruning masks; prune first, then quantize the pruned run "
+          "(`meshtune export RUN --format executorch|quantized --scheme int8-int8`) or train qat from its export")
 
 
 def _implementation():
