@@ -227,3 +227,32 @@ def test_vocab_parallel_ops_match_full_vocabulary(rank_pool, vocab, tied):
         assert r["head_grad_norm"] > 0
         assert r["argmax_equal"] and r["argmax_varied"] > 1, r
         assert r["full_diff"] < TOL, r
+
+
+def train_and_save(run_dir, extra):
+    """Two vocabulary-parallel steps and a checkpoint; returns the full (gathered) parameters."""
+    from meshtune.runtime.run import build_trainer
+
+    trainer = build_trainer(tiny_config(run_dir, *VP, "model.tie_embeddings=true", *extra))
+    step_losses(trainer, 2)
+    trainer.save()
+    return full_params(trainer.model)
+
+
+def test_vocab_parallel_checkpoint_exports_full_weights(rank_pool, tmp_path):
+    """`meshtune export --format merged` of a vocabulary-parallel run holds the whole trained table, and a LoRA
+    run's `--format peft` export is written from the same kind of checkpoint."""
+    from safetensors.torch import load_file
+
+    from meshtune.export import export
+
+    params = rank_pool(2).run(train_and_save, str(tmp_path / "full"), [])[0]
+    export(tmp_path / "full", "merged", tmp_path / "merged", quiet=True)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    table = merged["tok_embeddings.weight"]
+    assert table.shape == params["tok_embeddings.weight"].shape and table.shape[0] == 264
+    assert (table == params["tok_embeddings.weight"]).all()
+    assert all((merged[k] == v).all() for k, v in params.items() if k in merged)
+    rank_pool(2).run(train_and_save, str(tmp_path / "lora"), LORA)
+    files = export(tmp_path / "lora", "peft", tmp_path / "peft", quiet=True)
+    assert any(f.name == "adapter_model.safetensors" for f in files)
