@@ -179,6 +179,11 @@ class ParallelConfig:
     """FSDP2 (parallel.engine=native with dp_shard > 1): keep sharded parameters, gradients and optimizer state
     in CPU memory (CPUOffloadPolicy, pinned where CUDA is present); each block's parameters are copied to the
     device for its compute and the optimizer steps on CPU."""
+    vocab_parallel: bool = False
+    """FSDP2 (parallel.engine=native, dp_shard > 1, tp = pp = dp_replicate = 1): keep the embedding and output head
+    split by vocabulary rows over the dp_shard ranks and never gather them; token ids and hidden states are gathered
+    instead and the loss is a vocabulary-parallel cross-entropy (runtime/vocab_parallel.py). For large vocabularies
+    (Llama 3's 128K): the root unit no longer holds the whole table. Full fine-tuning and LoRA."""
     compile: bool = False
     """Compile each block with torch.compile."""
     timeout_s: float = 600.0

@@ -25,7 +25,8 @@ from meshtune.runtime import gloo_fsdp
 
 
 def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True,
-               param_dtype: torch.dtype | None = None, pipelined: bool = False, cpu_offload: bool = False) -> nn.Module:
+               param_dtype: torch.dtype | None = None, pipelined: bool = False, cpu_offload: bool = False,
+               ignored: set[nn.Parameter] = frozenset()) -> nn.Module:
     """Shard `model` with FSDP2 over `mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP).
 
     Args:
@@ -38,6 +39,7 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True,
             (`CPUOffloadPolicy`, pinned where CUDA is present); each all-gather copies them to the device first.
             On a CPU device every one of those copies is `.to("cpu")` of a CPU tensor, which returns the tensor
             itself: the run is the same as without offload (measured: the same losses, bitwise).
+        ignored: root parameters FSDP2 leaves as they are (parallel.vocab_parallel's split embedding and head).
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     offload = {"offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available())} if cpu_offload else {}
@@ -47,10 +49,12 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True,
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last,
                     **offload)
     # the root (embeddings, norm, head) is needed first in backward, like the last block: keep it gathered
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, **offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, **offload,
+                **({"ignored_params": set(ignored)} if ignored else {}))
     if mesh.device_type == "cpu":
         if gloo_fsdp.available():
-            gloo_fsdp.install(model, blocks, overlap=mesh.ndim == 1 and param_dtype is None and not pipelined)
+            gloo_fsdp.install(model, blocks, overlap=mesh.ndim == 1 and param_dtype is None and not pipelined,
+                              ignored=ignored)
         prefetch_neighbours(model, blocks)
     return model
 

@@ -136,11 +136,12 @@ class A2AReduceScatter(ReduceScatter if ReduceScatter is not None else object):
         return None
 
 
-def install(model: nn.Module, blocks: list[nn.Module], overlap: bool) -> None:
+def install(model: nn.Module, blocks: list[nn.Module], overlap: bool, ignored=frozenset()) -> None:
     """Give every FSDP2 module of `model` (the blocks and the root) these collectives;
-    `overlap` defers gradient reduce-scatters (see the module docstring for when that is safe)."""
+    `overlap` defers gradient reduce-scatters (see the module docstring for when that is safe);
+    `ignored` are root parameters FSDP2 does not manage."""
     pending = _Pending() if overlap else None
-    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    in_blocks = {id(p) for b in blocks for p in b.parameters()} | {id(p) for p in ignored}
     for module in [*blocks, model]:
         own = list(module.parameters()) if module is not model else [
             p for p in model.parameters() if id(p) not in in_blocks]

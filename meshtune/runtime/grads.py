@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from meshtune.data.datasets import IGNORE_INDEX  # the one definition: labels the loss skips
 from meshtune.runtime.chunked_loss import ChunkedLogits
+from meshtune.runtime.vocab_parallel import VocabParallelLogits
 
 
 @contextlib.contextmanager
@@ -51,11 +52,14 @@ def count_tokens(labels: list[torch.Tensor], dp_group=None, device: torch.device
     return total
 
 
-def summed_loss(logits: torch.Tensor | ChunkedLogits, labels: torch.Tensor) -> torch.Tensor:
+def summed_loss(logits: torch.Tensor | ChunkedLogits | VocabParallelLogits, labels: torch.Tensor) -> torch.Tensor:
     """Sum of token cross-entropies over valid labels, computed in fp32. logits (B, T, V), labels (B, T);
-    ChunkedLogits (train.loss_chunk_size) sum chunk by chunk, never holding the whole logits."""
+    ChunkedLogits (train.loss_chunk_size) sum chunk by chunk, never holding the whole logits; VocabParallelLogits
+    (parallel.vocab_parallel) hold 1 / dp_shard of the vocabulary per rank."""
     if isinstance(logits, ChunkedLogits):
         return logits.sum_over_chunks(summed_loss, labels)
+    if isinstance(logits, VocabParallelLogits):
+        return logits.summed_loss(labels)
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 

@@ -1,7 +1,8 @@
 """Turn a freshly built model into its parallel form, in one documented order:
 
     tensor parallel -> activation checkpointing -> activation offload -> torch.compile -> FSDP2 / HSDP / DDP
-    (x TP: FSDP2 replicating)
+    (x TP: FSDP2 replicating); with parallel.vocab_parallel the embedding and head are split by vocabulary rows
+    just before FSDP2, which then leaves them alone
 
 TP first because it rewrites parameters into DTensors that FSDP then shards along another mesh axis;
 checkpointing and compile wrap whole blocks, so they come before data parallelism wraps those blocks.
@@ -96,7 +97,13 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
             block.compile()
     pipelined = mesh.get("pp") is not None
     if (fsdp_mesh := mesh.get("fsdp")) is not None:
-        return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype, pipelined, cfg.cpu_offload)
+        ignored = set()
+        if cfg.vocab_parallel:  # the embedding and head split by vocabulary rows, never gathered (plan-checked layout)
+            from meshtune.runtime.vocab_parallel import apply_vocab_parallel
+
+            ignored = apply_vocab_parallel(model, fsdp_mesh, param_dtype)
+        return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype, pipelined, cfg.cpu_offload,
+                          ignored)
     if mesh.dims.dp_mode == "ddp" and tp_mesh is not None:
         # DDP cannot take DTensor parameters; FSDP2 replicating over (dp_replicate, dp_shard=1) is DDP x TP
         return apply_fsdp(model, mesh.replicate_mesh(), False, param_dtype, pipelined)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from meshtune.config import ConfigError, ParallelConfig
-from meshtune.recipes import check_plan
+from meshtune.recipes import check_plan, names_of
 from meshtune.runtime.mesh import AXES, ParallelDims
 from meshtune.schema import Config
 
@@ -146,6 +146,39 @@ def check_tp_sizes(cfg: Config, tp: int, vocab_size: int | None = None) -> None:
                               f"evenly, so choose a tp that divides {size} or change {key.split(' ')[0]}")
 
 
+VOCAB_PARALLEL_RECIPES = ("lora",)  # recipes that leave the embedding and head plain modules and the loss alone
+
+
+def check_vocab_parallel(cfg: Config, dims: ParallelDims) -> None:
+    """parallel.vocab_parallel's layout: native FSDP2 over dp_shard alone, full fine-tuning or LoRA, no chunked loss.
+
+    Raises:
+        ConfigError: naming the key that conflicts and the fix.
+    """
+    p = cfg.parallel
+    off = "or set parallel.vocab_parallel=false"
+    if p.engine != "native":
+        raise ConfigError(f"parallel.engine: vocab_parallel runs on the native FSDP2 engine, got {p.engine}; "
+                          f"set parallel.engine=native {off}")
+    if dims.dp_shard < 2:
+        raise ConfigError(f"parallel.dp_shard: vocab_parallel splits the vocabulary over dp_shard, got "
+                          f"dp_shard={dims.dp_shard}; use parallel.dp_shard > 1 {off}")
+    for axis in ("dp_replicate", "tp", "pp"):
+        if getattr(dims, axis) != 1:
+            raise ConfigError(f"parallel.{axis}: vocab_parallel runs over dp_shard alone, got {axis}="
+                              f"{getattr(dims, axis)}; set parallel.{axis}=1 {off}")
+    if p.cpu_offload:
+        raise ConfigError(f"parallel.cpu_offload: not supported with vocab_parallel; set parallel.cpu_offload=false "
+                          f"{off}")
+    if cfg.train.loss_chunk_size:
+        raise ConfigError("train.loss_chunk_size: the vocabulary-parallel loss already holds only 1/dp_shard of "
+                          f"the vocabulary per rank and does not chunk; set train.loss_chunk_size=0 {off}")
+    other = [n for n in names_of(cfg.recipe) if n not in VOCAB_PARALLEL_RECIPES]
+    if other:
+        raise ConfigError(f"recipe.name: {'+'.join(other)} is not supported with parallel.vocab_parallel (full "
+                          f"fine-tuning and {', '.join(VOCAB_PARALLEL_RECIPES)} are); change recipe.name {off}")
+
+
 def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Plan:
     """The layout of `cfg` on `world_size` ranks, every check that needs the world size done.
 
@@ -186,6 +219,8 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Pl
         per_rank = stages_per_rank(p)
         layers = split_layers(m.n_layers, dims.pp * per_rank, p.pp_split_points)
     check_tp_sizes(cfg, dims.tp, vocab_size)
+    if p.vocab_parallel:
+        check_vocab_parallel(cfg, dims)
     plan = Plan(world_size, dims, p.engine, p.zero_stage if p.engine == "deepspeed" else 0, accum, per_rank,
                 tuple(tuple(x) for x in layers), p.pp_schedule, vocab_size or 0)
     if m.init_device == "meta" and not (p.engine == "native" and (dims.dp_shard > 1 or

@@ -33,6 +33,7 @@ from meshtune.runtime.pipeline_parallel import stage_module
 from meshtune.runtime.plan import Plan
 from meshtune.runtime.precision import frozen_dtype, store_frozen, tensor_bytes
 from meshtune.runtime.preflight import preflight, vocab_size
+from meshtune.runtime.vocab_parallel import vocab_shard_of
 from meshtune.schema import Config
 
 
@@ -77,10 +78,13 @@ def _rank_layout(cfg: Config, plan: Plan, vocab: int, rank: int) -> dict:
 def _gathered_bytes(parts: list, shards: int) -> int:
     """FSDP2's unsharded parameters at the busiest moment: the root unit (embeddings, final norm, head; kept
     gathered all step) and two blocks (the one computing and the prefetched next), plus one all-gather buffer of
-    the largest unit while it is copied out into the unsharded parameters."""
+    the largest unit while it is copied out into the unsharded parameters. With parallel.vocab_parallel the
+    embedding and head are never gathered (runtime/vocab_parallel.py): they count as held shards only."""
     root, blocks = 0, [0]
     for part in parts:
         in_blocks = set()
+        if vocab_shard_of(part) is not None:  # split by vocabulary rows, outside FSDP2: never gathered
+            in_blocks |= {id(part.tok_embeddings.weight), id(part.output.weight)}
         for block in part.layers.values():
             own = {id(q): q for q in block.parameters()}
             in_blocks |= own.keys()
@@ -144,7 +148,8 @@ def describe_plan(cfg: Config, world_size: int, device_memory: float | None = No
     now = levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload)
     act = now["activations"]
     mem_p, mem_g, mem_o = state["parameters"], state["gradients"], state["optimizer"]
-    lines = [f"layout: {plan.describe()}",
+    lines = [f"layout: {plan.describe()}" + (" + vocabulary-parallel embedding and head (never gathered)"
+                                            if p.vocab_parallel else ""),
              f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dims.dp} x accumulation "
              f"{accum}; {t.global_batch_size * seq:,} tokens per step"]
     for axis in AXES:
@@ -177,20 +182,22 @@ def model_shapes(cfg: Config, vocab: int, tp: int) -> Shapes:
 def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float | None) -> list[str]:
     """Per-rank bytes with each memory lever switched on alone (from the config as it is), and which fit."""
     t, p = cfg.train, cfg.parallel
-    chunk = t.loss_chunk_size or min(1024, cfg.data.seq_len)
-    rows = [("as configured", now),
-            (f"train.loss_chunk_size={chunk}", levers(chunk, p.activation_checkpointing, p.ac_every, p.ac_mode,
-                                                       p.cpu_offload)),
-            ("activation_checkpointing (all blocks)", levers(t.loss_chunk_size, True, 1, "full", p.cpu_offload)),
+    # parallel.vocab_parallel refuses a chunked loss (its logits are already 1 / dp_shard of the vocabulary per rank)
+    chunk = 0 if p.vocab_parallel else t.loss_chunk_size or min(1024, cfg.data.seq_len)
+    rows = [("as configured", now)]
+    if chunk:
+        rows.append((f"train.loss_chunk_size={chunk}", levers(chunk, p.activation_checkpointing, p.ac_every, p.ac_mode,
+                                                               p.cpu_offload)))
+    rows += [("activation_checkpointing (all blocks)", levers(t.loss_chunk_size, True, 1, "full", p.cpu_offload)),
             ("ac_every=2", levers(t.loss_chunk_size, True, 2, "full", p.cpu_offload)),
             ("ac_mode=selective_op", levers(t.loss_chunk_size, True, 1, "selective_op", p.cpu_offload))]
-    if plan.engine == "native" and plan.dims.dp_shard > 1:
+    if plan.engine == "native" and plan.dims.dp_shard > 1 and not p.vocab_parallel:
         rows.append(("cpu_offload (params, grads, AdamW state on CPU)",
                      levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, True)))
     rows.append(("activation_offload (saved activations on CPU)",
                  levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload, True)))
-    rows.append(("all levers", levers(chunk, True, 1, "full", plan.engine == "native" and plan.dims.dp_shard > 1,
-                                      True)))
+    offload = plan.engine == "native" and plan.dims.dp_shard > 1 and not p.vocab_parallel
+    rows.append(("all levers", levers(chunk, True, 1, "full", offload, True)))
     keys = ("parameters", "gradients", "optimizer", "gathered", "activations", "logits")
     out = ["memory levers, per rank on the device (GiB): " + " / ".join(keys) + " = total"]
     for name, row in rows:

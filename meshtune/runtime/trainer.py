@@ -36,6 +36,7 @@ from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.metrics import Metrics, peak_memory_gb
 from meshtune.runtime.pipeline_parallel import Pipeline
 from meshtune.runtime.precision import use_bf16
+from meshtune.runtime.vocab_parallel import VocabParallelLogits, vocab_shard_of
 from meshtune.schema import Config
 
 
@@ -76,7 +77,8 @@ class Trainer:
         # FSDP2 casts parameters itself (MixedPrecisionPolicy), so do engines that own precision; else autocast
         self.autocast = use_bf16(cfg.train.dtype, device) and not mesh.uses_fsdp and not engine.owns_precision
         self.loss_chunk = cfg.train.loss_chunk_size  # chunked loss: the model returns hidden states
-        self._forward_kwargs = {"hidden_only": True} if self.loss_chunk else {}
+        self.vocab_shard = vocab_shard_of(unwrap(model))  # parallel.vocab_parallel: so does a vocabulary-split head
+        self._forward_kwargs = {"hidden_only": True} if self.loss_chunk or self.vocab_shard else {}
         self.history: list[dict] = []
         self.stop_signal: int | None = None  # set from a signal handler: save and stop after this step
         self._prefetch: ThreadPoolExecutor | None = None  # assembles the next step's batches during this one
@@ -115,7 +117,9 @@ class Trainer:
             with self.engine.accumulate(last=i == len(micro_batches) - 1):
                 with self._autocast():
                     logits = self.model(*model_args(mb, self.device), **self._forward_kwargs)
-                if self.loss_chunk:  # the head runs chunk by chunk inside the loss, in the forward's precision
+                if self.vocab_shard is not None:  # the head runs inside the loss, on this rank's vocabulary rows
+                    logits = VocabParallelLogits(logits, unwrap(self.model).output, self.vocab_shard)
+                elif self.loss_chunk:  # the head runs chunk by chunk inside the loss, in the forward's precision
                     logits = ChunkedLogits(logits, unwrap(self.model).output, self.loss_chunk)
                 with self._autocast() if self.loss_chunk else contextlib.nullcontext():
                     loss = summed_loss(logits, labels)
@@ -187,7 +191,11 @@ class Trainer:
                 if not idx:
                     labels.fill_(IGNORE_INDEX)
                 with self._autocast():
-                    logits = self.model(*model_args(batch, self.device))
+                    if self.vocab_shard is None:
+                        logits = self.model(*model_args(batch, self.device))
+                    else:  # loss and argmax across the vocabulary shards, never the whole logits
+                        logits = VocabParallelLogits(self.model(*model_args(batch, self.device), hidden_only=True),
+                                                     unwrap(self.model).output, self.vocab_shard)
                 totals += eval_counts(logits, labels)
         loss, ntok, correct, nseq = self._reduce(totals).tolist()
         return {"eval_loss": loss / max(ntok, 1), "eval_accuracy": correct / max(nseq, 1)}
