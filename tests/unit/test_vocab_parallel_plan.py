@@ -19,7 +19,7 @@ BASE = ["data.task=reverse", "model.dim=32", "model.n_layers=2", "model.n_heads=
     (["parallel.engine=deepspeed"], 2, "parallel.engine"),
     (["parallel.cpu_offload=true"], 2, "parallel.cpu_offload"),
     (["train.loss_chunk_size=8"], 2, "train.loss_chunk_size"),
-    (["recipe.name=qlora", "recipe.qlora.scaler_block_size=1"], 2, "recipe.name"),
+    (["recipe.name=qlora", "recipe.qlora.scaler_block_size=1", "recipe.qlora.block_size=16"], 2, "recipe.name"),
     (["recipe.name=distill", "recipe.distill.teacher=x"], 2, "recipe.name"),
     (["recipe.name=lora+qat"], 2, "recipe.name"),
 ], ids=["dp_shard=1", "ddp", "hsdp", "tp", "pp", "deepspeed", "cpu_offload", "loss_chunk", "qlora", "distill",
