@@ -68,7 +68,13 @@ def program_step(pte: str | Path | bytes, method: str = "forward") -> Step:
 
     program = Runtime.get().load_program(Path(pte) if not isinstance(pte, bytes) else pte)
     loaded = program.load_method(method)
-    return lambda tokens, pos: loaded.execute([tokens, pos])[0]
+
+    def step(tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # the Program holds the file's bytes the method reads its constants from: keep it alive with the step
+        # (a method outliving a Program loaded from bytes segfaults)
+        return loaded.execute([tokens, pos])[0] if program is not None else None
+
+    return step
 
 
 def cached_step(model: nn.Module, max_seq_len: int) -> Step:
