@@ -59,22 +59,26 @@ def median_time(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
-def program_step(pte: str | Path | bytes, method: str = "forward") -> Step:
-    """The method of a .pte program (a path or its bytes) loaded in the ExecuTorch runtime, as a Step."""
-    from meshtune.export.static_cache import require_executorch
+class ProgramStep:
+    """The method of a .pte program (a path or its bytes) loaded in the ExecuTorch runtime, called as a Step.
 
-    require_executorch("measuring a program")
-    from executorch.runtime import Runtime
+    It keeps the Program alive with its method: the Program holds the bytes the method reads its constants from
+    (a method outliving a Program loaded from bytes segfaults)."""
 
-    program = Runtime.get().load_program(Path(pte) if not isinstance(pte, bytes) else pte)
-    loaded = program.load_method(method)
+    def __init__(self, pte: str | Path | bytes, method: str = "forward"):
+        from meshtune.export.static_cache import require_executorch
 
-    def step(tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # the Program holds the file's bytes the method reads its constants from: keep it alive with the step
-        # (a method outliving a Program loaded from bytes segfaults)
-        return loaded.execute([tokens, pos])[0] if program is not None else None
+        require_executorch("measuring a program")
+        from executorch.runtime import Runtime
 
-    return step
+        self.program = Runtime.get().load_program(pte if isinstance(pte, bytes) else Path(pte))
+        self.method = self.program.load_method(method)
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.method.execute([tokens, pos])[0]
+
+
+program_step = ProgramStep
 
 
 def cached_step(model: nn.Module, max_seq_len: int) -> Step:
