@@ -147,10 +147,14 @@ def lower(model, max_seq_len: int, batch: int = 1):
 
     wrapper = ProgramDecoder(model, max_seq_len, batch)
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
-    with torch.no_grad():
-        ep = torch.export.export(wrapper, example_inputs(batch), dynamic_shapes=({1: seq}, {0: seq}), strict=False)
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    with warnings.catch_warnings():  # the caches' undefined initial state is intended (never read unwritten)
+    with warnings.catch_warnings(), torch.no_grad():
+        # the LLM ops' shape checks call torch._check_is_size, deprecated in this torch: noise, not ours to fix
+        warnings.filterwarnings("ignore", message="_check_is_size will be removed", category=FutureWarning)
+        # executorch's passes deep-copy graphs with LeafSpecs, deprecated in this torch: the same
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        # the caches' undefined initial state is intended (never read unwritten)
         warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
+        ep = torch.export.export(wrapper, example_inputs(batch), dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
         return edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
