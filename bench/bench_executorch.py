@@ -119,10 +119,11 @@ def main() -> None:
     from meshtune.artifacts import find, find_checkpoint, load_run
     from meshtune.artifacts.quantized import load_quantized
     from meshtune.export import export
-    from meshtune.export.executorch import program_model, program_scheme
-    from meshtune.export.static_cache import StaticCacheDecoder, lower
-    from meshtune.recipes.qat import ptq
+    from meshtune.export.executorch import program_model, program_scheme, quantize_program_model
+    from meshtune.export.program_decoder import load_runtime_ops, lower
+    from meshtune.export.static_cache import StaticCacheDecoder
 
+    load_runtime_ops()  # the programs' LLM and quantized-embedding kernels, before program_step loads one
     torch.set_num_threads(1)
     _unsafe_reset_threadpool(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-et-"))
@@ -137,16 +138,20 @@ def main() -> None:
     files = {"eager fp32": merged}
     for scheme in ("int8-int8", "int8-int4"):
         files[f"eager torchao {scheme}"] = export(base, "quantized", tmp / scheme, scheme=scheme, quiet=True)[0]
+    export_s = {}
     for scheme in SCHEMES:
+        t1 = time.perf_counter()
         files[f"program {scheme}"] = export(base, "executorch", tmp / f"et-{scheme}", scheme=scheme, quiet=True)[0]
+        export_s[scheme] = time.perf_counter() - t1
     run = load_run(find(find_checkpoint(base, None), key="--base"))
     prefill_pte = {}
     for scheme in SCHEMES:  # the same models with a batch-32 cache, for the (32, 40) prefill
         _, qcfg = program_scheme(run, scheme)
         model = program_model(run)
-        model = model if qcfg is None else ptq(model, qcfg)
-        prefill_pte[scheme] = lower(StaticCacheDecoder(model, seq_len, batch=batch)).buffer
-    print(f"exports and lowering: {time.perf_counter() - t0:.0f} s", flush=True)
+        model = model if qcfg is None else quantize_program_model(model, qcfg)[0]
+        prefill_pte[scheme] = lower(model, seq_len, batch=batch).buffer
+    print(f"exports and lowering: {time.perf_counter() - t0:.0f} s; `meshtune export --format executorch` (batch 1, "
+          f"cache of 64): " + ", ".join(f"{k} {v:.1f} s" for k, v in export_s.items()), flush=True)
 
     fp32_model = program_model(run)
     eager = {"eager fp32": fp32_model, **{f"eager torchao {s}": load_quantized(files[f"eager torchao {s}"])
