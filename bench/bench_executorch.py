@@ -1,6 +1,6 @@
 """Deployment speed and size: ExecuTorch programs (fp32, int8-int8, int8-int4) vs eager PyTorch, in one run.
 
-    python bench/bench_executorch.py                           # base (500 steps on sort) + 6 programs: ~6-8 min
+    python bench/bench_executorch.py                           # base (500 steps on sort) + 6 programs: ~3-8 min
     python bench/bench_executorch.py --base runs/bench-sort    # reuse the base of bench_prune / bench_distill
 
 Targets (issue 20): the int8 program >= 3x the decode tokens/s of eager fp32 and >= 3.5x smaller on disk;
@@ -13,34 +13,37 @@ executorch fp32 / int8-int8 / int8-int4 (.pte, batch 1, KV cache of 64). For the
 the same models with a batch-32 cache are lowered here too. Everything on 1 thread (torch and the ExecuTorch
 threadpool), median of --reps:
   decode: batch-1 greedy steps after an 8-token prompt, --decode-tokens of them, tokens/s. Eager rows run
-    meshtune's model through the same static KV cache module the programs are lowered from (a fair eager
-    baseline), and "eager fp32, no cache" is `meshtune.inference.generate`'s way (the whole sequence again
-    every step);
+    meshtune's model through the static KV cache of `meshtune.export.static_cache.StaticCacheDecoder` (plain torch
+    ops: the eager reference of the program's decoder, a fair eager baseline), and "eager fp32, no cache" is
+    `meshtune.inference.generate`'s way (the whole sequence again every step);
   prefill: one forward of a (32, 40) batch, ms;
   size: the file on disk; x = ratio to eager fp32 (speed) or to the fp32 safetensors (size).
 
-Measured 2026-12-07, 2 shared CPU cores (others' jobs running), 1 thread, base 500 steps (trained in 75 s),
-exports + 6 lowerings 369 s:
-    variant                          size KiB  x smaller  decode tok/s     x  prefill ms     x
-    eager fp32, no cache (generate)    2431.7       1.00         347.7  0.81           -     -
-    eager fp32 (KV cache)              2431.7       1.00         426.9  1.00       36.66  1.00
-    eager torchao int8-int8             913.9       2.66          69.8  0.16       86.17  0.43
-    eager torchao int8-int4             643.8       3.78          72.3  0.17       64.85  0.57
-    program fp32                       2519.2       0.97        1078.3  2.53       90.26  0.41
-    program int8-int8                   922.2       2.64        1107.7  2.59       75.61  0.48
-    program int8-int4                   671.8       3.62        1390.3  3.26       78.92  0.46
-  decode: int8 program 2.59x eager fp32 with a KV cache (target 3: missed), 3.19x meshtune's own eager generation
-    (no cache); int4 3.26x / 4.0x: met. The eager torchao models decode 6x SLOWER than fp32: their int8 matmul
-    dequantizes the weights in every call (the `.pt` is an interchange format; deploy the program).
-  size: int8 2.64x (target 3.5: missed), int4 3.62x (target 4.5: missed). Not the kernels: recipe.qat.targets
-    quantizes the block linears only, and this model's embedding + head (2 x 259 x 128 fp32, 259 KiB) are ~30% of
-    the int8 file; with the block linears alone the ratio is ~3.9x (int8). Larger models (vocabulary small
-    against the blocks) approach 4x / 6x; quantizing the head (`recipe.qat.targets: [..., output]`) and the
-    embedding (ExecuTorch's quantized embedding ops) is the next step.
-  prefill (32, 40): programs are 2-2.4x SLOWER than eager: the attention's masked softmax (SDPA's decomposition:
-    where / logical_not / any) and the RMSNorm means run in ExecuTorch's portable kernels, outside XNNPACK
-    (20 delegate partitions for 3 layers); a rewrite as 3-d bmm + additive mask segfaulted in XNNPACK at dim 128
-    (dim 32 ran), so it is not used. ExecuTorch's llm custom_sdpa / update_cache ops are the fix to try next.
+Measured 2026-12-07, 2 shared CPU cores (others' jobs running, lightly loaded at the time), 1 thread, base reused
+(500 steps), exports + 6 lowerings 115 s (`meshtune export --format executorch`: fp32 10.8 s, int8-int8 22.5 s,
+int8-int4 23.8 s):
+    variant                          size KiB  x smaller  decode tok/s      x  prefill ms     x
+    eager fp32, no cache (generate)    2431.8       1.00         880.2   0.75           -     -
+    eager fp32 (KV cache)              2431.8       1.00        1175.2   1.00       16.79  1.00
+    eager torchao int8-int8             913.9       2.66         205.8   0.18       34.30  0.49
+    eager torchao int8-int4             643.8       3.78         206.7   0.18       34.06  0.49
+    program fp32                       2471.1       0.98        7620.6   6.48       14.79  1.13
+    program int8-int8                   677.8       3.59       18234.9  15.52       11.19  1.50
+    program int8-int4                   398.4       6.10       19269.1  16.40       12.83  1.31
+  decode: int8 program 15.5x eager fp32 with a KV cache (target 3: met), int4 16.4x. The programs are lowered from
+    `meshtune.export.program_decoder.ProgramDecoder`: ExecuTorch's custom_sdpa / update_cache for the cache and
+    attention, norms / rotary / reshapes in ops XNNPACK takes, so a step is n_layers + 1 XNNPACK partitions and 9
+    LLM-kernel calls (was 29 partitions and ~200 portable ops: 2.6x). On this tiny model a step is mostly per-op
+    overhead, which the program removes (eager pays Python and dispatch per op); on larger models the ratio will be
+    set by the kernels (XNNPACK int8 GEMMs vs fp32). The eager torchao models decode 5.7x SLOWER than fp32: their
+    int8 matmul dequantizes the weights in every call (the `.pt` is an interchange format; deploy the program).
+  size: int8 3.59x (target 3.5: met), int4 6.10x (target 4.5: met). Quantized schemes now also quantize the head
+    (8da, XNNPACK) and the embedding (weight-only, ExecuTorch's embedding_byte / embedding_4bit kernels), which were
+    ~30% of the int8 file in fp32. Beyond the weights a program holds its rotary tables, XNNPACK's graph descriptions
+    and the flatbuffer (+44 KiB fp32, +52 KiB int8); the KV cache is planned memory, not in the file.
+  prefill (32, 40): the programs are now 1.1-1.5x eager (were 0.41-0.48x).
+  Timings on this shared machine move 2-3x with the other jobs' load (the previous run measured eager fp32 at
+  427 tok/s); the ratios are from one run, each row on the same machine minutes apart.
 """
 
 from __future__ import annotations
@@ -93,10 +96,11 @@ def main() -> None:
     from meshtune.artifacts import find, find_checkpoint, load_run
     from meshtune.artifacts.quantized import load_quantized
     from meshtune.export import export
-    from meshtune.export.executorch import program_model, program_scheme
-    from meshtune.export.static_cache import StaticCacheDecoder, lower
-    from meshtune.recipes.qat import ptq
+    from meshtune.export.executorch import program_model, program_scheme, quantize_program_model
+    from meshtune.export.program_decoder import load_runtime_ops, lower
+    from meshtune.export.static_cache import StaticCacheDecoder
 
+    load_runtime_ops()  # the programs' LLM and quantized-embedding kernels, before program_step loads one
     torch.set_num_threads(1)
     _unsafe_reset_threadpool(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-et-"))
@@ -111,16 +115,21 @@ def main() -> None:
     files = {"eager fp32": merged}
     for scheme in ("int8-int8", "int8-int4"):
         files[f"eager torchao {scheme}"] = export(base, "quantized", tmp / scheme, scheme=scheme, quiet=True)[0]
+    export_s = {}
     for scheme in SCHEMES:
+        t1 = time.perf_counter()
         files[f"program {scheme}"] = export(base, "executorch", tmp / f"et-{scheme}", scheme=scheme, quiet=True)[0]
+        export_s[scheme] = time.perf_counter() - t1
     run = load_run(find(find_checkpoint(base, None), key="--base"))
     prefill_pte = {}
     for scheme in SCHEMES:  # the same models with a batch-32 cache, for the (32, 40) prefill
         _, qcfg = program_scheme(run, scheme)
         model = program_model(run)
-        model = model if qcfg is None else ptq(model, qcfg)
-        prefill_pte[scheme] = lower(StaticCacheDecoder(model, seq_len, batch=batch)).buffer
-    print(f"exports and lowering: {time.perf_counter() - t0:.0f} s", flush=True)
+        model = model if qcfg is None else quantize_program_model(model, qcfg)[0]
+        prefill_pte[scheme] = tmp / f"prefill-{scheme}.pte"
+        prefill_pte[scheme].write_bytes(lower(model, seq_len, batch=batch).buffer)
+    print(f"exports and lowering: {time.perf_counter() - t0:.0f} s; `meshtune export --format executorch` (batch 1, "
+          f"cache of 64): " + ", ".join(f"{k} {v:.1f} s" for k, v in export_s.items()), flush=True)
 
     fp32_model = program_model(run)
     eager = {"eager fp32": fp32_model, **{f"eager torchao {s}": load_quantized(files[f"eager torchao {s}"])
@@ -136,9 +145,11 @@ def main() -> None:
             pre = median_time(lambda m=model: m(x), args.reps)
             rows.append((name, files[name], n / dec, pre))
         for scheme in SCHEMES:
-            step = program_step(files[f"program {scheme}"].read_bytes())
+            # program_step (meshtune.measure.ProgramStep) keeps each Program alive with its method: a Program loaded
+            # from bytes holds the constants its method reads (dropping it segfaulted)
+            step = program_step(str(files[f"program {scheme}"]))
             dec = median_time(decode_fn(step, prompt_len, n), args.reps)
-            pstep = program_step(prefill_pte[scheme])
+            pstep = program_step(str(prefill_pte[scheme]))
             pre = median_time(lambda s=pstep: s(x, torch.arange(seq_len)), args.reps)
             rows.append((f"program {scheme}", files[f"program {scheme}"], n / dec, pre))
 

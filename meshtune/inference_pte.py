@@ -32,7 +32,7 @@ class PteProgram:
     """
 
     def __init__(self, path: str | Path):
-        from meshtune.export.static_cache import require_executorch
+        from meshtune.export.program_decoder import load_runtime_ops
 
         path = Path(path)
         if not path.is_file():
@@ -45,7 +45,7 @@ class PteProgram:
         self.meta = json.loads(meta_file.read_text())
         if self.meta.get("format") != "meshtune.executorch":
             raise ConfigError(f"--program: {meta_file} is not a meshtune ExecuTorch config; export it again")
-        require_executorch("--program")
+        load_runtime_ops("--program")
         from executorch.runtime import Runtime
 
         from meshtune.data import build_tokenizer

@@ -66,9 +66,9 @@ class ProgramStep:
     (a method outliving a Program loaded from bytes segfaults)."""
 
     def __init__(self, pte: str | Path | bytes, method: str = "forward"):
-        from meshtune.export.static_cache import require_executorch
+        from meshtune.export.program_decoder import load_runtime_ops
 
-        require_executorch("measuring a program")
+        load_runtime_ops("measuring a program")  # the LLM and quantized-embedding kernels programs call
         from executorch.runtime import Runtime
 
         self.program = Runtime.get().load_program(pte if isinstance(pte, bytes) else Path(pte))

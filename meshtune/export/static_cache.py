@@ -1,8 +1,7 @@
-"""An export-only decoder with a fixed-size KV cache, and its lowering to an ExecuTorch program.
+"""An export-only decoder with a fixed-size KV cache (the eager reference of the ExecuTorch program).
 
     wrapper = StaticCacheDecoder(model, max_seq_len=128)       # model: meshtune's Transformer (fp32 or torchao)
     logits = wrapper(tokens, input_pos)                         # (B, T, V); the cache keeps positions input_pos
-    program = lower(wrapper)                                    # ExecuTorch program (XNNPACK), `.buffer` = .pte
 
 The pattern of ExecuTorch's llama example: one `forward(tokens (B, T), input_pos (T,))` method, the keys and
 values of every layer in mutable buffers of the full cache length (static shapes: B x max_seq_len), written at
@@ -11,13 +10,14 @@ with a dynamic T. The wrapper reads the weights of meshtune's own modules (`Atte
 biases, q/k norms and rotary positions; the block's norms and MLP), so every model family the decoder supports
 is exported as it computes: sliding windows become the mask's band, sandwich norms and embedding scaling are
 applied as in `Transformer.forward` (tests/integration/test_executorch.py compares them). Training code never
-sees this module.
+sees this module. It is the eager reference (plain torch ops, any dtype); the program is lowered from
+`meshtune.export.program_decoder.ProgramDecoder`, the same computation in the ops XNNPACK and ExecuTorch's LLM
+kernels run.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -132,24 +132,3 @@ def mlp(ff, x: torch.Tensor) -> torch.Tensor:
 def example_inputs(batch: int = 1, length: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (batch, length), input_pos (length,)) to trace with."""
     return torch.zeros(batch, length, dtype=torch.long), torch.arange(length)
-
-
-def lower(wrapper: StaticCacheDecoder):
-    """torch.export (T dynamic in 1..max_seq_len) -> edge, XNNPACK delegate -> ExecuTorch program.
-
-    Returns:
-        The `ExecutorchProgramManager` (`.buffer` is the .pte file's bytes).
-    """
-    require_executorch()
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-
-    batch = next(b for b in wrapper.buffers() if b.dim() == 4).shape[0]
-    seq = torch.export.Dim("seq", min=1, max=wrapper.max_seq_len)
-    with torch.no_grad():
-        ep = torch.export.export(wrapper, example_inputs(batch), dynamic_shapes=({1: seq}, {0: seq}), strict=False)
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    with warnings.catch_warnings():  # the caches' undefined initial state is intended (see _attend)
-        warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
-        return edge.to_executorch()

@@ -213,6 +213,7 @@ def test_quantized_export_round_trip(tmp_path, recipe, capsys):
     (path,) = export(cfg.run_dir, "quantized")
     out = capsys.readouterr().out
     assert ("QAT int8-int4" if recipe else "PTQ int8-int4") in out and "smaller" in out
+    assert re.search(r"eager decode \d+ tokens/s vs \d+ fp32 \(\d+\.\d\dx, batch 1", out), out
     loaded = load_quantized(path)
     want, _, _ = quantize_loaded(load_run(find(cfg.run_dir)))
     ids = tokens(seq=24)

@@ -1,6 +1,6 @@
-"""The export-only KV-cache decoder (meshtune/export/static_cache.py) computes meshtune's logits for every model
-feature, fed as generation feeds it (a prefill, then one token at a time), eagerly (no ExecuTorch needed); and how
-`--format executorch` picks its model and scheme."""
+"""The export-only KV-cache decoders (meshtune/export/static_cache.py, and program_decoder.py that programs are
+lowered from) compute meshtune's logits for every model feature, fed as generation feeds it (a prefill, then one
+token at a time), eagerly (no lowering); and how `--format executorch` picks its model and scheme."""
 
 from __future__ import annotations
 
@@ -30,8 +30,20 @@ def cached_logits(wrapper: StaticCacheDecoder, x: torch.Tensor, prefill: int) ->
     return torch.cat(rows, dim=1)
 
 
+def program_decoder():
+    pytest.importorskip("executorch.extension.llm.custom_ops", reason="the executorch extra is not installed")
+    from meshtune.export.program_decoder import ProgramDecoder
+
+    return ProgramDecoder
+
+
+@pytest.mark.parametrize("wrapper_cls", [lambda: StaticCacheDecoder, program_decoder],
+                         ids=["eager reference", "program decoder"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_cached_decoding_equals_the_full_forward(name):
+def test_cached_decoding_equals_the_full_forward(name, wrapper_cls):
+    """Both the eager wrapper and the one programs are lowered from (XNNPACK-friendly ops, ExecuTorch's LLM
+    kernels run eagerly here) give the model's logits."""
+    cls = wrapper_cls()
     torch.manual_seed(0)
     model = build_model(ModelConfig(**{**BASE, **FAMILIES[name]}), vocab_size=50).eval()
     for p in model.parameters():  # norms and biases off their init values, so they matter
@@ -39,7 +51,7 @@ def test_cached_decoding_equals_the_full_forward(name):
     x = torch.randint(0, 50, (2, 20))
     with torch.no_grad():
         ref = model(x)
-        wrapper = StaticCacheDecoder(model, 24, batch=2)
+        wrapper = cls(model, 24, batch=2)
         torch.testing.assert_close(cached_logits(wrapper, x, 7), ref, atol=1e-5, rtol=1e-5)
         # a second sequence reuses the cache from position 0; stale later positions are masked
         y = torch.randint(0, 50, (2, 12))
