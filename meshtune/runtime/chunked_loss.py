@@ -24,7 +24,22 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-class ChunkedLogits:
+class HiddenLogits:
+    """Base of the logits stand-ins (ChunkedLogits; vocab_parallel.VocabParallelLogits): they hold the head's input
+    `hidden` and report its device and dtype where code asks the logits for them."""
+
+    hidden: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+
+class ChunkedLogits(HiddenLogits):
     """Stand-in for the (B, T, V) logits of `head(hidden)`, computed `chunk_size` positions at a time.
 
     Attributes:
@@ -36,14 +51,6 @@ class ChunkedLogits:
     def __init__(self, hidden: torch.Tensor, head: nn.Module, chunk_size: int):
         assert chunk_size > 0, chunk_size
         self.hidden, self.head, self.chunk_size = hidden, head, chunk_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.hidden.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.hidden.dtype
 
     def sum_over_chunks(self, fn: Callable[..., torch.Tensor], *aligned: torch.Tensor) -> torch.Tensor:
         """Sum over sequence chunks of `fn(logits_chunk, *aligned_chunks)`.

@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from meshtune.config import ConfigError
 from meshtune.data.datasets import IGNORE_INDEX
+from meshtune.runtime.chunked_loss import HiddenLogits
 
 
 def shard_rows(vocab: int, shards: int, rank: int) -> tuple[int, int]:
@@ -247,7 +248,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return out, None, None
 
 
-class VocabParallelLogits:
+class VocabParallelLogits(HiddenLogits):
     """Stand-in for the (B, T, V) logits of a vocabulary-parallel head (like chunked_loss.ChunkedLogits): the loss
     and the argmax come out right on every rank while no rank builds the full-vocabulary logits.
 
@@ -259,14 +260,6 @@ class VocabParallelLogits:
 
     def __init__(self, hidden: torch.Tensor, head: nn.Module, shard: VocabShard):
         self.hidden, self.head, self.shard = hidden, head, shard
-
-    @property
-    def device(self) -> torch.device:
-        return self.hidden.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.hidden.dtype
 
     def _local(self, labels: torch.Tensor | None = None):
         """(local logits (size x B' x T', rows), gathered labels or None, own (B, T), padded (B', T'))."""
