@@ -35,6 +35,8 @@ from meshtune.exit_codes import STUCK as EXIT_STUCK
 
 _DIST = os.sep + os.path.join("torch", "distributed") + os.sep
 _C10D = os.path.join("distributed", "distributed_c10d.py")
+_FUNCOL = os.path.join("distributed", "_functional_collectives.py")
+_DTENSOR = os.path.join("distributed", "tensor") + os.sep
 
 
 def _op_and_site(frames: list[traceback.FrameSummary]) -> tuple[str, str]:
@@ -45,12 +47,22 @@ def _op_and_site(frames: list[traceback.FrameSummary]) -> tuple[str, str]:
     public = [f for f in frames if f.filename.endswith(_C10D) and not f.name.startswith("_") and f.name != "wrapper"]
     dist = [f for f in frames if _DIST in f.filename]
     op = (public or dist or frames or [None])[-1]
+    if not public and op is not None and op.filename.endswith(_FUNCOL):
+        # a DTensor collective is waited for in functional-collective plumbing (wait_tensor): name the DTensor
+        # step that issued it (e.g. _reduce_value: a Partial -> Replicate all-reduce), the wait beside it
+        issuer = [f for f in dist if _DTENSOR in f.filename]
+        if issuer:
+            return f"{issuer[-1].name.lstrip('_')} (a DTensor collective, waiting in {op.name})", _site(frames)
+    return (op.name if op is not None else "?"), _site(frames)
+
+
+def _site(frames: list[traceback.FrameSummary]) -> str:
+    """`meshtune/<dir>/<file>:<line> in <function>` of the innermost meshtune frame (not the watchdog's), or ''."""
     ours = [f for f in frames if f"{os.sep}meshtune{os.sep}" in f.filename and "watchdog" not in f.filename]
-    site = ""
-    if ours:
-        f = ours[-1]
-        site = f"{os.sep.join(f.filename.split(os.sep)[-3:])}:{f.lineno} in {f.name}"
-    return (op.name if op is not None else "?"), site
+    if not ours:
+        return ""
+    f = ours[-1]
+    return f"{os.sep.join(f.filename.split(os.sep)[-3:])}:{f.lineno} in {f.name}"
 
 
 def describe_failure(exc: BaseException) -> str:

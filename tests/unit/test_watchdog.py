@@ -183,3 +183,31 @@ def test_a_frozen_store_host_ends_the_rank_naming_rank_0():
     finally:
         host.kill()
         host.wait()
+
+
+def test_a_dtensor_collective_is_named_by_the_dtensor_step_not_its_wait():
+    """A DTensor reduction (grad_norm's full_tensor) blocks in functional-collective plumbing: the failure names
+    the DTensor step that issued the collective, the wait, and meshtune's call site (a stack seen on a stopped
+    peer, torch 2.13)."""
+    import os
+    import traceback
+
+    from meshtune.runtime.watchdog import _op_and_site
+
+    venv = os.path.join(os.sep, "venv", "site-packages", "torch")
+
+    def frame(path, line, name):
+        return traceback.FrameSummary(path, line, name, line="")
+
+    frames = [frame(os.path.join(os.sep, "src", "meshtune", "runtime", "grads.py"), 93, "grad_norm"),
+              frame(os.path.join(venv, "distributed", "tensor", "_redistribute.py"), 1640, "redistribute_local_tensor"),
+              frame(os.path.join(venv, "distributed", "tensor", "_ops", "_math_ops.py"), 110, "_reduce_value"),
+              frame(os.path.join(venv, "distributed", "_functional_collectives.py"), 1115, "trigger_wait"),
+              frame(os.path.join(venv, "distributed", "_functional_collectives.py"), 142, "wait_tensor"),
+              frame(os.path.join(venv, "_ops.py"), 1279, "__call__")]
+    op, site = _op_and_site(frames)
+    assert op == "reduce_value (a DTensor collective, waiting in wait_tensor)"
+    assert site == f"meshtune{os.sep}runtime{os.sep}grads.py:93 in grad_norm"
+    # a c10d collective on the stack still wins
+    c10d = frame(os.path.join(venv, "distributed", "distributed_c10d.py"), 1, "all_reduce")
+    assert _op_and_site([*frames[:2], c10d, frames[-1]])[0] == "all_reduce"
