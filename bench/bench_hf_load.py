@@ -45,6 +45,12 @@ buffer (0.23x) are gone; 0.75x is not met yet: from ready (0.57x: shards 0.50x +
 the step adds 1.4 GiB = 0.31x, of which two gathered blocks and one block's all-gather buffer are ~0.73 GiB
 (0.16x), LoRA gradients and AdamW moments ~0.13 GiB; the rest (activations under checkpointing, the
 vocabulary-parallel logits, gloo buffers, allocator caching) is not yet broken down.
+2026-12-07 later, after the meta build stopped importing torch._dynamo (models/decoder.py: the launcher's preflight
+builds the model on meta), quiet machine: transformers 2.6 s; launch -> model ready 6.1 s = 2.38x (was 9.3 s =
+3.6x; the launcher before the rank began 2.3 s, was 4.3 s); first step done 19.1 s = 7.37x (the CPU step ~13 s);
+peak 1.20x / 1.17x without vocab_parallel, 0.89x / 0.87x with it. Next for the peak: the CPU prefetch
+(data_parallel.prefetch_neighbours) holds the next block while one computes, and the last block stays gathered
+after forward: ~3 blocks of 0.27 GiB at the backward peak; prefetch off and resharding every block would leave one.
 """
 
 from __future__ import annotations
