@@ -48,9 +48,10 @@ vocabulary-parallel logits, gloo buffers, allocator caching) is not yet broken d
 2026-12-07 later, after the meta build stopped importing torch._dynamo (models/decoder.py: the launcher's preflight
 builds the model on meta), quiet machine: transformers 2.6 s; launch -> model ready 6.1 s = 2.38x (was 9.3 s =
 3.6x; the launcher before the rank began 2.3 s, was 4.3 s); first step done 19.1 s = 7.37x (the CPU step ~13 s);
-peak 1.20x / 1.17x without vocab_parallel, 0.89x / 0.87x with it. Next for the peak: the CPU prefetch
-(data_parallel.prefetch_neighbours) holds the next block while one computes, and the last block stays gathered
-after forward: ~3 blocks of 0.27 GiB at the backward peak; prefetch off and resharding every block would leave one.
+peak 1.20x / 1.17x without vocab_parallel, 0.89x / 0.87x with it. Tried for the rest of the peak (one run each):
+the CPU prefetch off and every block resharded after forward: 0.93x with the key (worse); glibc returning large
+frees to the OS (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=1048576 in the environment): 0.81x with the key,
+1.09x without (allocator retention is ~0.07x of the peak); both together: 0.85x. Not adopted yet.
 """
 
 from __future__ import annotations
