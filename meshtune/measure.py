@@ -131,6 +131,13 @@ def speeds(steps: dict[str, Step], prompt_len: int, new_tokens: int, vocab: int,
     return {n: (statistics.median(prefill[n]), new_tokens / statistics.median(decode[n])) for n in steps}
 
 
+def eval_split(cfg):
+    """The held-out dataset of a run's config (the same split the trainer evaluates on)."""
+    from meshtune.data import build_datasets, build_tokenizer
+
+    return build_datasets(cfg.data, build_tokenizer(cfg.data.tokenizer), cfg.train.seed)[1]
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, eval_ds, batch: int = 32) -> tuple[float, float]:
     """(exact-match accuracy, mean token loss) of an eager `model` on `eval_ds`, teacher-forced as in

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from meshtune.measure import eval_split
+
 STUDENT_STEPS, PRUNE_STEPS = 200, 80  # PRUNE_STEPS: also the QAT runs
 # (row, run dir under the demo root, bundled config, overrides, export format); magnitude and structured
 # pruning ramp over the first 60% / 50% of the steps and then recover, 2:4 is one shot after the first step
@@ -87,13 +89,6 @@ def load_artifact(path: str | Path, fmt: str = "") -> nn.Module:
     return load_model(find(path, key=f"--format {fmt} export" if fmt else "artifact"))
 
 
-def eval_split(cfg):
-    """The held-out dataset of a run's config (the same split the trainer evaluates on)."""
-    from meshtune.data import build_datasets, build_tokenizer
-
-    return build_datasets(cfg.data, build_tokenizer(cfg.data.tokenizer), cfg.train.seed)[1]
-
-
 def _counts(model: nn.Module) -> tuple[int, int]:
     """(parameters, nonzero parameters); quantized tensor subclasses count as nonzero."""
     total = nonzero = 0
@@ -123,24 +118,17 @@ def measure(rows: list[Row], eval_ds, seq_len: int, batch: int = 32, reps: int =
     return rows
 
 
-def _export_program(job: tuple[str, str, str | None]) -> str:
-    """(run dir, out dir, scheme) -> the written model.pte, in a worker process on one thread."""
-    from meshtune.export import export
-
-    torch.set_num_threads(1)
-    run_dir, out, scheme = job
-    return str(export(run_dir, "executorch", out, scheme=scheme, quiet=True)[0])
-
-
 def export_programs(jobs: list[tuple[Path, Path, str | None]], workers: int) -> list[Path]:
     """`meshtune export RUN --format executorch [--scheme S] --out OUT` of every (run, out, scheme), `workers` at a
-    time in fresh processes (a lowering is one busy core for ~20-30 s at this size)."""
+    time in fresh processes (a lowering is one busy core for ~10-30 s at this size)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from meshtune.export.executorch import lower_job
+
     args = [(str(run), str(out), scheme) for run, out, scheme in jobs]
     with ProcessPoolExecutor(max(1, min(workers, len(jobs))), mp_context=multiprocessing.get_context("spawn")) as ex:
-        return [Path(p) for p in ex.map(_export_program, args)]
+        return [Path(p) for p, _ in ex.map(lower_job, args)]
 
 
 def measure_programs(rows: list[Row], eval_ds, prompt_len: int, new_tokens: int = 24, reps: int = 5,

@@ -16,11 +16,11 @@ PROMPT_LEN, NEW_TOKENS = 16, 24
 
 
 def _eval_split(run_dir: str):
-    from meshtune.data import build_datasets, build_tokenizer
+    """The run's held-out split (its init_from need not exist any more)."""
+    from meshtune.measure import eval_split
     from meshtune.schema import load_config
 
-    cfg = load_config(str(Path(run_dir) / "config.yaml"), ["init_from="])  # its init_from need not exist now
-    return build_datasets(cfg.data, build_tokenizer(cfg.data.tokenizer), cfg.train.seed)[1]
+    return eval_split(load_config(str(Path(run_dir) / "config.yaml"), ["init_from="]))
 
 
 def _shape(pte: Path) -> tuple[int, int, int]:

@@ -84,20 +84,6 @@ def check(s: Settings) -> None:
                               "run and --steps, or a new --out")
 
 
-def _lower(job: tuple[str, str, str]) -> tuple[str, float]:
-    """(run dir, out dir, scheme) -> (model.pte, seconds), in a worker process on one thread."""
-    import torch
-
-    from meshtune.export import export
-    from meshtune.quiet import quiet_torchao
-
-    quiet_torchao()  # before anything imports torchao in this fresh process
-    torch.set_num_threads(1)
-    t0 = time.time()
-    run_dir, out, scheme = job
-    return str(export(run_dir, "executorch", out, scheme=scheme, quiet=True)[0]), time.time() - t0
-
-
 class Lowering:
     """A pool of spawned worker processes lowering programs; rebuilt when a worker dies (e.g. a segfault)."""
 
@@ -109,7 +95,9 @@ class Lowering:
 
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return self.pool.submit(_lower, (str(run_dir), str(out), scheme))
+        from meshtune.export.executorch import lower_job
+
+        return self.pool.submit(lower_job, (str(run_dir), str(out), scheme))
 
     def result(self, future) -> tuple[Path, float]:
         try:

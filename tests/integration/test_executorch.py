@@ -236,8 +236,7 @@ def test_program_accuracy_is_measured_on_the_program(run, programs):
     """meshtune.measure.evaluate_step (the demo's and compress-search's accuracy of a deployed program): the
     fp32 program scores what the eager model scores, token for token; a quantized one what its torchao model does
     within the scheme's bound."""
-    from meshtune.demo.compress import eval_split
-    from meshtune.measure import evaluate, evaluate_step, program_step
+    from meshtune.measure import eval_split, evaluate, evaluate_step, program_step
     from meshtune.schema import load_config
 
     ds = eval_split(load_config(run / "config.yaml", []))
@@ -251,7 +250,8 @@ def test_program_accuracy_is_measured_on_the_program(run, programs):
 def test_deployment_rows_hold_each_programs_own_figures(run, programs):
     """The demo's deployment table (meshtune.demo.compress.measure_programs): every row's size is its own .pte's,
     its accuracy its own program's; the eager reference is timed with them; the table prints every row."""
-    from meshtune.demo.compress import Row, eval_split, format_programs, measure_programs
+    from meshtune.demo.compress import Row, format_programs, measure_programs
+    from meshtune.measure import eval_split, evaluate_step, program_step
     from meshtune.schema import load_config
 
     ds = eval_split(load_config(run / "config.yaml", []))
@@ -264,9 +264,8 @@ def test_deployment_rows_hold_each_programs_own_figures(run, programs):
     assert sizes["fp32"] > sizes["int8-int8"] > sizes["int8-int4"]
     for r in rows:
         assert r.pte_size == r.program.stat().st_size and r.prefill_s > 0 and r.decode_tps > 0
-    from meshtune.measure import evaluate
-
-    for r in rows:  # each row's accuracy is its own program's (the fp32 and quantized models differ in loss)
-        assert r.pte_loss == pytest.approx(evaluate(programs[r.scheme][1], ds, batch=4)[1], rel=1e-3)
+    for r in rows:  # each row's accuracy and loss are its own program's ...
+        assert (r.pte_accuracy, r.pte_loss) == evaluate_step(program_step(r.program), ds), r.scheme
+    assert len({r.pte_loss for r in rows}) == len(rows)  # ... and differ per scheme, so a mix-up would show
     text = format_programs(rows, eager).splitlines()
     assert len(text) == 3 + len(rows) and all(r.scheme in line for r, line in zip(rows, text[3:], strict=True))

@@ -7,8 +7,9 @@ import torch
 
 from meshtune import measure as measure_mod
 from meshtune.config import ConfigError
-from meshtune.demo.compress import Row, eval_split, format_table, load_artifact, measure
+from meshtune.demo.compress import Row, format_table, load_artifact, measure
 from meshtune.export import export
+from meshtune.measure import eval_split
 from meshtune.runtime.env import DistEnv
 from meshtune.runtime.run import build_trainer
 from tests.distributed.cases import tiny_config
