@@ -22,7 +22,7 @@ by 1 / dp here instead (on its way into `.grad`), giving exactly the single-proc
     logits = VocabParallelLogits(model(tokens, hidden_only=True), shard)
     loss = logits.summed_loss(labels); preds = logits.argmax(dim=-1)
 
-The one module that uses private torch API for this (none: plain c10d collectives in autograd Functions).
+Only public c10d collectives, inside autograd Functions; no private torch API.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def _op_and_site(frames: list[traceback.FrameSummary]) -> tuple[str, str]:
     op = (public or dist or frames or [None])[-1]
     if not public and op is not None and op.filename.endswith(_FUNCOL):
         # a DTensor collective is waited for in functional-collective plumbing (wait_tensor): name the DTensor
-        # step that issued it (e.g. _reduce_value: a Partial -> Replicate all-reduce), the wait beside it
+        # step that issued it (grad_norm's Partial -> Replicate reduction: _post_reduce_transform), the wait beside it
         issuer = [f for f in dist if _DTENSOR in f.filename]
         if issuer:
             return f"{issuer[-1].name.lstrip('_')} (a DTensor collective, waiting in {op.name})", _site(frames)
