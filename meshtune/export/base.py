@@ -131,6 +131,17 @@ def merged_state(run) -> dict:
     return state
 
 
+def dense_model(model_cfg, vocab_size: int, state: dict):
+    """meshtune's decoder on CPU in fp32 with the full `state` (base-model names), in eval mode, frozen."""
+    from meshtune.models import build_model
+
+    model = build_model(model_cfg, vocab_size, device="meta")
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval().requires_grad_(False)
+
+
 def human_size(n: int) -> str:
     """Bytes as B / KiB / MiB / GiB with three significant digits."""
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -71,16 +71,12 @@ def program_scheme(run, scheme: str | None):
 
 def program_model(run):
     """The dense fp32 decoder to export: recipes merged, structured pruning cut out."""
+    from meshtune.export.base import dense_model
     from meshtune.export.shrunk import compressed_state
-    from meshtune.models import build_model
 
     state, model_cfg = compressed_state(run)
     assert state is not None, "the format is registered merges=True: recipes were checked mergeable"
-    model = build_model(model_cfg, run.artifact.vocab_size, device="meta")
-    model.to_empty(device="cpu")
-    model.init_buffers()
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return model.eval().requires_grad_(False)
+    return dense_model(model_cfg, run.artifact.vocab_size, state)
 
 
 def quantize_program_model(model, qcfg):

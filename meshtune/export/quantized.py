@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from meshtune.config import ConfigError, ModelConfig
-from meshtune.export.base import Format, human_size, merged_state, register
+from meshtune.export.base import Format, dense_model, human_size, merged_state, register
 from meshtune.recipes.qat import QuantConfig
 
 FILE = "model_quantized.pt"
@@ -78,38 +77,16 @@ def fp32_bytes(state: dict[str, torch.Tensor]) -> int:
     return n
 
 
-@torch.no_grad()
-def decode_tokens_per_s(model: torch.nn.Module, steps: int = 8) -> float:
-    """Batch-1 greedy decode tokens/s of `model` on 1 thread (eager, through `StaticCacheDecoder`), timed over
-    `steps` steps after a one-token prompt and one warm-up step. One thread: batch-1 steps are too small to share,
-    and on a loaded machine a second thread made them 30-80x slower (measured: 3 vs 223 tokens/s)."""
-    from meshtune.export.static_cache import StaticCacheDecoder
+def decode_speeds(fp32: torch.nn.Module, quantized: torch.nn.Module, steps: int = 8) -> tuple[float, float]:
+    """(fp32, quantized) batch-1 greedy decode tokens/s, eager through the same static KV cache, on 1 thread and
+    taking turns (meshtune.measure): `steps` steps after a one-token prompt. One thread: batch-1 steps are too
+    small to share, and on a loaded machine a second thread made them 30-80x slower (3 vs 223 tokens/s)."""
+    from meshtune.measure import cached_step, speeds
 
-    steps = max(1, min(steps, model.cfg.max_seq_len - 2))
-    cached = StaticCacheDecoder(model, steps + 2)
-    tok = torch.zeros(1, 1, dtype=torch.long)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cached(tok, torch.tensor([0]))
-        cached(tok, torch.tensor([1]))  # warm-up
-        t0 = time.perf_counter()
-        for i in range(steps):
-            tok = cached(tok, torch.tensor([2 + i]))[:, -1:].argmax(-1)  # (1, 1)
-        return steps / (time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def fp32_model(run, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The run's architecture with `state` (merged, base-model names) in fp32, to compare speed with."""
-    from meshtune.models import build_model
-
-    model = build_model(run.artifact.model_cfg, run.artifact.vocab_size, device="meta")
-    model.to_empty(device="cpu")
-    model.init_buffers()
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return model.eval()
+    steps = max(1, min(steps, fp32.cfg.max_seq_len - 2))
+    got = speeds({"fp32": cached_step(fp32, steps + 2), "quantized": cached_step(quantized, steps + 2)},
+                 prompt_len=1, new_tokens=steps, vocab=fp32.vocab_size, reps=1)
+    return got["fp32"][1], got["quantized"][1]
 
 
 def write(run, out, opts) -> list:
@@ -119,13 +96,14 @@ def write(run, out, opts) -> list:
                           "them (fp32 is for --format executorch)")
     state = merged_state(run)
     fp32 = fp32_bytes(state)
-    fp32_tps = None if opts.quiet else decode_tokens_per_s(fp32_model(run, state))
+    reference = None if opts.quiet else dense_model(art.model_cfg, art.vocab_size, state)  # before quantizing
     model, qcfg, how = quantize_loaded(run, opts.scheme)
     written = [save_quantized(model, out / FILE, art.model_cfg, art.vocab_size, qcfg, how)]
-    if not opts.quiet:
+    if reference is not None:
         from meshtune.artifacts.quantized import load_quantized
 
-        size, tps = written[0].stat().st_size, decode_tokens_per_s(load_quantized(written[0]))
+        fp32_tps, tps = decode_speeds(reference, load_quantized(written[0]))
+        size = written[0].stat().st_size
         print(f"meshtune export: {how.upper()} {qcfg.scheme} group_size={qcfg.group_size}: "
               f"{human_size(size)} on disk vs {human_size(fp32)} of fp32 weights ({fp32 / size:.2f}x smaller); "
               f"eager decode {tps:.0f} tokens/s vs {fp32_tps:.0f} fp32 ({tps / fp32_tps:.2f}x, batch 1, 1 thread): "
