@@ -124,7 +124,7 @@ def export_programs(jobs: list[tuple[Path, Path, str | None]], workers: int) -> 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from meshtune.export.executorch import lower_job
+    from meshtune.export import lower_job
 
     args = [(str(run), str(out), scheme) for run, out, scheme in jobs]
     with ProcessPoolExecutor(max(1, min(workers, len(jobs))), mp_context=multiprocessing.get_context("spawn")) as ex:

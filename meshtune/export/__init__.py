@@ -70,3 +70,19 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, step: i
         for path in written:
             print(f"  wrote {path} ({human_size(path.stat().st_size)})")
     return written
+
+
+def lower_job(job: tuple[str, str, str | None]) -> tuple[str, float]:
+    """(run dir, out dir, scheme) -> (model.pte, seconds): `meshtune export RUN --format executorch --scheme S
+    --out OUT` in a worker process (spawned: the demo and compress-search lower several at once), on one thread."""
+    import time
+
+    import torch
+
+    from meshtune.quiet import quiet_torchao
+
+    quiet_torchao()  # before anything imports torchao in this fresh process
+    torch.set_num_threads(1)
+    t0 = time.time()
+    run_dir, out, scheme = job
+    return str(export(run_dir, "executorch", out, scheme=scheme, quiet=True)[0]), time.time() - t0

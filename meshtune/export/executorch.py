@@ -174,21 +174,5 @@ def write(run, out, opts) -> list:
 
 
 
-def lower_job(job: tuple[str, str, str | None]) -> tuple[str, float]:
-    """(run dir, out dir, scheme) -> (model.pte, seconds): `meshtune export RUN --format executorch --scheme S
-    --out OUT` in a worker process (spawned: the demo and compress-search lower several at once), on one thread."""
-    import time
-
-    import torch
-
-    from meshtune.export import export
-    from meshtune.quiet import quiet_torchao
-
-    quiet_torchao()  # before anything imports torchao in this fresh process
-    torch.set_num_threads(1)
-    t0 = time.time()
-    run_dir, out, scheme = job
-    return str(export(run_dir, "executorch", out, scheme=scheme, quiet=True)[0]), time.time() - t0
-
 register(Format("executorch", "ExecuTorch program (XNNPACK) that generates, with a static KV cache "
                 "(executorch/model.pte); fp32, int8-int8 or int8-int4", write, out_dir="executorch", merges=True))

@@ -95,7 +95,7 @@ class Lowering:
 
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        from meshtune.export.executorch import lower_job
+        from meshtune.export import lower_job
 
         return self.pool.submit(lower_job, (str(run_dir), str(out), scheme))
 
