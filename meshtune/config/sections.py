@@ -162,6 +162,11 @@ class ParallelConfig:
     memory; the same communication volume as plain tensor parallelism)."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
+    fsdp_unit: Literal["block", "linear"] = "block"
+    """FSDP2 (parallel.engine=native, dp_shard > 1): what one all-gather unshards. `block` = a transformer block;
+    `linear` = each projection of a block (attention q/k/v/o, MLP gate/up/down, with its LoRA adapters) on its
+    own, the block keeping the rest (norms): about two projections are gathered at once instead of two blocks
+    (less peak memory; more, smaller collectives)."""
     activation_checkpointing: bool = False
     """Recompute blocks' activations in backward instead of storing them (every block; see parallel.ac_every
     and parallel.ac_mode)."""

@@ -136,14 +136,15 @@ class A2AReduceScatter(ReduceScatter if ReduceScatter is not None else object):
         return None
 
 
-def install(model: nn.Module, blocks: list[nn.Module], overlap: bool, ignored=frozenset()) -> None:
-    """Give every FSDP2 module of `model` (the blocks and the root) these collectives;
+def install(model: nn.Module, units: list[nn.Module], overlap: bool, ignored=frozenset()) -> None:
+    """Give every FSDP2 module of `model` (`units`: the blocks, or the projections and blocks of
+    parallel.fsdp_unit=linear, a unit listed before any unit that contains it; then the root) these collectives;
     `overlap` defers gradient reduce-scatters (see the module docstring for when that is safe);
     `ignored` are root parameters FSDP2 does not manage."""
     pending = _Pending() if overlap else None
-    in_blocks = {id(p) for b in blocks for p in b.parameters()} | {id(p) for p in ignored}
-    for module in [*blocks, model]:
-        own = list(module.parameters()) if module is not model else [
-            p for p in model.parameters() if id(p) not in in_blocks]
+    taken = {id(p) for p in ignored}  # parameters of a unit already seen: an inner unit's are not its container's
+    for module in [*units, model]:
+        own = [p for p in module.parameters() if id(p) not in taken]
+        taken |= {id(p) for p in own}
         module.set_custom_all_gather(P2PAllGather())
         module.set_custom_reduce_scatter(A2AReduceScatter(pending, own))

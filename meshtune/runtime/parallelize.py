@@ -2,7 +2,8 @@
 
     tensor parallel -> activation checkpointing -> activation offload -> torch.compile -> FSDP2 / HSDP / DDP
     (x TP: FSDP2 replicating); with parallel.vocab_parallel the embedding and head are split by vocabulary rows
-    just before FSDP2, which then leaves them alone
+    just before FSDP2, which then leaves them alone; with parallel.fsdp_unit=linear FSDP2 shards each projection
+    inside the (checkpointed) blocks before the blocks
 
 TP first because it rewrites parameters into DTensors that FSDP then shards along another mesh axis;
 checkpointing and compile wrap whole blocks, so they come before data parallelism wraps those blocks.
@@ -103,7 +104,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
 
             ignored = apply_vocab_parallel(model, fsdp_mesh, param_dtype)
         return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype, pipelined, cfg.cpu_offload,
-                          ignored)
+                          ignored, cfg.fsdp_unit)
     if mesh.dims.dp_mode == "ddp" and tp_mesh is not None:
         # DDP cannot take DTensor parameters; FSDP2 replicating over (dp_replicate, dp_shard=1) is DDP x TP
         return apply_fsdp(model, mesh.replicate_mesh(), False, param_dtype, pipelined)

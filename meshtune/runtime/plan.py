@@ -205,6 +205,10 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Pl
         raise ConfigError("parallel.cpu_offload: FSDP2 offload needs parallel.engine=native and parallel.dp_shard > 1 "
                           f"(got engine={p.engine}, dp_shard={dims.dp_shard}); DeepSpeed offloads with "
                           "parallel.offload_optimizer / offload_param")
+    if p.fsdp_unit != "block" and (p.engine != "native" or dims.dp_shard == 1):
+        raise ConfigError(f"parallel.fsdp_unit: {p.fsdp_unit} units are FSDP2's, which needs parallel.engine=native "
+                          f"and parallel.dp_shard > 1 (got engine={p.engine}, dp_shard={dims.dp_shard}); set "
+                          "parallel.fsdp_unit=block")
     if t.global_batch_size % (t.micro_batch_size * dims.dp):
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                           f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree {dims.dp}; "

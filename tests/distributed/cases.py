@@ -52,7 +52,8 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def reference_trainer(cfg: Config):
     """The same run in this process alone (world size 1), micro-batch = the whole global batch."""
     ref = replace(cfg, train=replace(cfg.train, micro_batch_size=cfg.train.global_batch_size),
-                  parallel=replace(cfg.parallel, dp_replicate=1, dp_shard=1, tp=1, pp=1, vocab_parallel=False))
+                  parallel=replace(cfg.parallel, dp_replicate=1, dp_shard=1, tp=1, pp=1, vocab_parallel=False,
+                                   fsdp_unit="block", cpu_offload=False))
     return build_trainer(ref, DistEnv())
 
 

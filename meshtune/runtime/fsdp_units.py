@@ -1,0 +1,121 @@
+"""FSDP2 units finer than a block (`parallel.fsdp_unit: linear`): each projection of a block is its own unit.
+
+Why. FSDP2 gathers a unit's parameters whole for its compute. With a block as the unit, a step holds one block
+gathered while the next block is prefetched (its all-gather output, then its copy-out into the unsharded
+parameters): about three blocks' bytes, 0.73 GiB for a Llama-3.2-1B in fp32. Here every projection the model
+family's spec names (`ModuleNames.projections`: attention q/k/v/o, MLP gate/up/down; with LoRA the LoRA-wrapped
+module, so its unit holds the base weight and the adapters) is sharded on its own before its block, whose unit
+keeps the rest (norms, q/k norms, adapters outside the projections). About two projections are gathered at once.
+Gradients are the same numbers, bitwise: each parameter is sharded and reduce-scattered exactly as in its block.
+
+    units = shard_projections(model, blocks, shard)      # fully_shard each projection; call before the blocks'
+    chain_prefetch(blocks, units)                         # CPU: explicit prefetch in execution order
+    reshard_recomputed(units, prefetch=True)              # activation checkpointing: free recomputed projections
+
+Order. A block runs its projections in the spec's order (q, k, v, o, gate, up, down) and backward runs them in
+reverse (tests/unit/test_fsdp_units.py checks both on every family), so the execution order of the units is
+    forward   block_i, q_i, k_i, v_i, o_i, gate_i, up_i, down_i, block_i+1, ...
+    backward  block_i, down_i, up_i, gate_i, o_i, v_i, k_i, q_i, block_i-1, ...
+(a block's unit runs its pre-forward and pre-backward hooks before anything inside it). On CPU each unit starts
+the next one's all-gather (data_parallel.py's module docstring says why CPU needs it).
+
+Activation checkpointing. A checkpointed block's forward runs again inside backward, calling each projection
+(its FSDP2 pre-forward hook gathers it), but inside backward FSDP2 does not free a unit after its forward (it
+expects the backward to follow at once, which holds for a block but not for the projections of a block), so the
+whole block would end up gathered. `reshard_recomputed` frees each recomputed projection after its forward but the
+block's last (which backward needs first), and that last one starts the next one's gather for backward: a
+checkpointed projection is gathered three times per step (forward, recompute, backward) instead of its block's
+two. Forward prefetch into the next block is skipped inside backward: a recomputed block's last projection would
+otherwise gather a unit that backward has already passed, held unused until the end of backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread: FSDP2's own test for "the forward being
+    run is a recomputation" (`torch.distributed.fsdp._fully_shard._fsdp_common.is_bw`)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def projections(model: nn.Module, block: nn.Module) -> list[nn.Module]:
+    """`block`'s projection modules in forward order: the paths the model family's spec names that the block has."""
+    from meshtune.models.families import family
+
+    found = []
+    for path in family(model.cfg.family).names.projections:
+        try:
+            found.append(block.get_submodule(path))
+        except AttributeError:  # e.g. a recipe or pruning removed it
+            continue
+    return found
+
+
+def shard_projections(model: nn.Module, blocks: list[nn.Module], shard, keep_last: bool) -> list[list[nn.Module]]:
+    """`shard(module, reshard_after_forward)` (fully_shard with the run's mesh and policies) on each projection of
+    each block; returns them per block in forward order. With `keep_last` the last block's last projection stays
+    gathered after forward, like the last block: backward needs it first."""
+    units = []
+    for i, block in enumerate(blocks):
+        inner = projections(model, block)
+        for j, module in enumerate(inner):
+            shard(module, not (keep_last and i == len(blocks) - 1 and j == len(inner) - 1))
+        units.append(inner)
+    return units
+
+
+def execution_order(blocks: list[nn.Module], units: list[list[nn.Module]]) -> tuple[list, list]:
+    """(forward order, backward order) of the blocks' units and their projections' units."""
+    forward = [m for block, inner in zip(blocks, units, strict=True) for m in (block, *inner)]
+    backward = [m for block, inner in reversed(list(zip(blocks, units, strict=True)))
+                for m in (block, *reversed(inner))]
+    return forward, backward
+
+
+def chain_prefetch(blocks: list[nn.Module], units: list[list[nn.Module]]) -> None:
+    """Make every unit start the all-gather of the unit that runs after it, forward and backward (module docstring).
+
+    Within a block, FSDP2's own prefetch lists; into the next block in forward, a pre-forward hook that does
+    nothing inside backward (a recomputed block's last projection). The last unit of backward prefetches its own
+    block (gathered already: a no-op), so that no unit falls back to FSDP2's implicit backward prefetch."""
+    forward, backward = execution_order(blocks, units)
+    block_of = {id(m): b for b, inner in zip(blocks, units, strict=True) for m in (b, *inner)}
+    for unit, after in zip(forward, forward[1:]):
+        if block_of[id(after)] is block_of[id(unit)]:
+            unit.set_modules_to_forward_prefetch([after])
+        else:  # the next block's unit and its first projection, as soon as this one is gathered
+            targets = [after, *units[blocks.index(after)][:1]]
+            unit.register_forward_pre_hook(lambda module, args, targets=targets: _prefetch(targets))
+    for unit, after in zip(backward, backward[1:]):
+        # the next block: its unit and its last projection (the first of its backward) at once
+        unit.set_modules_to_backward_prefetch(
+            [after] if block_of[id(after)] is block_of[id(unit)] else [after, *units[blocks.index(after)][-1:]])
+    if backward:
+        backward[-1].set_modules_to_backward_prefetch([block_of[id(backward[-1])]])
+
+
+def _prefetch(targets: list[nn.Module]) -> None:
+    if not in_backward():
+        for target in targets:
+            target.unshard(async_op=True)  # FSDP2 waits for it in the target's pre-forward
+
+
+def reshard_recomputed(units: list[list[nn.Module]], prefetch: bool) -> None:
+    """Free each projection again after its forward is recomputed inside backward (activation checkpointing),
+    except each block's last; that one starts, with `prefetch`, the gather of the projection backward runs next
+    (module docstring). Only for units resharded after forward (parallel.reshard_after_forward)."""
+    for inner in units:
+        for j, module in enumerate(inner):
+            if j < len(inner) - 1:
+                module.register_forward_hook(_free_if_recomputed)
+            elif prefetch and j > 0:
+                module.register_forward_hook(
+                    lambda m, args, out, nxt=inner[j - 1]: nxt.unshard(async_op=True) if in_backward() else None)
+
+
+def _free_if_recomputed(module: nn.Module, args, output) -> None:
+    if in_backward():
+        module.reshard()
