@@ -10,6 +10,11 @@ Each filter matches one message from one logger or warning module; every other w
   logger (CUDA kernels that none of meshtune's QAT / PTQ schemes calls), and torch logs on
   "torch.utils._pytree" that torchao registers its Enums (KernelPreference, ...) with register_constant().
 
+- FSDP2 warns when a unit's forward returns a view (an in-place op on it would skip the unit's pre-backward
+  hook). LoRA's fused forward returns a view of its GEMM output, so under parallel.fsdp_unit=linear every
+  LoRA projection warns; the decoder never modifies a projection's output in place
+  (tests/distributed/test_fsdp_units.py compares every gradient with block units', bitwise).
+
 Filters live in the process (the warnings filter list, the named loggers), so every torchrun worker installs its
 own when it builds the engine or first imports torchao. Installing twice adds nothing.
 """
@@ -58,3 +63,9 @@ def quiet_torchao() -> None:
     cuda_kernels = re.compile(r"Failed to load \S*[/\\]_C_(mxfp8|cutlass)[^/\\\s]*\.so: ")
     drop_records("torchao", "meshtune.torchao-cuda-kernels", lambda r: bool(cuda_kernels.match(r.getMessage())))
     drop_records("torch.utils._pytree", "meshtune.torchao-enum-constants", _torchao_enum)
+
+
+def quiet_fsdp_projection_views() -> None:
+    """Call when FSDP2 shards projections on their own (runtime/fsdp_units.py)."""
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*LoRALinear\) returned a view tensor",
+                            category=UserWarning, module=r"torch\.distributed\.fsdp\._fully_shard\._fsdp_state$")

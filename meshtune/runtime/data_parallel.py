@@ -67,7 +67,7 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True,
         fsdp_units.reshard_recomputed(inner, prefetch=cpu)
     if cpu:
         if inner:
-            fsdp_units.chain_prefetch(blocks, inner)
+            fsdp_units.chain_prefetch(blocks, inner, recomputed=reshard_after_forward)
         else:
             prefetch_neighbours(blocks)
         # what turns FSDP2's prefetch into a real async collective on a device without streams; releases that

@@ -9,7 +9,7 @@ keeps the rest (norms, q/k norms, adapters outside the projections). About two p
 Gradients are the same numbers, bitwise: each parameter is sharded and reduce-scattered exactly as in its block.
 
     units = shard_projections(model, blocks, shard)      # fully_shard each projection; call before the blocks'
-    chain_prefetch(blocks, units)                         # CPU: explicit prefetch in execution order
+    chain_prefetch(blocks, units, recomputed=True)        # CPU: explicit prefetch in execution order
     reshard_recomputed(units, prefetch=True)              # activation checkpointing: free recomputed projections
 
 Order. A block runs its projections in the spec's order (q, k, v, o, gate, up, down) and backward runs them in
@@ -27,12 +27,23 @@ block's last (which backward needs first), and that last one starts the next one
 checkpointed projection is gathered three times per step (forward, recompute, backward) instead of its block's
 two. Forward prefetch into the next block is skipped inside backward: a recomputed block's last projection would
 otherwise gather a unit that backward has already passed, held unused until the end of backward.
+
+Selective checkpointing (parallel.ac_mode=selective_op). torch's `create_selective_checkpoint_contexts` numbers
+every op of the region, per op, and looks each one up again by its number in the recompute. The projections'
+FSDP2 hooks now run inside the region and do different work in forward and in the recompute (gathers that were
+prefetched, frees, prefetches), so the numbers disagree and torch raises. `selective_context` keeps the same ops'
+outputs (matmuls and attention, parallelize.py's policy) but numbers only those: the model calls them in the same
+order both times, and nothing a hook does is a matmul.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def in_backward() -> bool:
@@ -58,6 +69,9 @@ def shard_projections(model: nn.Module, blocks: list[nn.Module], shard, keep_las
     """`shard(module, reshard_after_forward)` (fully_shard with the run's mesh and policies) on each projection of
     each block; returns them per block in forward order. With `keep_last` the last block's last projection stays
     gathered after forward, like the last block: backward needs it first."""
+    from meshtune.quiet import quiet_fsdp_projection_views
+
+    quiet_fsdp_projection_views()
     units = []
     for i, block in enumerate(blocks):
         inner = projections(model, block)
@@ -75,26 +89,32 @@ def execution_order(blocks: list[nn.Module], units: list[list[nn.Module]]) -> tu
     return forward, backward
 
 
-def chain_prefetch(blocks: list[nn.Module], units: list[list[nn.Module]]) -> None:
+def chain_prefetch(blocks: list[nn.Module], units: list[list[nn.Module]], recomputed: bool) -> None:
     """Make every unit start the all-gather of the unit that runs after it, forward and backward (module docstring).
 
     Within a block, FSDP2's own prefetch lists; into the next block in forward, a pre-forward hook that does
-    nothing inside backward (a recomputed block's last projection). The last unit of backward prefetches its own
-    block (gathered already: a no-op), so that no unit falls back to FSDP2's implicit backward prefetch."""
+    nothing inside backward (a recomputed block's last projection). A unit that would prefetch nothing useful
+    prefetches itself (gathered already: a no-op), so that none falls back to FSDP2's implicit backward prefetch:
+    the last unit of backward, and, with `recomputed` (reshard_recomputed's hooks), the last projection of a
+    checkpointed block, whose pre-backward runs just before the block's recompute, which gathers the others."""
     forward, backward = execution_order(blocks, units)
     block_of = {id(m): b for b, inner in zip(blocks, units, strict=True) for m in (b, *inner)}
-    for unit, after in zip(forward, forward[1:]):
+    for unit, after in itertools.pairwise(forward):
         if block_of[id(after)] is block_of[id(unit)]:
             unit.set_modules_to_forward_prefetch([after])
         else:  # the next block's unit and its first projection, as soon as this one is gathered
             targets = [after, *units[blocks.index(after)][:1]]
             unit.register_forward_pre_hook(lambda module, args, targets=targets: _prefetch(targets))
-    for unit, after in zip(backward, backward[1:]):
-        # the next block: its unit and its last projection (the first of its backward) at once
-        unit.set_modules_to_backward_prefetch(
-            [after] if block_of[id(after)] is block_of[id(unit)] else [after, *units[blocks.index(after)][-1:]])
+    recomputing = {id(inner[-1]) for block, inner in zip(blocks, units, strict=True)
+                   if recomputed and inner and getattr(block, "activation_checkpointing", False)}
+    for unit, after in itertools.pairwise(backward):
+        if id(unit) in recomputing:
+            unit.set_modules_to_backward_prefetch([unit])
+        else:  # into the next block: its unit and its last projection (the first of its backward) at once
+            unit.set_modules_to_backward_prefetch(
+                [after] if block_of[id(after)] is block_of[id(unit)] else [after, *units[blocks.index(after)][-1:]])
     if backward:
-        backward[-1].set_modules_to_backward_prefetch([block_of[id(backward[-1])]])
+        backward[-1].set_modules_to_backward_prefetch([backward[-1]])
 
 
 def _prefetch(targets: list[nn.Module]) -> None:
@@ -119,3 +139,39 @@ def reshard_recomputed(units: list[list[nn.Module]], prefetch: bool) -> None:
 def _free_if_recomputed(module: nn.Module, args, output) -> None:
     if in_backward():
         module.reshard()
+
+
+def selective_context(keep: set) -> tuple[TorchDispatchMode, TorchDispatchMode]:
+    """(forward, recompute) contexts for `torch.utils.checkpoint.checkpoint(context_fn=...)`: the forward keeps
+    the outputs of the ops in `keep`, in call order; the recompute returns them instead of running those ops again
+    and runs every other op (module docstring). Unlike torch's, a kept output is not checked for in-place changes:
+    the decoder never modifies a matmul's output in place (recipes/lora/recipe.py)."""
+    kept: collections.deque = collections.deque()
+    return _KeepOutputs(keep, kept), _ReuseOutputs(keep, kept)
+
+
+class _KeepOutputs(TorchDispatchMode):
+    def __init__(self, keep: set, kept: collections.deque) -> None:
+        super().__init__()
+        self.keep, self.kept = keep, kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.keep:  # detached: no reference from the kept value back to the autograd graph
+            self.kept.append(tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in out)
+                             if isinstance(out, tuple) else out.detach())
+        return out
+
+
+class _ReuseOutputs(TorchDispatchMode):
+    def __init__(self, keep: set, kept: collections.deque) -> None:
+        super().__init__()
+        self.keep, self.kept = keep, kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in self.keep:
+            return func(*args, **(kwargs or {}))
+        if not self.kept:
+            raise RuntimeError(f"selective activation checkpointing: the recompute called {func} more often than "
+                               "the forward did (a second backward through the same checkpointed block?)")
+        return self.kept.popleft()

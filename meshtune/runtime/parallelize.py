@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from meshtune.config import ParallelConfig
+from meshtune.runtime import fsdp_units
 from meshtune.runtime.data_parallel import apply_ddp, apply_fsdp
 from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.tensor_parallel import apply_tp
@@ -42,7 +43,8 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def apply_activation_checkpointing(model: nn.Module, every: int = 1, mode: str = "full") -> None:
+def apply_activation_checkpointing(model: nn.Module, every: int = 1, mode: str = "full",
+                                   units_inside: bool = False) -> None:
     """Recompute blocks' activations in backward instead of keeping them.
 
     Layers 0, every, 2 * every, ... are checkpointed (by layer index, so a pipeline cut does not move them).
@@ -50,9 +52,11 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1, mode: str =
     attention outputs (the expensive ops) and recomputes norms, rotary, activations and the rest (Korthikanti
     et al. 2022's selective recomputation, per op). The block's own `forward` is replaced by a checkpointed call
     of it, rather than wrapping the block in another module, so parameter names (and so checkpoints and
-    recipes' name patterns) do not change.
+    recipes' name patterns) do not change. With `units_inside` (parallel.fsdp_unit=linear: FSDP2 units, and so
+    their hooks, inside the blocks) `selective_op` uses fsdp_units.selective_context, which keeps the same outputs.
     """
-    extra = {"context_fn": _selective_context} if mode == "selective_op" else {}
+    context = functools.partial(fsdp_units.selective_context, _matmul_ops()) if units_inside else _selective_context
+    extra = {"context_fn": context} if mode == "selective_op" else {}
     for name, block in model.layers.items():
         if int(name) % every:
             continue
@@ -90,7 +94,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
     if (tp_mesh := mesh.get("tp")) is not None:
         apply_tp(model, tp_mesh, cfg.sequence_parallel, recipes)
     if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model, cfg.ac_every, cfg.ac_mode)
+        apply_activation_checkpointing(model, cfg.ac_every, cfg.ac_mode, units_inside=cfg.fsdp_unit == "linear")
     if cfg.activation_offload:
         apply_activation_offload(model, pin_memory=device.type == "cuda")
     if cfg.compile:

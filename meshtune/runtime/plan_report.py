@@ -72,15 +72,29 @@ def _rank_layout(cfg: Config, plan: Plan, vocab: int, rank: int) -> dict:
                 "trainable": sum(t.numel() for t, g in local if g), "layers": sum(len(x.layers) for x in parts),
                 "layer_ids": sorted(int(i) for x in parts for i in x.layers),
                 "head": bool(heads), "head_trains": any(h.weight.requires_grad for h in heads),
-                "gathered": _gathered_bytes(parts, plan.dims.dp_shard) if mesh.get("fsdp") is not None else 0}
+                # FSDP2's gathered bytes without and with activation checkpointing
+                **{key: _gathered_bytes(parts, plan.dims.dp_shard, ac) if mesh.get("fsdp") is not None else 0
+                   for key, ac in (("gathered", False), ("gathered_ac", True))}}
 
 
-def _gathered_bytes(parts: list, shards: int) -> int:
+def _bytes(params) -> int:
+    """Stored bytes of this rank's share of `params`, each Parameter once."""
+    return sum(tensor_bytes(q.to_local() if isinstance(q, DTensor) else q) for q in {id(q): q for q in params}.values())
+
+
+def _gathered_bytes(parts: list, shards: int, checkpointing: bool = False) -> int:
     """FSDP2's unsharded parameters at the busiest moment: the root unit (embeddings, final norm, head; kept
     gathered all step) and two blocks (the one computing and the prefetched next), plus one all-gather buffer of
     the largest unit while it is copied out into the unsharded parameters. With parallel.vocab_parallel the
-    embedding and head are never gathered (runtime/vocab_parallel.py): they count as held shards only."""
-    root, blocks = 0, [0]
+    embedding and head are never gathered (runtime/vocab_parallel.py): they count as held shards only.
+
+    With parallel.fsdp_unit=linear (projection units inside the blocks, runtime/fsdp_units.py) the two largest
+    projections take the blocks' place, with what the block units keep (norms) of two blocks; under activation
+    checkpointing (`checkpointing`) one projection more: a block's last projection stays gathered while the others
+    are recomputed. Counted against the gathered bytes of a run: tests/distributed/test_fsdp_units.py."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root, blocks, projections, rests = 0, [0], [0], [0]
     for part in parts:
         in_blocks = set()
         if vocab_shard_of(part) is not None:  # split by vocabulary rows, outside FSDP2: never gathered
@@ -88,9 +102,15 @@ def _gathered_bytes(parts: list, shards: int) -> int:
         for block in part.layers.values():
             own = {id(q): q for q in block.parameters()}
             in_blocks |= own.keys()
-            blocks.append(sum(tensor_bytes(q.to_local() if isinstance(q, DTensor) else q) for q in own.values()))
-        root += sum(tensor_bytes(q.to_local() if isinstance(q, DTensor) else q)
-                    for q in {id(q): q for q in part.parameters()}.values() if id(q) not in in_blocks)
+            blocks.append(_bytes(own.values()))
+            inner = [m for m in block.modules() if m is not block and isinstance(m, FSDPModule)]
+            projections += [_bytes(m.parameters()) for m in inner]
+            in_inner = {id(q) for m in inner for q in m.parameters()}
+            rests.append(_bytes(q for i, q in own.items() if i not in in_inner))
+        root += _bytes(q for q in part.parameters() if id(q) not in in_blocks)
+    if len(projections) > 1:  # parallel.fsdp_unit=linear
+        held = sorted(projections, reverse=True)[:3 if checkpointing else 2] + sorted(rests, reverse=True)[:2]
+        return shards * (root + sum(held) + max(root, *projections, *rests))
     blocks = sorted(blocks, reverse=True)
     return shards * (root + sum(blocks[:2]) + max(root, blocks[0]))
 
@@ -138,12 +158,12 @@ def describe_plan(cfg: Config, world_size: int, device_memory: float | None = No
     has_head = busiest["head"]  # the last pipeline stage holds the logits
 
     def levers(chunk: int, ac: bool, every: int, mode: str, offload: bool,
-               act_offload: bool = p.activation_offload) -> dict[str, float]:
+               act_offload: bool = p.activation_offload, units: dict = busiest) -> dict[str, float]:
         act = activation_bytes(shapes, tokens, layers, bytes_per_elem, ac, every, mode, act_offload)
         logit = logits_bytes(shapes, t.micro_batch_size, seq, bytes_per_elem, chunk,
                              busiest["head_trains"])["peak"] if has_head else 0.0
         row = {k: (0.0 if offload else v) for k, v in state.items()}
-        return {**row, "gathered": busiest["gathered"], "activations": act, "logits": logit}
+        return {**row, "gathered": units["gathered_ac" if ac else "gathered"], "activations": act, "logits": logit}
 
     now = levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload)
     act = now["activations"]
@@ -165,7 +185,10 @@ def describe_plan(cfg: Config, world_size: int, device_memory: float | None = No
               f"({trainable // sp:,} trainable); parameters {_gb(mem_p)}, gradients {_gb(mem_g)}, "
               f"AdamW state {_gb(mem_o)}, activations ~{_gb(act)} "
               f"({'fp32' if bytes_per_elem == 4 else 'bf16'}); total ~{_gb(mem_p + mem_g + mem_o + act)}"]
-    lines += lever_table(now, levers, cfg, plan, device_memory)
+    linear = None  # parallel.fsdp_unit=linear as a lever: the same rank's layout with projection units
+    if plan.engine == "native" and dims.dp_shard > 1 and p.fsdp_unit == "block":
+        linear = _rank_layout(replace(cfg, parallel=replace(p, fsdp_unit="linear")), plan, vocab, busiest["rank"])
+    lines += lever_table(now, levers, cfg, plan, device_memory, linear)
     return "\n".join(lines + data_lines)
 
 
@@ -179,8 +202,10 @@ def model_shapes(cfg: Config, vocab: int, tp: int) -> Shapes:
                   ffn=ffn_hidden_dim(m) // tp, heads=m.n_heads // tp, vocab=vocab)
 
 
-def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float | None) -> list[str]:
-    """Per-rank bytes with each memory lever switched on alone (from the config as it is), and which fit."""
+def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float | None,
+                linear: dict | None = None) -> list[str]:
+    """Per-rank bytes with each memory lever switched on alone (from the config as it is), and which fit;
+    `linear`: the busiest rank's layout with parallel.fsdp_unit=linear, when that is a lever here."""
     t, p = cfg.train, cfg.parallel
     # parallel.vocab_parallel refuses a chunked loss (its logits are already 1 / dp_shard of the vocabulary per rank)
     chunk = 0 if p.vocab_parallel else t.loss_chunk_size or min(1024, cfg.data.seq_len)
@@ -196,8 +221,12 @@ def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float
                      levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, True)))
     rows.append(("activation_offload (saved activations on CPU)",
                  levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload, True)))
+    if linear is not None:
+        rows.append(("fsdp_unit=linear (one projection gathered)",
+                     levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload,
+                            units=linear)))
     offload = plan.engine == "native" and plan.dims.dp_shard > 1 and not p.vocab_parallel
-    rows.append(("all levers", levers(chunk, True, 1, "full", offload, True)))
+    rows.append(("all levers", levers(chunk, True, 1, "full", offload, True, **({"units": linear} if linear else {}))))
     keys = ("parameters", "gradients", "optimizer", "gathered", "activations", "logits")
     out = ["memory levers, per rank on the device (GiB): " + " / ".join(keys) + " = total"]
     for name, row in rows:
