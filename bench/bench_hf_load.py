@@ -204,6 +204,8 @@ def main() -> None:
         r = meshtune_launch(path, Path(tmp) / "run")
         half = meshtune_launch(path, Path(tmp) / "bf16", ("train.dtype=bf16", "train.frozen_dtype=bf16"), True)
         vocab = meshtune_launch(path, Path(tmp) / "vocab", ("parallel.vocab_parallel=true",))
+        linear = meshtune_launch(path, Path(tmp) / "linear",
+                                 ("parallel.vocab_parallel=true", "parallel.fsdp_unit=linear"))
     print("meshtune launch finetune/lora-hf-llama --nproc-per-node 2 (FSDP2, LoRA r=16):")
     for rank, peak in sorted(r["peak"].items()):
         load = r["loading"].get(rank, 0)
@@ -218,7 +220,7 @@ def main() -> None:
               + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     print(f"  launch -> first step done: {step:.1f} s = {step / hf_s:.2f}x transformers' load (target <= 3)")
     if r["first"]:
-        keys = {k: v for k, v in r["first"].items() if k in ("mem_gb", "step_s", "tokens_per_s")}
+        keys = {k: v for k, v in r["first"].items() if k in ("mem_gb", "step_time_s", "tokens_per_s")}
         print(f"  first step: {keys}")
     fp32_state, bf16_state = r["marks"]["state_bytes"], half["marks"]["state_bytes"]
     print(f"  model-state bytes on rank 0 (params held + fp32 grad and AdamW moments of the trainable ones): "
@@ -236,9 +238,17 @@ def main() -> None:
         print(f"  rank {rank}: peak RSS {peak / 2**30:.2f} GiB = {peak / nbytes:.2f}x the fp32 model (target <= 0.75; "
               f"without the key {r['peak'].get(rank, 0) / nbytes:.2f}x); until the model is ready {load / 2**30:.2f} "
               f"GiB = {load / nbytes:.2f}x")
-    losses = [x["first"].get("loss", float("nan")) for x in (r, vocab)]
+    losses = [x["first"].get("loss", float("nan")) for x in (r, vocab, linear)]
     print(f"  first-step loss {losses[1]:.6f} (without the key {losses[0]:.6f}); launch -> first step done "
           f"{vocab['marks']['step']:.1f} s (without {step:.1f} s)")
+    print("parallel.vocab_parallel=true parallel.fsdp_unit=linear (each projection its own FSDP2 unit: about two "
+          "projections gathered at once instead of two blocks; the same one step):")
+    for rank, peak in sorted(linear["peak"].items()):
+        print(f"  rank {rank}: peak RSS {peak / 2**30:.2f} GiB = {peak / nbytes:.2f}x the fp32 model (target <= 0.75; "
+              f"block units {vocab['peak'].get(rank, 0) / nbytes:.2f}x)")
+    step_s = [x["first"].get("step_time_s", float("nan")) for x in (vocab, linear)]
+    print(f"  first-step loss {losses[2]:.6f} (block units {losses[1]:.6f}); the step {step_s[1]:.1f} s (block units "
+          f"{step_s[0]:.1f} s); launch -> first step done {linear['marks']['step']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_linear_units_equal_block_units_bitwise(rank_pool, tmp_path, name):
     """Each parameter is sharded and reduce-scattered exactly as inside its block (the same per-element sums), so
     losses and parameters are bitwise those of block units, and within TOL of one process."""
     world = 4 if name in CASES4 else 2
-    for r in rank_pool(world).run(block_vs_linear, str(tmp_path), CASES.get(name) or CASES4[name], 3):
+    for r in rank_pool(world).run(block_vs_linear, str(tmp_path), {**CASES, **CASES4}[name], 3):
         assert r["units-linear"] == r["units-block"] + r["layers"] * 7, r  # 7 projections more units a block
         assert r["linear"] == r["block"], r
         assert r["bitwise_params"], {k: v for k, v in r.items() if k not in ("block", "linear")}
