@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from meshtune.artifacts.find import DEEPSPEED_DIR, Artifact
-from meshtune.artifacts.packed import fold_shapes, pack, packed_keys
+from meshtune.artifacts.packed import fold_shapes, is_nf4, local_tensor, pack, packed_keys
 from meshtune.artifacts.safe import dcp_load, load_safetensors, load_torch_file, read_metadata
+from meshtune.artifacts.shards import local_box, quantize_rows
 from meshtune.config import ConfigError
 
 
@@ -150,21 +151,49 @@ def check_fits(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int
 
 
 def _load_dcp(model: nn.Module, path: Path, strict: bool) -> None:
-    """DCP "model" entry of `path` into `model` (any layout: FSDP shards, TP pieces, a pipeline stage)."""
+    """DCP "model" entry of `path` into `model` (any layout: FSDP shards, TP pieces, a pipeline stage). An NF4
+    weight saved as its parts loads them in place; one saved in full precision (a plain run's checkpoint) is read
+    into a plain tensor of this rank's rows, one weight at a time, and quantized as the whole weight is."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     sd = get_model_state_dict(model)
-    saved = packed_keys(read_metadata(path).state_dict_metadata)  # NF4 weights saved as parts, as "model.X"
-    state = {"model": pack(sd, only={k.removeprefix("model.") for k in saved})}  # else a plain X quantizes in
-    dcp_load(state, path, allow_partial=not strict)
+    saved = {k.removeprefix("model.") for k in packed_keys(read_metadata(path).state_dict_metadata)}
+    plain = [k for k, v in sd.items() if is_nf4(v) and k not in saved]
+    dcp_load({"model": pack({k: v for k, v in sd.items() if k not in plain}, only=saved)}, path,
+             allow_partial=not strict)
+    for key in plain:
+        rows = _plain_like(sd[key])
+        dcp_load({"model": {key: rows}}, path, allow_partial=not strict)
+        quantize_rows(sd[key], local_tensor(rows))
+        del rows
     set_model_state_dict(model, sd, options=StateDictOptions(strict=strict))  # the NF4 parts were loaded in place
 
 
-def _load_full(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
-    """A full (unsharded) state dict into `model`, distributing it where `model` is sharded."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def _plain_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised full-precision tensor of an NF4 weight's shape and dtype, laid out as it is (DTensor)."""
+    from torch.distributed.tensor import DTensor
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+    local = torch.empty(local_tensor(t).shape, dtype=t.dtype, device=t.device)
+    if not isinstance(t, DTensor):
+        return local
+    return DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False)
+
+
+def _load_full(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
+    """A full (unsharded) state dict into `model`, distributing it where `model` is sharded; a sharded NF4 weight
+    takes its rows, quantized as the whole weight is (`quantize_rows`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    done = {}  # name -> id of the NF4 Parameter it names (a tied head names the embedding's: quantized once)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in state and is_nf4(p) and isinstance(p, DTensor):
+            if id(p) not in done.values():
+                offset, shape = local_box(p)
+                quantize_rows(p, state[name][offset[0]:offset[0] + shape[0]])
+            done[name] = id(p)
+    rest = {k: v for k, v in state.items() if k not in done}
+    set_model_state_dict(model, rest, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def build(art: Artifact, device: str | torch.device = "meta", with_recipes: bool = True) -> tuple[nn.Module, list]:

@@ -161,18 +161,6 @@ def hf_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _local_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(offset, shape) of this rank's piece of `t` in the full tensor: all of it, or a DTensor's local shard."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(t, DTensor):
-        return (0,) * t.ndim, tuple(t.shape)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return tuple(offset), tuple(shape)
-
-
 def _read_box(f, key: str, offset: tuple[int, ...], shape: tuple[int, ...], heads: int | None,
               head_rows: int, row0: int = 0) -> torch.Tensor:
     """Rows/columns `offset : offset + shape` of tensor `key` in meshtune's layout, reading only those bytes
@@ -201,6 +189,9 @@ def load_hf_into(model: torch.nn.Module, path: str | Path) -> int:
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
+    from meshtune.artifacts.packed import is_nf4
+    from meshtune.artifacts.shards import local_box, quantize_rows
+
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module  # DDP prefixes every name with `module.`
     path = Path(path)
@@ -221,14 +212,17 @@ def load_hf_into(model: torch.nn.Module, path: str | Path) -> int:
         if key is None or id(p) in done or key not in where:
             continue  # a recipe's tensor, a tied copy already filled, a derived buffer
         done.add(id(p))
-        offset, shape = _local_box(p)
+        offset, shape = local_box(p)
         heads = _rope_heads(name, cfg)
         # one open per tensor: the memory map's touched pages count in this rank's RSS until it is closed
         with safe_open(str(where[key]), framework="pt") as f:
             piece = _read_box(f, key, offset, shape, heads, p.shape[0] // heads if heads else 0,
                               rows[name].start if name in rows else 0)
-        local = p.to_local() if isinstance(p, DTensor) else p
-        local.copy_(piece.to(local.dtype))
+        if is_nf4(p):  # QLoRA's frozen base: quantized as the whole weight is, whatever rows this rank holds
+            quantize_rows(p, piece)
+        else:
+            local = p.to_local() if isinstance(p, DTensor) else p
+            local.copy_(piece.to(local.dtype))
         read += piece.numel() * piece.element_size()
         del piece
     return read

@@ -4,6 +4,7 @@ run in one process from the same seed; a DCP checkpoint of the NF4 base resumes 
 import pytest
 import torch
 
+from meshtune.artifacts.packed import is_nf4
 from tests.distributed.cases import full, layout, max_diff, reference_trainer, step_losses, tiny_config
 
 TOL = 1e-5
@@ -17,7 +18,6 @@ def full_params(model):
     crashed a gloo rank about one run in ten (heap corruption), so NF4 tensors are neither cloned nor gathered."""
     from torch.distributed.tensor import DTensor
 
-    from meshtune.recipes.qlora.recipe import is_nf4
     from meshtune.runtime.data_parallel import unwrap
 
     out = {}
@@ -133,41 +133,77 @@ def test_qlora_resume_is_bitwise_identical(rank_pool, tmp_path, tied):
         assert r["param_diff"] == 0.0
 
 
-def qlora_init_from_hf(run_dir, meta):
-    """Each rank's NF4 rows after an FSDP2 run loads an HF dir (built on meta or on the device)."""
+NF4_PARTS = ("quantized_data", "quantized_scalers", "quantization_factor")  # split by rows; the mean is whole
+
+
+def qlora_init_from_vs_reference(run_dir, source, pp=1):
+    """A QLoRA run on dp_shard=2 (x `pp` stages) loading full-precision weights from `source` (an HF dir, the same
+    on meta, a tensor file, a full fine-tuning FSDP2 run's checkpoint of them, an HF dir of a model with tied
+    embeddings), beside the one-process run loading the same: this rank's NF4 parts against the rows of the
+    one-process weight its FSDP2 shard holds."""
+    from dataclasses import replace
     from pathlib import Path
 
     import torch.distributed as dist
+    from safetensors.torch import save_file
 
     from meshtune.runtime.data_parallel import unwrap
     from meshtune.runtime.run import build_trainer
+    from tests.distributed.test_pipeline_parallel import pp_layout
     from tests.unit.test_qlora import init_from_hf
 
-    path = Path(run_dir) / ("meta" if meta else "auto")
+    path = Path(run_dir)
     if dist.get_rank() == 0:
-        init_from_hf(path)  # writes the HF dir
+        loaded = init_from_hf(path, case="llama3.2-tied" if source == "tied" else "llama-linear")[1]  # the HF dir
+        if source == "weights":
+            save_file(loaded, str(path / "weights.safetensors"))
     dist.barrier()
-    cfg, loaded = init_from_hf(path, *layout(1, 2, 2), f"model.init_device={'meta' if meta else 'auto'}")
-    trainer = build_trainer(cfg)
-    model = unwrap(trainer.model)
-    local = model.get_parameter("layers.0.attention.wq.weight").to_local()
-    losses = step_losses(trainer, 2)
-    return {"type": type(local).__name__, "rows": local.get_original_weight(), "losses": losses,
-            "loaded": loaded["layers.0.attention.wq.weight"], "rank": dist.get_rank()}
+    cfg, _ = init_from_hf(path, *(layout(1, 2, 2) if pp == 1 else pp_layout(pp, 2, 1, 1, "1F1B")), write=False)
+    if source == "checkpoint":  # step 0: the HF weights as they loaded, saved by 2 ranks
+        plain = build_trainer(replace(cfg, recipe=replace(cfg.recipe, name=""), run_dir=str(path / "plain")))
+        plain.save()
+        del plain
+    source_dir = {"weights": "weights.safetensors", "checkpoint": "plain"}.get(source, "hf")
+    cfg = replace(cfg, init_from=str(path / source_dir))
+    ref = reference_trainer(cfg)  # one process (a checkpoint: reading both ranks' pieces of each weight)
+    device = "meta" if source == "meta" else "auto"
+    trainer = build_trainer(replace(cfg, model=replace(cfg.model, init_device=device)))
+    params = dict(unwrap(trainer.model).named_parameters())  # a pipeline stage's: some of the model's
+    nf4 = {n: p for n, p in params.items() if is_nf4(p)}
+    parts_equal = {}
+    for n, p in nf4.items():
+        mine, whole = p.to_local(), ref.model.get_parameter(n)
+        shard = p.device_mesh.get_local_rank()  # FSDP2's shard index (the dp_shard mesh)
+        parts_equal[n] = torch.equal(mine.scaler_mean, whole.scaler_mean) and all(
+            torch.equal(getattr(mine, a), getattr(whole, a).chunk(2)[shard]) for a in NF4_PARTS)
+    dequantized = max_diff({n: v for n, v in full_params(trainer.model).items() if n in nf4},
+                           {n: v for n, v in full_params(ref.model).items() if n in nf4})
+    return {"parts_equal": parts_equal, "dequantized": dequantized, "losses": step_losses(trainer, 3),
+            "ref_losses": step_losses(ref, 3)}
 
 
-def test_qlora_init_from_hf_under_fsdp2_on_meta_or_device(rank_pool, tmp_path):
-    """Each rank quantizes the rows it holds as they load (its own scale mean: one int8 step of a block scale
-    from a one-process quantization at most); built on meta or on the device, the same weights and losses."""
-    from torchao.quantization import to_nf4
+@pytest.mark.parametrize("source", ["hf", "meta", "weights", "checkpoint", "tied"])
+def test_qlora_init_from_under_fsdp2_is_the_one_process_quantization(rank_pool, tmp_path, source):
+    """Each rank quantizes the rows it loads with the whole weight's block-scale statistics: its NF4 bytes are
+    the one-process quantization's rows bitwise (the projections, and the embedding and head split by vocabulary
+    rows), built on the device or on meta, from an HF dir, a tensor file or a plain checkpoint; the runs then
+    train alike."""
+    for r in rank_pool(2).run(qlora_init_from_vs_reference, str(tmp_path), source):
+        ends = 1 if source == "tied" else 2  # the tied head is the embedding's Parameter
+        assert len(r["parts_equal"]) == 14 + ends and all(r["parts_equal"].values()), r["parts_equal"]
+        assert r["dequantized"] == 0.0
+        # on meta the LoRA A matrices are drawn after sharding (other values): B = 0 makes the first step the base's
+        steps = 1 if source == "meta" else 3
+        assert max(abs(a - b) for a, b in zip(r["losses"][:steps], r["ref_losses"][:steps], strict=True)) < TOL, r
 
-    runs = {meta: rank_pool(2).run(qlora_init_from_hf, str(tmp_path), meta) for meta in (False, True)}
-    for r_auto, r_meta in zip(runs[False], runs[True], strict=True):
-        assert r_auto["type"] == r_meta["type"] == "NF4Tensor"
-        rows = r_auto["loaded"].chunk(2)[r_auto["rank"]]
-        assert torch.equal(r_auto["rows"], to_nf4(rows, 32, 4).get_original_weight())
-        assert torch.equal(r_meta["rows"], r_auto["rows"])
-        assert r_meta["losses"][0] == r_auto["losses"][0]  # B = 0: the base alone (A is drawn differently on meta)
+
+def test_qlora_init_from_under_pipeline_and_fsdp2_is_the_one_process_quantization(rank_pool, tmp_path):
+    """2 stages x dp_shard=2: each stage's ranks quantize their rows with the whole weight's statistics, gathered
+    over the stage's FSDP2 mesh."""
+    for r in rank_pool(4).run(qlora_init_from_vs_reference, str(tmp_path), "hf", pp=2):
+        assert len(r["parts_equal"]) == 8 and all(r["parts_equal"].values()), r["parts_equal"]  # a block + an end
+        assert r["dequantized"] == 0.0
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
 
 
 def qlora_pp_vs_reference(run_dir, tied):

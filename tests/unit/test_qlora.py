@@ -172,12 +172,14 @@ def test_qlora_on_a_family_with_biases(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def init_from_hf(tmp_path, *overrides: str):
-    """A QLoRA config starting from a tiny random HF Llama written to tmp_path/hf; (config, loaded weights)."""
+def init_from_hf(tmp_path, *overrides: str, write: bool = True, case: str = "llama-linear"):
+    """A QLoRA config starting from a tiny random HF Llama (`case` of tests/hf_models.py) written to tmp_path/hf
+    (unless `write` is false: one rank writes it, the others wait and read it); (config, loaded weights)."""
     from meshtune.models.hf import load_hf_state_dict
     from tests.hf_models import hf_model
 
-    hf_model("llama-linear").save_pretrained(tmp_path / "hf")
+    if write:
+        hf_model(case).save_pretrained(tmp_path / "hf")
     cfg = load_config(None, [f"init_from={tmp_path / 'hf'}", f"run_dir={tmp_path / 'run'}", "data.task=add",
                              "data.seq_len=16", "recipe.name=qlora", *SMALL_BLOCKS, "checkpoint.resume=never",
                              "metrics.progress=false", "train.global_batch_size=4", "train.micro_batch_size=4",

@@ -20,8 +20,9 @@ tensors' bytes, `meshtune.runtime.precision.tensor_bytes`).
 
 Loading. `apply` quantizes whatever the base weights hold then (the seeded init, or nothing on meta); an
 `init_from` load copies full-precision weights into the NF4 parameters, where torchao's NF4 `copy_` quantizes
-them. Under FSDP2 each rank does so for the rows it holds (its shard's own scale mean: within one int8 step of a
-block scale of the one-process quantization). FSDP2 shards the NF4 parameter by rows (torchao splits its codes
+them. Under FSDP2 each rank quantizes the rows it holds with the whole weight's block-scale mean, gathered over
+its shard group (`meshtune.artifacts.shards.quantize_rows`), so its NF4 bytes are those rows of the one-process
+quantization, bitwise. FSDP2 shards the NF4 parameter by rows (torchao splits its codes
 and scales) and all-gathers the NF4 bytes (`NF4Tensor.fsdp_pre_all_gather`: uint8 codes, int8 scales, fp32
 group factors; `fsdp_post_all_gather` rebuilds the NF4 tensor). Checkpoints hold the NF4 parts as plain tensors
 (`meshtune.artifacts.packed`), so they resume bitwise and reshard. Tensor parallelism and DDP are refused at
