@@ -23,9 +23,11 @@ Activation checkpointing. A checkpointed block's forward runs again inside backw
 (its FSDP2 pre-forward hook gathers it), but inside backward FSDP2 does not free a unit after its forward (it
 expects the backward to follow at once, which holds for a block but not for the projections of a block), so the
 whole block would end up gathered. `reshard_recomputed` frees each recomputed projection after its forward but the
-block's last (which backward needs first), and that last one starts the next one's gather for backward: a
-checkpointed projection is gathered three times per step (forward, recompute, backward) instead of its block's
-two. Forward prefetch into the next block is skipped inside backward: a recomputed block's last projection would
+block's last two: the last was gathered for backward just before the recompute began (backward needs it first),
+the one before it is the next backward needs; the last then starts the gather of the third from last, so at most
+three projections are gathered at a time (the last, the one recomputing, the next). A checkpointed projection
+is gathered three times per step (forward, recompute, backward) instead of its block's two, the last two twice.
+Forward prefetch into the next block is skipped inside backward: a recomputed block's last projection would
 otherwise gather a unit that backward has already passed, held unused until the end of backward.
 
 Selective checkpointing (parallel.ac_mode=selective_op). torch's `create_selective_checkpoint_contexts` numbers
@@ -125,15 +127,16 @@ def _prefetch(targets: list[nn.Module]) -> None:
 
 def reshard_recomputed(units: list[list[nn.Module]], prefetch: bool) -> None:
     """Free each projection again after its forward is recomputed inside backward (activation checkpointing),
-    except each block's last; that one starts, with `prefetch`, the gather of the projection backward runs next
-    (module docstring). Only for units resharded after forward (parallel.reshard_after_forward)."""
+    except each block's last two, which backward runs first; the last starts, with `prefetch`, the gather of the
+    projection backward runs third (module docstring). Only for units resharded after forward
+    (parallel.reshard_after_forward)."""
     for inner in units:
         for j, module in enumerate(inner):
-            if j < len(inner) - 1:
+            if j < len(inner) - 2:
                 module.register_forward_hook(_free_if_recomputed)
-            elif prefetch and j > 0:
+            elif prefetch and j == len(inner) - 1 and j >= 2:
                 module.register_forward_hook(
-                    lambda m, args, out, nxt=inner[j - 1]: nxt.unshard(async_op=True) if in_backward() else None)
+                    lambda m, args, out, nxt=inner[j - 2]: nxt.unshard(async_op=True) if in_backward() else None)
 
 
 def _free_if_recomputed(module: nn.Module, args, output) -> None:

@@ -1,6 +1,6 @@
 """parallel.fsdp_unit=linear in one process: the order its prefetch chain assumes, against the order a real forward and
-backward call the projections on every family with each of its features on; the plan's one-line refusals; and the
-planner's gathered term from the projection units' sizes. (On gloo ranks: tests/distributed/test_fsdp_units.py.)"""
+backward call the projections on every family with each of its features on, and the plan's one-line refusals.
+(On gloo ranks: tests/distributed/test_fsdp_units.py; the planner's term: tests/unit/test_memory_plan.py.)"""
 
 import pytest
 import torch
@@ -65,29 +65,3 @@ def test_linear_units_need_fsdp2_sharding(world, overrides):
 def test_an_unknown_unit_is_refused():
     with pytest.raises(ConfigError, match=r"parallel\.fsdp_unit"):
         load_config(None, ["data.task=sort", "parallel.fsdp_unit=layer"])
-
-
-def test_planner_gathers_projection_units():
-    """`meshtune validate`'s gathered term with linear units: the root, the two largest projections (three under
-    activation checkpointing), what two block units keep (their norms) and one all-gather output of the largest
-    unit, in place of two blocks and a block's output."""
-    from meshtune.runtime.plan_report import _rank_layout
-    from meshtune.runtime.preflight import preflight
-
-    def layout(unit: str):
-        cfg = load_config(None, ["data.task=sort", "model.dim=64", "model.ffn_dim=256", "model.n_layers=4",
-                                 "model.n_heads=4", "train.dtype=fp32", f"parallel.fsdp_unit={unit}"])
-        return _rank_layout(cfg, preflight(cfg, 2), 264, 0), build_model(cfg.model, 264, device="meta")
-
-    (block, model), (linear, _) = layout("block"), layout("linear")
-    first = model.layers["0"]
-    sizes = sorted((4 * sum(p.numel() for p in m.parameters()) for m in projections(model, first)), reverse=True)
-    rest = 4 * sum(p.numel() for n, p in first.named_parameters() if "norm" in n)
-    whole = 4 * sum(p.numel() for p in first.parameters())
-    root = 4 * model.num_params() - 4 * whole
-    assert sizes[0] == 4 * 64 * 256 and whole == sum(sizes) + rest  # the MLP projections are the largest
-    assert abs(block["gathered"] - (root + 2 * whole + max(root, whole))) <= 64, block
-    assert block["gathered_ac"] == block["gathered"]
-    for key, held in (("gathered", 2), ("gathered_ac", 3)):  # up to 64 B of shard padding
-        assert abs(linear[key] - (root + sum(sizes[:held]) + 2 * rest + max(root, sizes[0]))) <= 64, (key, linear)
-    assert linear["param_bytes"] == block["param_bytes"]  # the same shards held: only the gathering changes

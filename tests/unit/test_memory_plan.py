@@ -153,3 +153,49 @@ def test_planner_counts_the_nf4_embedding_and_head(tied):
     # the gathered root over both ranks (and the all-gather buffer of the largest unit, which may then be a block)
     assert fp32["gathered"] - nf4["gathered"] >= 2 * saved
     assert nf4["params"] == fp32["params"] and nf4["trainable"] == fp32["trainable"]
+
+
+def test_planner_gathers_projection_units():
+    """`meshtune validate`'s gathered term with linear units: the root, the two largest projections (three under
+    activation checkpointing), what two block units keep (their norms) and one all-gather output of the largest
+    unit, in place of two blocks and a block's output."""
+    from meshtune.runtime.fsdp_units import projections
+    from meshtune.runtime.plan_report import _rank_layout
+    from meshtune.runtime.preflight import preflight
+
+    def layout(unit: str):
+        cfg = load_config(None, ["data.task=sort", "model.dim=64", "model.ffn_dim=256", "model.n_layers=4",
+                                 "model.n_heads=4", "train.dtype=fp32", f"parallel.fsdp_unit={unit}"])
+        return _rank_layout(cfg, preflight(cfg, 2), 264, 0), build_model(cfg.model, 264, device="meta")
+
+    (block, model), (linear, _) = layout("block"), layout("linear")
+    first = model.layers["0"]
+    sizes = sorted((4 * sum(p.numel() for p in m.parameters()) for m in projections(model, first)), reverse=True)
+    rest = 4 * sum(p.numel() for n, p in first.named_parameters() if "norm" in n)
+    whole = 4 * sum(p.numel() for p in first.parameters())
+    root = 4 * model.num_params() - 4 * whole
+    assert sizes[0] == 4 * 64 * 256 and whole == sum(sizes) + rest  # the MLP projections are the largest
+    assert abs(block["gathered"] - (root + 2 * whole + max(root, whole))) <= 64, block
+    assert block["gathered_ac"] == block["gathered"]
+    for key, held in (("gathered", 2), ("gathered_ac", 3)):  # up to 64 B of shard padding
+        assert abs(linear[key] - (root + sum(sizes[:held]) + 2 * rest + max(root, sizes[0]))) <= 64, (key, linear)
+    assert linear["param_bytes"] == block["param_bytes"]  # the same shards held: only the gathering changes
+    # counted in a real step on gloo ranks: tests/distributed/test_fsdp_units.py
+
+
+def test_validate_offers_linear_units_as_a_lever():
+    """`meshtune validate` on block units shows what parallel.fsdp_unit=linear would gather, in the lever table
+    and in "all levers"; a layout that already has them, or no FSDP2 sharding, shows no such row."""
+    def rows(*extra, world=2):
+        cfg = load_config(None, ["data.task=sort", "model.dim=64", "model.ffn_dim=256", "model.n_layers=4",
+                                 "model.n_heads=4", *extra])
+        table = [line for line in describe_plan(cfg, world).splitlines() if line.startswith("  ") and " = " in line]
+        return {line[2:50].strip(): [float(x) for x in line[50:].split("=")[0].split("/")] for line in table}
+
+    block, linear = rows(), rows("parallel.fsdp_unit=linear")
+    gathered = 3  # parameters / gradients / optimizer / gathered / activations / logits
+    row = block["fsdp_unit=linear (one projection gathered)"]
+    assert row[gathered] == linear["as configured"][gathered] < block["as configured"][gathered]
+    assert block["all levers"][gathered] == linear["all levers"][gathered]
+    assert "fsdp_unit=linear (one projection gathered)" not in linear
+    assert "fsdp_unit=linear (one projection gathered)" not in rows("parallel.dp_replicate=2", "parallel.dp_shard=1")
