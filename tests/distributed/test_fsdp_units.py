@@ -42,6 +42,7 @@ def block_vs_linear(run_dir, overrides, steps, only=""):
         trainer = build_trainer(cfg)
         out[f"units-{unit}"] = len(fsdp_modules(trainer.model))
         out[unit] = [x.hex() for x in step_losses(trainer, steps)]
+        out[f"eval-{unit}"] = trainer.evaluate()["eval_loss"]  # forward only (no_grad): every unit's hooks too
         params[unit] = gathered_params(trainer.model, only)
     ref = reference_trainer(cfg)
     ref_losses, ref_params = step_losses(ref, steps), gathered_params(ref.model, only)
@@ -85,7 +86,7 @@ def test_linear_units_equal_block_units_bitwise(rank_pool, tmp_path, name):
     world = 4 if name in CASES4 else 2
     for r in rank_pool(world).run(block_vs_linear, str(tmp_path), {**CASES, **CASES4}[name], 3):
         assert r["units-linear"] == r["units-block"] + r["layers"] * 7, r  # 7 projections more units a block
-        assert r["linear"] == r["block"], r
+        assert r["linear"] == r["block"] and r["eval-linear"] == r["eval-block"], r
         assert r["bitwise_params"], {k: v for k, v in r.items() if k not in ("block", "linear")}
         assert r["loss_diff"] < TOL and r["param_diff"] < 1e-4, r
 
