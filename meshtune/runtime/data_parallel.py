@@ -52,7 +52,7 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True,
 
     blocks = list(model.layers.values())
     # per block, its projections' units (parallel.fsdp_unit=linear), sharded before the block takes the rest
-    inner = fsdp_units.shard_projections(model, blocks, shard, keep_last=True) if unit == "linear" else []
+    inner = fsdp_units.shard_projections(model, blocks, shard) if unit == "linear" else []
     for i, block in enumerate(blocks):
         shard(block, i < len(blocks) - 1)
     # the root (embeddings, norm, head) is needed first in backward, like the last block: keep it gathered

@@ -2,11 +2,17 @@
 
 Why. FSDP2 gathers a unit's parameters whole for its compute. With a block as the unit, a step holds one block
 gathered while the next block is prefetched (its all-gather output, then its copy-out into the unsharded
-parameters): about three blocks' bytes, 0.73 GiB for a Llama-3.2-1B in fp32. Here every projection the model
+parameters): two to three blocks, 0.5-0.7 GiB for a Llama-3.2-1B in fp32. Here every projection the model
 family's spec names (`ModuleNames.projections`: attention q/k/v/o, MLP gate/up/down; with LoRA the LoRA-wrapped
 module, so its unit holds the base weight and the adapters) is sharded on its own before its block, whose unit
 keeps the rest (norms, q/k norms, adapters outside the projections). About two projections are gathered at once.
-Gradients are the same numbers, bitwise: each parameter is sharded and reduce-scattered exactly as in its block.
+(Phi-3's fused qkv_proj and gate_up_proj are separate modules in meshtune's decoder, so separate units too.)
+
+Numbers. Each parameter is sharded and reduce-scattered exactly as in its block, so where each projection reads
+its input once (nn.Linear, LoRA's fused path) losses and parameters are bitwise those of block units. FSDP2 passes
+a unit's input through an identity autograd node (its post-backward hook), so a projection that reads its input
+twice (QLoRA; LoRA with dropout or a bias) has the input's gradient summed per projection before the projections'
+sums are added: the same terms, associated differently, equal up to float rounding.
 
     units = shard_projections(model, blocks, shard)      # fully_shard each projection; call before the blocks'
     chain_prefetch(blocks, units, recomputed=True)        # CPU: explicit prefetch in execution order
@@ -67,10 +73,10 @@ def projections(model: nn.Module, block: nn.Module) -> list[nn.Module]:
     return found
 
 
-def shard_projections(model: nn.Module, blocks: list[nn.Module], shard, keep_last: bool) -> list[list[nn.Module]]:
+def shard_projections(model: nn.Module, blocks: list[nn.Module], shard) -> list[list[nn.Module]]:
     """`shard(module, reshard_after_forward)` (fully_shard with the run's mesh and policies) on each projection of
-    each block; returns them per block in forward order. With `keep_last` the last block's last projection stays
-    gathered after forward, like the last block: backward needs it first."""
+    each block; returns them per block in forward order. The last block's last projection stays gathered after
+    forward, like the last block: backward needs it first."""
     from meshtune.quiet import quiet_fsdp_projection_views
 
     quiet_fsdp_projection_views()
@@ -78,7 +84,7 @@ def shard_projections(model: nn.Module, blocks: list[nn.Module], shard, keep_las
     for i, block in enumerate(blocks):
         inner = projections(model, block)
         for j, module in enumerate(inner):
-            shard(module, not (keep_last and i == len(blocks) - 1 and j == len(inner) - 1))
+            shard(module, not (i == len(blocks) - 1 and j == len(inner) - 1))
         units.append(inner)
     return units
 
