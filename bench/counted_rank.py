@@ -54,6 +54,7 @@ def main() -> None:
     step_peak, step_i = counted.peak_index(counted.spans("train_step"))
     record = {"load": counted.peak([(0, fit[0][0])]), "step": step_peak, "fit": counted.peak(fit),
               "at_fit_start": counted.live_at(fit[0][0]), "model_state_bytes": state,
+              "inferred_frees": counted.inferred_frees,
               "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "losses": [r["loss"] for r in trainer.history if "loss" in r]}
     top = int(os.environ.get("MESHTUNE_COUNTED_TOP", "0"))

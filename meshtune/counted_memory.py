@@ -10,10 +10,12 @@
 
 How: torch.profiler with `profile_memory=True` records every allocation (+bytes) and free (-bytes) of the CPU
 allocator, FSDP2's `untyped_storage().resize_(0)` included, each under the op that made it; sorted by time, the
-running sum is the bytes live. An allocation made before counting began is not counted, nor its free (torch logs a
-warning for it). Memory outside the allocator (mapped files, gloo's and oneDNN's own buffers, the interpreter) is
-not in it: the process's RSS has it, and the allocator's freed but retained pages. This module is the one place
-that reads the profiler's event tree (`kineto_results.experimental_event_tree`, not a stable API).
+running sum is the bytes live. An allocation made before counting began is not counted, nor its free (torch logs
+a warning for it). A free on a thread the profiler does not follow is not recorded either; it is inferred when the
+address is allocated again (a missed free can only raise the figure). Memory outside the allocator (mapped files,
+gloo's and oneDNN's own buffers, the interpreter) is not in it: the process's RSS has it, and the allocator's
+freed but retained pages. This module is the one place that reads the profiler's event tree
+(`kineto_results.experimental_event_tree`, not a stable API).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+UNRECORDED = "(a free not recorded)"
 Event = tuple[int, int, int, str]  # (start ns, signed bytes, address, the ops around it, innermost first)
 
 
@@ -31,6 +34,7 @@ class Counted:
 
     events: list[Event] = field(default_factory=list)
     annotations: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    inferred_frees: int = 0  # frees not recorded, inferred from an address allocated again
 
     def spans(self, name: str) -> list[tuple[int, int]]:
         """(start, end) ns of each `record_function(name)` block."""
@@ -76,6 +80,23 @@ class Counted:
                 for ops, (n, c) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
+def _with_unrecorded_frees(events: list[Event]) -> list[Event]:
+    """`events` with a free added wherever an address is allocated again while still live: the allocator frees a
+    block without a recorded event when the last reference drops on a thread the profiler does not follow (a
+    gloo worker thread finishing a collective), and two live blocks never share an address."""
+    live: dict[int, int] = {}
+    out: list[Event] = []
+    for t, n, ptr, ops in events:
+        if n > 0 and ptr in live:
+            out.append((t, -live[ptr], ptr, UNRECORDED))
+        if n > 0:
+            live[ptr] = n
+        else:
+            live.pop(ptr, None)
+        out.append((t, n, ptr, ops))
+    return out
+
+
 @contextlib.contextmanager
 def counting(depth: int = 4) -> Iterator[Counted]:
     """Count the CPU allocator's bytes in the block; each event keeps the names of up to `depth` enclosing ops."""
@@ -96,7 +117,8 @@ def counting(depth: int = 4) -> Iterator[Counted]:
                 up = up.parent
             counted.events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr,
                                    " < ".join(chain)))
-    counted.events.sort()
+    counted.events = _with_unrecorded_frees(sorted(counted.events))
+    counted.inferred_frees = sum(1 for e in counted.events if e[3] == UNRECORDED)
     for e in results.events():
         if e.is_user_annotation():
             counted.annotations.setdefault(e.name(), []).append((e.start_ns(), e.end_ns()))
