@@ -78,11 +78,12 @@ def nf4_linear_bytes(numel: int, elem: int) -> int:
     return (8 + 3 * elem) * numel
 
 
-def dequantize_rows_bytes(rows: int, width: int, elem: int) -> int:
-    """Bytes `dequantize_rows` holds at once for `rows` rows of `width` weights of element size `elem`: the codes
-    as int32 (2 B per weight) beside the looked-up values, then the values beside their scaled copy:
-    `max(2 + elem, 2 elem)` per weight."""
-    return max(2 + elem, 2 * elem) * rows * width
+def dequantize_rows_bytes(rows: int, width: int, elem: int, indexed: bool = False) -> int:
+    """Bytes `dequantize_rows` holds at once for `rows` rows of `width` weights of element size `elem`, at the
+    lookup of the code values: the codes as int32 (2 B per weight) and the int64 copy indexing makes of them (4 B),
+    beside the values looked up (`elem`); with `indexed` rows (an index tensor, not a slice) the rows' packed codes
+    are gathered into a copy first (0.5 B). The scaled values come after the indices are freed (2 elem, less)."""
+    return int((6 + elem + (0.5 if indexed else 0)) * rows * width)
 
 
 class NF4Module:
@@ -142,7 +143,7 @@ class NF4Embedding(NF4Module, nn.Embedding):
 
     def dequantized_bytes(self, tokens: int) -> int:
         """Bytes a lookup of `tokens` tokens allocates at once to dequantize their rows."""
-        return dequantize_rows_bytes(tokens, self.embedding_dim, local_tensor(self.weight).dtype.itemsize)
+        return dequantize_rows_bytes(tokens, self.embedding_dim, local_tensor(self.weight).dtype.itemsize, True)
 
 
 class NF4Head(NF4Module, nn.Linear):
