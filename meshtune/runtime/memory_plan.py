@@ -83,20 +83,21 @@ def step_moments(root: float, blocks: list[float], activations: float, logits: d
         root gather  the root FSDP2 unit (embeddings, norm, head) and its all-gather output, while it is copied
                      out at the start of forward (nothing else is gathered yet)
         block        the root, two blocks (one computing, the next one's all-gather output), the activations,
-                     the largest dequantization of one call (`dequantized`: QLoRA's NF4 weights) and the logits
-                     the trainer holds through backward
-        reduce       a unit's gradient reduce-scatter, after its backward (its parameters resharded, its own
-                     activations freed: `block_activations`): the root, the next block's all-gather output, the
-                     other activations, the held logits, and three times `reduced` (a unit's unsharded fp32
-                     gradients): those gradients and the reduce-scatter input they are copied into, beside the
-                     previous unit's all-to-all receive buffer, whose sum is still pending (runtime/gloo_fsdp.py)
+                     the largest dequantization of one call (`dequantized`: QLoRA's NF4 weights), the logits the
+                     trainer holds through backward, and in backward the previous unit's gradient reduce-scatter
+                     still in flight: its input and its all-to-all receive buffer (2 x `reduced`)
+        reduce       a unit's reduce-scatter, after its backward (its parameters resharded, its own activations
+                     freed: `block_activations`): the root, the next block's all-gather output, the other
+                     activations, the held logits, and 3 x `reduced`: the unit's unsharded gradients and the
+                     reduce-scatter input they are copied into, beside the previous unit's receive buffer, whose
+                     sum is still pending (runtime/gloo_fsdp.py)
         loss         the root, a block (the last one stays gathered), the activations and the loss's peak
 
-    `root`, `blocks` and `reduced` are bytes per unit, unsharded (0 without FSDP2); `logits` is `logits_bytes`'s
-    dict (zeros on a rank without the head)."""
+    `root`, `blocks` and `reduced` (a unit's unsharded fp32 gradients, the largest) are bytes per unit, unsharded
+    (0 without FSDP2); `logits` is `logits_bytes`'s dict (zeros on a rank without the head)."""
     b = sorted(blocks, reverse=True) + [0.0, 0.0]
     return {"root gather": 2.0 * root,
-            "block": root + b[0] + b[1] + activations + dequantized + logits["held"],
+            "block": root + b[0] + b[1] + activations + dequantized + logits["held"] + 2.0 * reduced,
             "reduce": root + b[0] + max(activations - block_activations, 0.0) + logits["held"] + 3.0 * reduced,
             "loss": root + b[0] + activations + logits["peak"]}
 
