@@ -15,7 +15,7 @@ rank are counted exactly by building the busiest rank's share on the meta device
 The peak is the model state plus the busiest moment of a step (`memory_plan.step_moments`: the root's gather, a
 block's compute, a unit's reduce-scatter, the loss), not the sum of every term's own largest: those never
 coexist. Checked against the bytes torch's CPU allocator holds at the step's peak (bench/counted_rank.py,
-bench/bench_lora_memory.py: a Llama-3.2-1B-shaped LoRA run in fp32, bf16, NF4 and NF4 + offload within 2%).
+bench/bench_lora_memory.py: a Llama-3.2-1B-shaped LoRA run in fp32, bf16, NF4 and NF4 + offload within 1%).
 Parameters are counted as stored (`tensor_bytes`): QLoRA's NF4 projections, embedding and head at their packed
 bytes.
 """
