@@ -156,3 +156,20 @@ def test_planner_counts_the_nf4_embedding_and_head(tied):
     # the gathered root over both ranks (and the all-gather buffer of the largest unit, which may then be a block)
     assert fp32["gathered"] - nf4["gathered"] >= 2 * saved
     assert nf4["params"] == fp32["params"] and nf4["trainable"] == fp32["trainable"]
+
+
+def test_validate_prints_the_nf4_dequantization_and_the_moments():
+    """QLoRA: the largest projection's whole-weight dequantization (`nf4_linear_bytes`, counted in
+    tests/unit/test_nf4_memory.py) is its own column, and the peak is the state plus the busiest moment."""
+    from meshtune.models.sizes import ffn_hidden_dim
+    from meshtune.recipes.qlora.nf4 import nf4_linear_bytes
+    from meshtune.runtime.plan_report import planned_memory
+
+    cfg = load_config("finetune/qlora", ["train.dtype=fp32"])
+    plan = planned_memory(cfg, 2)
+    assert plan["dequantized"] == nf4_linear_bytes(cfg.model.dim * ffn_hidden_dim(cfg.model), 4)
+    assert plan["moments"]["block"] >= plan["dequantized"]
+    assert plan["total"] == sum(plan["state"].values()) + max(plan["moments"].values())
+    text = describe_plan(cfg, 2)
+    assert "/ dequantized -> peak" in text and "moments beyond the model state, as configured" in text
+    assert planned_memory(load_config("finetune/lora", ["train.dtype=fp32"]), 2)["dequantized"] == 0
