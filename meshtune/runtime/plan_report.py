@@ -9,10 +9,15 @@ rank are counted exactly by building the busiest rank's share on the meta device
     activations and logits per micro-batch in flight from the decoder's own shapes (runtime/memory_plan.py,
     checked against counted saved tensors), with each lever on and off: chunked loss, activation checkpointing
     modes, activation offload (saved activations in CPU memory), FSDP2 CPU offload (parameters, gradients and
-    optimizer state leave the device).
+    optimizer state leave the device);
+    FSDP2's gathered units (the root, two blocks), a unit's gradient reduce-scatter buffers, and the largest
+    dequantization one call makes (QLoRA's NF4 weights: the modules' own `dequantized_bytes`).
+The peak is the model state plus the busiest moment of a step (`memory_plan.step_moments`: the root's gather, a
+block's compute, a unit's reduce-scatter, the loss), not the sum of every term's own largest: those never
+coexist. Checked against the bytes torch's CPU allocator holds at the step's peak (bench/counted_rank.py,
+bench/bench_lora_memory.py: a Llama-3.2-1B-shaped LoRA run in fp32, bf16, NF4 and NF4 + offload within 1%).
 Parameters are counted as stored (`tensor_bytes`): QLoRA's NF4 projections, embedding and head at their packed
-bytes. Not counted: the NF4 head's dequantized chunk while it runs (2^22 weights, ~40 MiB with its indices and
-products at most; recipes/qlora/nf4.py).
+bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from meshtune.data import build_tokenizer
 from meshtune.data.files import iter_records
 from meshtune.models import build_model
 from meshtune.recipes import apply_recipes, build_recipes
-from meshtune.runtime.memory_plan import Shapes, activation_bytes, logits_bytes
+from meshtune.runtime.memory_plan import Shapes, activation_bytes, block_elems_per_token, logits_bytes, step_moments
 from meshtune.runtime.mesh import AXES, ParallelMesh, fake_process_group
 from meshtune.runtime.parallelize import parallelize
 from meshtune.runtime.pipeline_parallel import stage_module
@@ -67,20 +72,26 @@ def _rank_layout(cfg: Config, plan: Plan, vocab: int, rank: int) -> dict:
         local = [(q.to_local() if isinstance(q, DTensor) else q, q.requires_grad) for q in unique]
         groups = {a: mesh.get(a).mesh.flatten().tolist() for a in AXES if mesh.get(a) is not None}
         heads = [x.output for x in parts if getattr(x, "output", None) is not None]
+        fsdp = mesh.get("fsdp") is not None
+        units = _gathered_bytes(parts, plan.dims.dp_shard) if fsdp else {"root": 0, "blocks": [0, 0]}
         return {"rank": rank, "params": sum(t.numel() for t, _ in local), "groups": groups,
                 "param_bytes": sum(tensor_bytes(t) for t, _ in local),
                 "trainable": sum(t.numel() for t, g in local if g), "layers": sum(len(x.layers) for x in parts),
                 "layer_ids": sorted(int(i) for x in parts for i in x.layers),
                 "head": bool(heads), "head_trains": any(h.weight.requires_grad for h in heads),
-                "gathered": _gathered_bytes(parts, plan.dims.dp_shard) if mesh.get("fsdp") is not None else 0}
+                "units": units, "gathered": units["root"] + max(units["root"], sum(units["blocks"])),
+                "dequantized": dequantized_bytes(parts, cfg.train.micro_batch_size * cfg.data.seq_len),
+                "reduced": _reduced_bytes(parts, plan.dims.dp_shard) if fsdp else 0}
 
 
-def _gathered_bytes(parts: list, shards: int) -> int:
-    """FSDP2's unsharded parameters at the busiest moment: the root unit (embeddings, final norm, head; kept
-    gathered all step) and two blocks (the one computing and the prefetched next), plus one all-gather buffer of
-    the largest unit while it is copied out into the unsharded parameters. With parallel.vocab_parallel the
-    embedding and head are never gathered (runtime/vocab_parallel.py): they count as held shards only."""
-    root, blocks = 0, [0]
+def _gathered_bytes(parts: list, shards: int) -> dict[str, int]:
+    """FSDP2's unsharded parameters per unit: `root` (embeddings, final norm, head: gathered at the start of forward
+    and kept all step) and `blocks`, the two largest blocks (at any moment one block computes while the next one's
+    all-gather output fills). A unit's all-gather output and its unsharded parameters coexist only while it is
+    copied out, which overlaps no other block's gathered parameters (counted: bench/counted_rank.py); the root's
+    moment is `root` twice. With parallel.vocab_parallel the embedding and head are never gathered
+    (runtime/vocab_parallel.py): they count as held shards only."""
+    root, blocks = 0, [0, 0]
     for part in parts:
         in_blocks = set()
         if vocab_shard_of(part) is not None:  # split by vocabulary rows, outside FSDP2: never gathered
@@ -92,7 +103,29 @@ def _gathered_bytes(parts: list, shards: int) -> int:
         root += sum(tensor_bytes(q.to_local() if isinstance(q, DTensor) else q)
                     for q in {id(q): q for q in part.parameters()}.values() if id(q) not in in_blocks)
     blocks = sorted(blocks, reverse=True)
-    return shards * (root + sum(blocks[:2]) + max(root, blocks[0]))
+    return {"root": shards * root, "blocks": [shards * b for b in blocks[:2]]}
+
+
+def _reduced_bytes(parts: list, shards: int) -> int:
+    """The most trainable bytes one FSDP2 unit (a block, or the root: what is in no block) reduces: its unsharded
+    fp32 gradients (gradients reduce in fp32)."""
+    def gathered(qs) -> int:
+        return sum(shards * (q.to_local() if isinstance(q, DTensor) else q).numel() for q in qs if q.requires_grad)
+    units, in_blocks = [0], set()
+    for part in parts:
+        for block in part.layers.values():
+            own = {id(q): q for q in block.parameters()}
+            in_blocks |= own.keys()
+            units.append(gathered(own.values()))
+        units.append(gathered(q for q in {id(q): q for q in part.parameters()}.values() if id(q) not in in_blocks))
+    return 4 * max(units)
+
+
+def dequantized_bytes(parts: list, tokens: int) -> int:
+    """The most any one module allocates at once to dequantize a stored weight (QLoRA's NF4 projections, head and
+    embedding: their `dequantized_bytes`) for a micro-batch of `tokens` tokens; 0 without such modules."""
+    return max((m.dequantized_bytes(tokens) for part in parts for m in part.modules()
+                if callable(getattr(m, "dequantized_bytes", None))), default=0)
 
 
 def engine_shards(plan: Plan) -> tuple[int, int, int]:
@@ -107,51 +140,72 @@ def engine_shards(plan: Plan) -> tuple[int, int, int]:
     return 1, 1, 1
 
 
-def describe_plan(cfg: Config, world_size: int, device_memory: float | None = None) -> str:
-    """A short report of the plan and per-rank memory, with each memory lever on and off (and, given
-    `device_memory` bytes, which fit); raises ConfigError for an impossible plan."""
-    t, m, p = cfg.train, cfg.model, cfg.parallel
+def planned_memory(cfg: Config, world_size: int) -> dict:
+    """Per-rank memory of the busiest rank, as configured (bytes): parameters, gradients, optimizer, gathered,
+    activations, logits, dequantized (each at its own largest), `moments` (runtime/memory_plan.step_moments),
+    `total` (the peak on the device), `host` (what cpu_offload keeps in host memory); with the plan, the rank's
+    layout, its model `state` wherever it lives, and `levers(chunk, ac, every, mode, offload, act_offload)` giving
+    the same row for other levers.
+    Raises ConfigError for an impossible plan."""
+    t, p = cfg.train, cfg.parallel
     plan = preflight(cfg, world_size)  # every check a rank would make at start-up
     vocab = vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
     dims = plan.dims
-    data_lines = []
-    for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
-        if path:
-            data_lines.append(f"{key}: {sum(1 for _ in iter_records(path, key)):,} records in {path}")
-    n = build_model(m, vocab, device="meta").num_params()
     # the exact per-rank layout, built on a fake world: the first rank of each pipeline stage group
     per_stage = world_size // dims.pp
     layouts = [_rank_layout(cfg, plan, vocab, s * per_stage) for s in range(dims.pp)]
     busiest = max(layouts, key=lambda x: x["params"])
     seq = cfg.data.seq_len
-    bytes_per_elem = 4 if t.dtype == "fp32" else 2  # auto = bf16 on the GPUs a plan is made for
+    elem = 4 if t.dtype == "fp32" else 2  # auto = bf16 on the GPUs a plan is made for
     layers = busiest["layer_ids"]
     # micro-batches whose activations a stage holds at once: all of them under GPipe, up to pp under 1F1B
     accum = plan.accum
     in_flight = 1 if dims.pp == 1 else accum if p.pp_schedule == "GPipe" else min(accum, dims.pp)
     shapes = model_shapes(cfg, vocab, dims.tp)
     tokens = t.micro_batch_size * seq * in_flight
-    params, trainable = busiest["params"], busiest["trainable"]
+    trainable = busiest["trainable"]
     sp, sg, so = engine_shards(plan)
     state = {"parameters": busiest["param_bytes"] / sp, "gradients": 4 * trainable / sg,
              "optimizer": 8 * trainable / so}
-    has_head = busiest["head"]  # the last pipeline stage holds the logits
+    units = busiest["units"]
 
     def levers(chunk: int, ac: bool, every: int, mode: str, offload: bool,
-               act_offload: bool = p.activation_offload) -> dict[str, float]:
-        act = activation_bytes(shapes, tokens, layers, bytes_per_elem, ac, every, mode, act_offload)
-        logit = logits_bytes(shapes, t.micro_batch_size, seq, bytes_per_elem, chunk,
-                             busiest["head_trains"])["peak"] if has_head else 0.0
+               act_offload: bool = p.activation_offload) -> dict:
+        act = activation_bytes(shapes, tokens, layers, elem, ac, every, mode, act_offload)
+        logit = (logits_bytes(shapes, t.micro_batch_size, seq, elem, chunk, busiest["head_trains"])
+                 if busiest["head"] else {"kept": 0.0, "peak": 0.0, "held": 0.0})  # the last stage's logits
         row = {k: (0.0 if offload else v) for k, v in state.items()}
-        return {**row, "gathered": busiest["gathered"], "activations": act, "logits": logit}
+        own = 0.0 if act_offload else block_elems_per_token(shapes, "none") * tokens * elem  # a block's own
+        moments = step_moments(units["root"], units["blocks"], act, logit, busiest["dequantized"],
+                               busiest["reduced"], min(own, act))
+        return {**row, "gathered": busiest["gathered"], "activations": act, "logits": logit["peak"],
+                "dequantized": busiest["dequantized"], "moments": moments,
+                "total": sum(row.values()) + max(moments.values()),
+                "host": sum(state.values()) if offload else 0.0}
 
     now = levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload)
-    act = now["activations"]
-    mem_p, mem_g, mem_o = state["parameters"], state["gradients"], state["optimizer"]
+    return {**now, "plan": plan, "vocab": vocab, "layout": busiest, "levers": levers, "elem": elem, "state": state}
+
+
+def describe_plan(cfg: Config, world_size: int, device_memory: float | None = None) -> str:
+    """A short report of the plan and per-rank memory, with each memory lever on and off (and, given
+    `device_memory` bytes, which fit); raises ConfigError for an impossible plan."""
+    t, p = cfg.train, cfg.parallel
+    now = planned_memory(cfg, world_size)
+    plan, busiest, sp = now["plan"], now["layout"], engine_shards(now["plan"])[0]
+    dims, seq = plan.dims, cfg.data.seq_len
+    data_lines = []
+    for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
+        if path:
+            data_lines.append(f"{key}: {sum(1 for _ in iter_records(path, key)):,} records in {path}")
+    n = build_model(cfg.model, now["vocab"], device="meta").num_params()
+    act, layers = now["activations"], busiest["layer_ids"]
+    params, trainable = busiest["params"], busiest["trainable"]
+    mem_p, mem_g, mem_o = (now["state"][k] for k in ("parameters", "gradients", "optimizer"))
     lines = [f"layout: {plan.describe()}" + (" + vocabulary-parallel embedding and head (never gathered)"
                                             if p.vocab_parallel else ""),
              f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dims.dp} x accumulation "
-             f"{accum}; {t.global_batch_size * seq:,} tokens per step"]
+             f"{plan.accum}; {t.global_batch_size * seq:,} tokens per step"]
     for axis in AXES:
         group = busiest["groups"].get(axis)
         where = f"rank {busiest['rank']}'s group {_short(group)}" if group else "-"
@@ -164,8 +218,11 @@ def describe_plan(cfg: Config, world_size: int, device_memory: float | None = No
               f"per rank (busiest: rank {busiest['rank']}, {len(layers)} layers): {held} parameters "
               f"({trainable // sp:,} trainable); parameters {_gb(mem_p)}, gradients {_gb(mem_g)}, "
               f"AdamW state {_gb(mem_o)}, activations ~{_gb(act)} "
-              f"({'fp32' if bytes_per_elem == 4 else 'bf16'}); total ~{_gb(mem_p + mem_g + mem_o + act)}"]
-    lines += lever_table(now, levers, cfg, plan, device_memory)
+              f"({'fp32' if now['elem'] == 4 else 'bf16'}); total ~{_gb(mem_p + mem_g + mem_o + act)}"]
+    lines += lever_table(now, now["levers"], cfg, plan, device_memory)
+    if p.cpu_offload:
+        lines.append(f"cpu_offload: {_gb(now['host'])} per rank of parameters, gradients and AdamW state in host "
+                     f"memory (on a CPU device the same memory: {_gb(now['total'] + now['host'])} in all)")
     return "\n".join(lines + data_lines)
 
 
@@ -198,15 +255,18 @@ def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float
                  levers(t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, p.cpu_offload, True)))
     offload = plan.engine == "native" and plan.dims.dp_shard > 1 and not p.vocab_parallel
     rows.append(("all levers", levers(chunk, True, 1, "full", offload, True)))
-    keys = ("parameters", "gradients", "optimizer", "gathered", "activations", "logits")
-    out = ["memory levers, per rank on the device (GiB): " + " / ".join(keys) + " = total"]
+    keys = ("parameters", "gradients", "optimizer", "gathered", "activations", "logits", "dequantized")
+    out = ["memory levers, per rank on the device (GiB): " + " / ".join(keys) + " -> peak",
+           "  (each at its own largest; peak = parameters + gradients + optimizer + the busiest moment of the step)"]
     for name, row in rows:
-        total = sum(row[k] for k in keys)
+        total = row["total"]
         fits = "" if device_memory is None else ("  fits" if total <= device_memory else "  does not fit")
-        out.append(f"  {name:<48} " + " / ".join(f"{row[k] / 2**30:.3f}" for k in keys) + f" = {total / 2**30:.3f}"
+        out.append(f"  {name:<48} " + " / ".join(f"{row[k] / 2**30:.3f}" for k in keys) + f" -> {total / 2**30:.3f}"
                    + fits)
+    out.append("moments beyond the model state, as configured (GiB): " + ", ".join(
+        f"{k} {v / 2**30:.3f}" for k, v in now["moments"].items()))
     if device_memory is not None:
-        fit = [name for name, row in rows if sum(row[k] for k in keys) <= device_memory]
+        fit = [name for name, row in rows if row["total"] <= device_memory]
         out.append(f"device memory {_gb(device_memory)}: " + (
             f"fits with: {', '.join(fit)}" if fit else "no lever alone fits; add ranks (dp_shard, tp or pp)"))
     return out
