@@ -66,12 +66,43 @@ def logits_bytes(s: Shapes, batch: int, seq: int, elem: int, chunk: int = 0,
     'kept': the fp32 log-probabilities kept for backward at once. 'peak': the most the loss holds, in backward:
     kept + their gradient (fp32) + the logits' gradient (element size) + the head weight's gradient before it is
     accumulated (when the head trains), + the logits themselves when unchunked (the trainer holds them for the
-    recipes; a chunk's are freed once its log-probabilities exist)."""
+    recipes; a chunk's are freed once its log-probabilities exist). 'held': those unchunked logits, which stay
+    live through the blocks' backward."""
     positions = min(chunk, seq) if chunk else seq
     n = batch * positions * s.vocab
     kept = 4.0 * n
     head_grad = 4.0 * s.vocab * s.dim if head_trains else 0.0
-    return {"kept": kept, "peak": kept + 4.0 * n + elem * n + (0 if chunk else elem * n) + head_grad}
+    held = 0.0 if chunk else elem * n
+    return {"kept": kept, "peak": kept + 4.0 * n + elem * n + held + head_grad, "held": held}
+
+
+def step_moments(root: float, blocks: list[float], activations: float, logits: dict[str, float],
+                 dequantized: float = 0.0, reduced: float = 0.0, block_activations: float = 0.0) -> dict[str, float]:
+    """Bytes beyond the model state at a step's busiest moments; the step's peak is the largest.
+
+        root gather  the root FSDP2 unit (embeddings, norm, head) and its all-gather output, while it is copied
+                     out at the start of forward (nothing else is gathered yet)
+        block        the root, `blocks`: what is gathered at once around a block's compute (two blocks: one
+                     computing, the next one's all-gather output; parallel.fsdp_unit=linear: two projections,
+                     three while a checkpointed block is recomputed, with their blocks' norms), the activations,
+                     the largest dequantization of one call (`dequantized`: QLoRA's NF4 weights), the logits the
+                     trainer holds through backward, and in backward the previous unit's gradient reduce-scatter
+                     still in flight: its input and its all-to-all receive buffer (2 x `reduced`)
+        reduce       a unit's reduce-scatter, after its backward (its parameters resharded, its own activations
+                     freed: `block_activations`): the root, the next block's all-gather output, the other
+                     activations, the held logits, and 3 x `reduced`: the unit's unsharded gradients and the
+                     reduce-scatter input they are copied into, beside the previous unit's receive buffer, whose
+                     sum is still pending (runtime/gloo_fsdp.py)
+        loss         the root, a block (the last one stays gathered), the activations and the loss's peak
+
+    `root`, `blocks` (the largest unit first where a moment holds one) and `reduced` (a unit's unsharded fp32
+    gradients, the largest) are bytes per unit, unsharded (0 without FSDP2); `logits` is `logits_bytes`'s dict
+    (zeros on a rank without the head)."""
+    b = sorted(blocks, reverse=True) + [0.0, 0.0]
+    return {"root gather": 2.0 * root,
+            "block": root + sum(b) + activations + dequantized + logits["held"] + 2.0 * reduced,
+            "reduce": root + b[0] + max(activations - block_activations, 0.0) + logits["held"] + 3.0 * reduced,
+            "loss": root + b[0] + activations + logits["peak"]}
 
 
 def parse_bytes(text: str) -> float:

@@ -198,23 +198,23 @@ def planned_gathered(run_dir, overrides, checkpointing: bool) -> int:
     from meshtune.runtime.preflight import preflight, vocab_size
 
     cfg = tiny_config(run_dir, *FSDP, *overrides)
-    layout = _rank_layout(cfg, preflight(cfg, 2), vocab_size(cfg, build_tokenizer(cfg.data.tokenizer)), 0)
-    return layout["gathered_ac" if checkpointing else "gathered"]
+    units = _rank_layout(cfg, preflight(cfg, 2), vocab_size(cfg, build_tokenizer(cfg.data.tokenizer)), 0)["units"]
+    return units["root"] + max(units["root"], sum(units["blocks_ac" if checkpointing else "blocks"]))
 
 
 @pytest.mark.parametrize("recipe", ["full", "lora"])
 @pytest.mark.parametrize("ac", [False, True], ids=["no-ac", "ac"])
 def test_gathered_bytes_per_unit_kind_and_the_planner(rank_pool, tmp_path, recipe, ac):
     """Counted in a real step: linear units hold about two projections (three under checkpointing: a block's last
-    stays while the rest are recomputed) instead of two blocks; the planner's term covers the count, over by
-    one all-gather output at most (FSDP2 on a GPU keeps the previous one during the next copy-out; CPU frees it)."""
+    stays while the rest are recomputed) instead of two blocks; the planner's term is the count, within a block
+    unit's norms (it counts two blocks' for linear units: the next block's are gathered beside the last projection)."""
     overrides = [*GATHER, *(AC if ac else []), *(LORA if recipe == "lora" else [])]
     counted, planned = {}, {}
     for unit in ("block", "linear"):
         layout = [*overrides, f"parallel.fsdp_unit={unit}"]
         counted[unit] = max(r["peak"] for r in rank_pool(2).run(metered_step, str(tmp_path / unit), layout))
         planned[unit] = planned_gathered(str(tmp_path / unit), layout, ac)
-        assert counted[unit] <= planned[unit] <= 1.55 * counted[unit], (unit, counted, planned)
+        assert counted[unit] <= planned[unit] <= 1.01 * counted[unit], (unit, counted, planned)
     # wq..w2 at dim 64 / ffn 256 (kv 32): the three MLP projections are 4/5 of a block
     assert counted["linear"] < counted["block"] * (0.42 if ac else 0.28), counted
 

@@ -65,3 +65,21 @@ def test_linear_units_need_fsdp2_sharding(world, overrides):
 def test_an_unknown_unit_is_refused():
     with pytest.raises(ConfigError, match=r"parallel\.fsdp_unit"):
         load_config(None, ["data.task=sort", "parallel.fsdp_unit=layer"])
+
+
+def test_only_the_lora_projection_view_warning_is_dropped():
+    """LoRA's fused forward returns a view, so FSDP2 warns for every LoRA projection unit (meshtune.quiet); the same
+    warning for any other module, and other warnings from FSDP2, still print."""
+    import warnings
+
+    from meshtune.quiet import quiet_fsdp_projection_views
+
+    module = "torch.distributed.fsdp._fully_shard._fsdp_state"
+    view = "FSDP2-wrapped module ({}) returned a view tensor. An in-place op on this view ..."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_fsdp_projection_views()
+        for text in (view.format("FSDPLoRALinear"), view.format("FSDPQLoRALinear"), view.format("FSDPMyBlock"),
+                     "something else"):
+            warnings.warn_explicit(text, UserWarning, "_fsdp_state.py", 331, module=module)
+    assert [str(w.message) for w in caught] == [view.format("FSDPMyBlock"), "something else"]

@@ -90,8 +90,7 @@ def test_validate_prints_each_lever_and_what_fits():
     cfg = load_config(None, ["data.task=sort", "model.vocab_size=131072", "data.seq_len=2048",
                              "model.max_seq_len=2048", "train.micro_batch_size=1", "train.global_batch_size=2"])
     text = describe_plan(cfg, 2, device_memory=2 * 2**30)
-    rows = {line.split("  ")[1].strip(): line for line in text.splitlines() if line.startswith("  ") and "=" in line
-            and "/" in line}
+    rows = {line.split("  ")[1].strip(): line for line in text.splitlines() if line.startswith("  ") and "->" in line}
     assert "as configured" in rows and "ac_mode=selective_op" in rows and "all levers" in rows
     assert "does not fit" in rows["as configured"]  # 131072 x 2048 logits: 3 GiB at the loss's peak
     assert rows["train.loss_chunk_size=1024"].endswith(" fits")
@@ -99,8 +98,9 @@ def test_validate_prints_each_lever_and_what_fits():
 
 
 def test_planner_counts_stored_bytes_gathered_units_and_a_frozen_head():
-    """Parameters as the run stores them (train.frozen_dtype), FSDP2's unsharded units (the root and two blocks,
-    plus the all-gather buffer of the largest), and no head gradient when the head is frozen (LoRA)."""
+    """Parameters as the run stores them (train.frozen_dtype), FSDP2's unsharded units (the root, and the most
+    gathered at once: the root twice while it is copied out, or the root and two blocks), and no head gradient
+    when the head is frozen (LoRA)."""
     from meshtune.data import build_tokenizer
     from meshtune.runtime.plan_report import _rank_layout
     from meshtune.runtime.preflight import preflight, vocab_size
@@ -118,7 +118,10 @@ def test_planner_counts_stored_bytes_gathered_units_and_a_frozen_head():
     assert abs((half["param_bytes"] - lora_bytes) * 2 - (fsdp["param_bytes"] - lora_bytes)) <= 64  # shard padding
     block = 4 * sum(p.numel() for p in model.layers["0"].parameters())
     root = 4 * (model.num_params() - 4 * sum(p.numel() for p in model.layers["0"].parameters()))
-    assert abs(fsdp["gathered"] - lora_bytes - (root + 2 * block + max(root, block))) / fsdp["gathered"] < 0.05
+    lora_block = 2 * lora_bytes / 4  # a block's adapters, gathered from both ranks
+    units = fsdp["units"]
+    assert abs(units["root"] - root) <= 64 and all(abs(b - block - lora_block) <= 64 for b in units["blocks"])
+    assert fsdp["gathered"] == units["root"] + max(units["root"], sum(units["blocks"]))
     assert ddp["gathered"] == 0 and not fsdp["head_trains"]
     s = model_shapes(load_config(None, ["data.task=sort", "model.dim=64"]), vocab, 1)
     frozen, trained = (logits_bytes(s, 1, 64, 4, 0, h)["peak"] for h in (False, True))
@@ -155,10 +158,28 @@ def test_planner_counts_the_nf4_embedding_and_head(tied):
     assert nf4["params"] == fp32["params"] and nf4["trainable"] == fp32["trainable"]
 
 
+def test_validate_prints_the_nf4_dequantization_and_the_moments():
+    """QLoRA: the largest projection's whole-weight dequantization (`nf4_linear_bytes`, counted in
+    tests/unit/test_nf4_memory.py) is its own column, and the peak is the state plus the busiest moment."""
+    from meshtune.models.sizes import ffn_hidden_dim
+    from meshtune.recipes.qlora.nf4 import nf4_linear_bytes
+    from meshtune.runtime.plan_report import planned_memory
+
+    cfg = load_config("finetune/qlora", ["train.dtype=fp32"])
+    plan = planned_memory(cfg, 2)
+    assert plan["dequantized"] == nf4_linear_bytes(cfg.model.dim * ffn_hidden_dim(cfg.model), 4)
+    assert plan["moments"]["block"] >= plan["dequantized"]
+    assert plan["total"] == sum(plan["state"].values()) + max(plan["moments"].values())
+    text = describe_plan(cfg, 2)
+    assert "/ dequantized -> peak" in text and "moments beyond the model state, as configured" in text
+    assert planned_memory(load_config("finetune/lora", ["train.dtype=fp32"]), 2)["dequantized"] == 0
+
+
 def test_planner_gathers_projection_units():
-    """`meshtune validate`'s gathered term with linear units: the root, the two largest projections (three under
-    activation checkpointing), what two block units keep (their norms) and one all-gather output of the largest
-    unit, in place of two blocks and a block's output."""
+    """`meshtune validate`'s FSDP2 units with parallel.fsdp_unit=linear: the two largest projections (three under
+    activation checkpointing: a block's last stays gathered while the rest are recomputed), each with what a block
+    unit keeps (its norms), in place of two blocks; a unit's reduce-scatter is a projection's. (Counted in real
+    steps on gloo ranks: tests/distributed/test_fsdp_units.py.)"""
     from meshtune.runtime.fsdp_units import projections
     from meshtune.runtime.plan_report import _rank_layout
     from meshtune.runtime.preflight import preflight
@@ -173,29 +194,32 @@ def test_planner_gathers_projection_units():
     sizes = sorted((4 * sum(p.numel() for p in m.parameters()) for m in projections(model, first)), reverse=True)
     rest = 4 * sum(p.numel() for n, p in first.named_parameters() if "norm" in n)
     whole = 4 * sum(p.numel() for p in first.parameters())
-    root = 4 * model.num_params() - 4 * whole
     assert sizes[0] == 4 * 64 * 256 and whole == sum(sizes) + rest  # the MLP projections are the largest
-    assert abs(block["gathered"] - (root + 2 * whole + max(root, whole))) <= 64, block
-    assert block["gathered_ac"] == block["gathered"]
-    for key, held in (("gathered", 2), ("gathered_ac", 3)):  # up to 64 B of shard padding
-        assert abs(linear[key] - (root + sum(sizes[:held]) + 2 * rest + max(root, sizes[0]))) <= 64, (key, linear)
-    assert linear["param_bytes"] == block["param_bytes"]  # the same shards held: only the gathering changes
-    # counted in a real step on gloo ranks: tests/distributed/test_fsdp_units.py
+
+    def near(got: list, want: list) -> bool:  # up to 64 B of shard padding a unit
+        return len(got) == len(want) and all(abs(g - w) <= 64 for g, w in zip(got, want, strict=True))
+    assert near(block["units"]["blocks"], [whole, whole]) and block["units"]["blocks_ac"] == block["units"]["blocks"]
+    assert near(linear["units"]["blocks"], [sizes[0] + rest, sizes[1] + rest])
+    assert near(linear["units"]["blocks_ac"], [sizes[0] + rest, sizes[1] + rest, sizes[2]])
+    assert linear["units"]["root"] == block["units"]["root"] and linear["param_bytes"] == block["param_bytes"]
+    root = 4 * model.num_params() - 4 * whole  # the embedding, head and final norm: here larger than a projection
+    assert abs(block["reduced"] - whole) <= 64 and abs(linear["reduced"] - max(root, sizes[0])) <= 64  # full FT
 
 
 def test_validate_offers_linear_units_as_a_lever():
     """`meshtune validate` on block units shows what parallel.fsdp_unit=linear would gather, in the lever table
     and in "all levers"; a layout that already has them, or no FSDP2 sharding, shows no such row."""
-    def rows(*extra, world=2):
+    name = "fsdp_unit=linear (one projection gathered)"
+
+    def rows(*extra):
         cfg = load_config(None, ["data.task=sort", "model.dim=64", "model.ffn_dim=256", "model.n_layers=4",
                                  "model.n_heads=4", *extra])
-        table = [line for line in describe_plan(cfg, world).splitlines() if line.startswith("  ") and " = " in line]
-        return {line[2:50].strip(): [float(x) for x in line[50:].split("=")[0].split("/")] for line in table}
+        table = [line for line in describe_plan(cfg, 2).splitlines() if line.startswith("  ") and " -> " in line]
+        return {line[2:50].strip(): [float(x) for x in line[50:].replace("->", "/").split("/")] for line in table}
 
     block, linear = rows(), rows("parallel.fsdp_unit=linear")
-    gathered = 3  # parameters / gradients / optimizer / gathered / activations / logits
-    row = block["fsdp_unit=linear (one projection gathered)"]
-    assert row[gathered] == linear["as configured"][gathered] < block["as configured"][gathered]
-    assert block["all levers"][gathered] == linear["all levers"][gathered]
-    assert "fsdp_unit=linear (one projection gathered)" not in linear
-    assert "fsdp_unit=linear (one projection gathered)" not in rows("parallel.dp_replicate=2", "parallel.dp_shard=1")
+    gathered, peak = 3, -1  # parameters / gradients / optimizer / gathered / activations / logits / dequantized -> peak
+    assert block[name][gathered] == linear["as configured"][gathered] < block["as configured"][gathered]
+    assert block[name][peak] == linear["as configured"][peak] < block["as configured"][peak]
+    assert block["all levers"] == linear["all levers"]
+    assert name not in linear and name not in rows("parallel.dp_replicate=2", "parallel.dp_shard=1")

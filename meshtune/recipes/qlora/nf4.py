@@ -69,6 +69,23 @@ def dequantize_rows(w: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor
     return values.view(*codes.shape[:-1], width)
 
 
+def nf4_linear_bytes(numel: int, elem: int) -> int:
+    """Bytes torchao's `get_original_weight` holds at once for a `numel`-weight NF4 tensor of element size `elem`
+    (the peak of `linear_nf4`, both ways): the two nibbles' code indices as int64 (numel / 2 each), the values
+    looked up from them and the same scaled (numel x elem each, both halves), and the stacked result (numel x
+    elem), `(8 + 3 elem) numel` (tests/unit/test_nf4_memory.py counts it). A cast to another compute dtype comes
+    after these are freed, and is smaller."""
+    return (8 + 3 * elem) * numel
+
+
+def dequantize_rows_bytes(rows: int, width: int, elem: int, indexed: bool = False) -> int:
+    """Bytes `dequantize_rows` holds at once for `rows` rows of `width` weights of element size `elem`, at the
+    lookup of the code values: the codes as int32 (2 B per weight) and the int64 copy indexing makes of them (4 B),
+    beside the values looked up (`elem`); with `indexed` rows (an index tensor, not a slice) the rows' packed codes
+    are gathered into a copy first (0.5 B). The scaled values come after the indices are freed (2 elem, less)."""
+    return int((6 + elem + (0.5 if indexed else 0)) * rows * width)
+
+
 class NF4Module:
     """Mixin for modules holding NF4Tensor parameters: `_apply` (to_empty, to) leaves them usable, and a deep copy
     (pipeline stages are cut from copies) copies their parts instead of re-quantizing."""
@@ -124,6 +141,10 @@ class NF4Embedding(NF4Module, nn.Embedding):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return dequantize_rows(self.weight, tokens)  # (B, T, dim) in the weight's dtype
 
+    def dequantized_bytes(self, tokens: int) -> int:
+        """Bytes a lookup of `tokens` tokens allocates at once to dequantize their rows."""
+        return dequantize_rows_bytes(tokens, self.embedding_dim, local_tensor(self.weight).dtype.itemsize, True)
+
 
 class NF4Head(NF4Module, nn.Linear):
     """A frozen bias-free `nn.Linear` (the output head) whose weight is an NF4Tensor, applied `rows_per_chunk`
@@ -131,9 +152,16 @@ class NF4Head(NF4Module, nn.Linear):
 
     rows_per_chunk: int = 0  # 0: HEAD_CHUNK_WEIGHTS // in_features
 
+    def chunk_rows(self) -> int:
+        return self.rows_per_chunk or max(1, HEAD_CHUNK_WEIGHTS // self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.rows_per_chunk or max(1, HEAD_CHUNK_WEIGHTS // self.in_features)
-        return _ChunkedNF4Linear.apply(x, self.weight, rows)
+        return _ChunkedNF4Linear.apply(x, self.weight, self.chunk_rows())
+
+    def dequantized_bytes(self, tokens: int) -> int:
+        """Bytes one chunk's dequantization allocates at once (forward or backward), beside the logits."""
+        rows = min(self.chunk_rows(), self.out_features)
+        return dequantize_rows_bytes(rows, self.in_features, local_tensor(self.weight).dtype.itemsize)
 
 
 class _ChunkedNF4Linear(torch.autograd.Function):

@@ -41,7 +41,7 @@ from torch import nn
 from meshtune.artifacts.packed import is_nf4, local_tensor
 from meshtune.config import ConfigError
 from meshtune.recipes.lora.recipe import LoRALinear, LoRARecipe, lora_modules
-from meshtune.recipes.qlora.nf4 import NF4Module, nf4_api, quantize_frozen_ends, quantize_weight
+from meshtune.recipes.qlora.nf4 import NF4Module, nf4_api, nf4_linear_bytes, quantize_frozen_ends, quantize_weight
 
 
 class QLoRALinear(NF4Module, LoRALinear):
@@ -55,6 +55,15 @@ class QLoRALinear(NF4Module, LoRALinear):
         quantize_weight(module, block_size, scaler_block_size)  # a bias (Qwen2's q/k/v) stays as it is
         module.__class__ = cls
         return module
+
+    def dequantized_bytes(self, tokens: int) -> int:
+        """Bytes one call of `linear_nf4` (forward, or backward's x gradient) allocates at once to dequantize the
+        whole weight (the gathered one under FSDP2): torchao's `get_original_weight` holds both nibbles' code
+        indices as int64 (8 B per weight in all), their looked-up values, the scaled values and the stacked
+        result in the weight's dtype (3 x its element size per weight); `tokens` does not matter."""
+        if self.merged or not is_nf4(self.weight):
+            return 0
+        return nf4_linear_bytes(self.weight.numel(), local_tensor(self.weight).dtype.itemsize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # a plain full-precision weight with B A inside
