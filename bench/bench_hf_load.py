@@ -52,6 +52,18 @@ peak 1.20x / 1.17x without vocab_parallel, 0.89x / 0.87x with it. Tried for the 
 the CPU prefetch off and every block resharded after forward: 0.93x with the key (worse); glibc returning large
 frees to the OS (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=1048576 in the environment): 0.81x with the key,
 1.09x without (allocator retention is ~0.07x of the peak); both together: 0.85x. Not adopted yet.
+2026-12-07, parallel.fsdp_unit=linear beside parallel.vocab_parallel=true (runtime/fsdp_units.py: each projection
+its own FSDP2 unit; about two projections gathered at once, three while a checkpointed block is recomputed, instead
+of two blocks), 2 cores shared with other jobs, before the CPU ranks' mallopt: in two runs of this script, peak
+over the first step 0.76x / 0.72x and 0.70x / 0.76x per rank, against 0.89x / 0.87x and 0.89x / 0.89x with block
+units in the same runs; in three more single-step launches 0.70x-0.72x against 0.88x-0.89x. First-step loss equal
+(11.749284). The step is slower: 4-step launches in alternation, median step 12.3 s against 10.8 s and 18.6 s
+against 16.0 s (+14%, +17%; a checkpointed projection is gathered three times a step, a block twice, and each
+gather overlaps one projection's compute); this script's single steps ranged 14-20 s against 11.5 s (the shared
+machine). Over 4 steps the peak is 0.74x-0.76x (block units 0.88x-0.89x). With glibc returning large frees
+(MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=1048576, standing in for the mallopt fix): 0.67x / 0.67x against
+0.80x / 0.80x. `meshtune validate` for this run: gathered 0.458 -> 0.189 GiB, planned peak 2.90 -> 2.63 GiB per
+rank (allocator bytes; RSS falls more, 0.6-0.8 GiB, not broken down).
 """
 
 from __future__ import annotations
