@@ -47,4 +47,4 @@ def run(args) -> int:
     cfg, overrides, config_path = load(args)
     nodes = node_spec(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.max_restarts)
     launcher = TorchrunLauncher(args.nproc_per_node, nodes, args.grace_period)
-    return launcher.launch(config_path, overrides, plans_for(cfg, launcher, args.dry_run), args.dry_run)
+    return launcher.launch(config_path, overrides, lambda: plans_for(cfg, launcher, args.dry_run), args.dry_run)

@@ -69,4 +69,4 @@ def _submit(args) -> int:
                     signal_before_s=args.signal_before)
     launcher = SlurmLauncher(job, cfg.run_dir)
     # the layout now, not after hours in the queue; a dry run checks it without torch
-    return launcher.launch(config_path, overrides, plans_for(cfg, launcher, args.dry_run), args.dry_run)
+    return launcher.launch(config_path, overrides, lambda: plans_for(cfg, launcher, args.dry_run), args.dry_run)

@@ -356,8 +356,9 @@ class SlurmLauncher:
     def world_sizes(self) -> list[int]:
         return [self.job.nodes * self.job.nproc_per_node]
 
-    def launch(self, config: str, overrides: list[str], plans: list, dry_run: bool = False) -> int:
+    def launch(self, config: str, overrides: list[str], checks, dry_run: bool = False) -> int:
         """Write the script (and print its path when `dry_run`), else submit it and print the job id."""
+        plans = checks()  # the layout now, not after hours in the queue
         text = render_sbatch(config, overrides, self.run_dir, self.job)
         if not dry_run and shutil.which("sbatch") is None:
             _tool("sbatch")  # raises the one-line "SLURM is not installed" error before anything is written

@@ -217,7 +217,7 @@ def dry_run_text(config: str, overrides: list[str], nproc_per_node: int, spec: N
 
 
 def launch(config: str, overrides: list[str], nproc_per_node: int, dry_run: bool = False, *,
-           nodes: NodeSpec | None = None, grace_s: int | None = None) -> int:
+           nodes: NodeSpec | None = None, grace_s: int | None = None, checks=None) -> int:
     """Run torchrun on this node (or print each node's command when `dry_run`); returns its exit code.
 
     Args:
@@ -230,13 +230,17 @@ def launch(config: str, overrides: list[str], nproc_per_node: int, dry_run: bool
             no restarts.
         grace_s: seconds torchrun gives the workers to checkpoint and stop after a signal before it
             SIGKILLs them (None: torchrun's default, 30).
+        checks: the launcher's start-up checks (raise for a bad input), run while torchrun starts, before
+            it may start a rank (run_torchrun); None: none.
     """
     spec = nodes if nodes is not None else NodeSpec()
     if dry_run:
+        if checks is not None:
+            checks()
         print(dry_run_text(config, overrides, nproc_per_node, spec))
         return 0
     return run_torchrun(torchrun_argv(config, overrides, nproc_per_node, nodes=spec),
-                        worker_env(dict(os.environ), nproc_per_node, grace_s))
+                        worker_env(dict(os.environ), nproc_per_node, grace_s), checks)
 
 
 def _die_with_parent() -> None:
@@ -250,16 +254,45 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_torchrun(argv: list[str], env: dict[str, str]) -> int:
+def _held(argv: list[str], fd: int) -> list[str]:
+    """`argv` (`python -m torch.distributed.run ARGS`) as meshtune.launch.gate, which waits for a go on `fd`."""
+    assert argv[1:3] == ["-m", "torch.distributed.run"], argv
+    return [argv[0], "-m", "meshtune.launch.gate", str(fd), *argv[3:]]
+
+
+def run_torchrun(argv: list[str], env: dict[str, str], checks=None) -> int:
     """Run torchrun, forwarding its output with the agent's failure banner condensed to one line.
+
+    With `checks`, torchrun starts held (meshtune.launch.gate: its interpreter and torch import, ~1 s, overlap
+    the checks) and is let go only once they return; when they raise, it ends without starting a rank and the
+    exception propagates.
 
     torchrun runs in a session of its own, so a signal meant for the job (SIGTERM, Ctrl-C's SIGINT on the
     terminal's process group, SIGUSR1) reaches it exactly once: from this process, which passes the first
     one on and waits for the ranks to checkpoint and stop. Returns exit_codes.STOPPED when they did, the
     first failed rank's own exit code when one failed (torchrun says 1 whatever its workers did), else
     torchrun's."""
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+    read_fd = write_fd = None
+    if checks is not None:
+        read_fd, write_fd = os.pipe()
+        argv = _held(argv, read_fd)
+    try:
+        proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, start_new_session=True,
+                                preexec_fn=_die_with_parent, pass_fds=(read_fd,) if checks is not None else ())
+    finally:
+        if read_fd is not None:
+            os.close(read_fd)
+    if checks is not None:
+        try:
+            checks()
+        except BaseException:
+            os.close(write_fd)  # the gate reads end of file: it exits 0, no rank started
+            proc.communicate()
+            raise
+        from meshtune.launch.gate import GO
+
+        os.write(write_fd, GO)
+        os.close(write_fd)
     summary = FailureSummary()
     received: list[int] = []
 
@@ -317,8 +350,9 @@ class TorchrunLauncher:
     def world_sizes(self) -> list[int]:
         return [n * self.nproc_per_node for n in sorted({self.nodes.min_nodes, self.nodes.max_nodes})]
 
-    def launch(self, config: str, overrides: list[str], plans: list, dry_run: bool = False) -> int:
-        return launch(config, overrides, self.nproc_per_node, dry_run, nodes=self.nodes, grace_s=self.grace_s)
+    def launch(self, config: str, overrides: list[str], checks, dry_run: bool = False) -> int:
+        return launch(config, overrides, self.nproc_per_node, dry_run, nodes=self.nodes, grace_s=self.grace_s,
+                      checks=checks)
 
 
 # torchrun's elastic agent logs (glog-style `E1202 08:00:00.123 1234 torch/distributed/...`) and its

@@ -192,7 +192,9 @@ def run_in_process(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
     from meshtune.cli import main
     from meshtune.launch import torchrun
 
-    def tripwire(argv, env):
+    def tripwire(argv, env, checks=None):
+        if checks is not None:
+            checks()  # held torchrun: the checks run before any rank may start
         raise AssertionError("torchrun started: the parent accepted a bad input")
 
     monkeypatch.setattr(torchrun, "run_torchrun", tripwire)

@@ -118,7 +118,7 @@ def test_worker_env_forwards_usr1_and_sets_the_grace_period():
 def test_launch_runs_torchrun_with_the_worker_env(monkeypatch):
     seen = {}
 
-    def fake_call(argv, env):
+    def fake_call(argv, env, checks=None):
         seen.update(argv=argv, env=env)
         return 5
 
@@ -133,7 +133,7 @@ def test_launch_runs_torchrun_with_the_worker_env(monkeypatch):
 @pytest.mark.parametrize("kwargs", [dict(), dict(nnodes="2", rdzv_endpoint="node0:29400")])
 def test_launch_takes_max_restarts_from_the_node_spec_only(monkeypatch, kwargs):
     seen = {}
-    monkeypatch.setattr(T, "run_torchrun", lambda argv, env: seen.update(argv=argv) or 0)
+    monkeypatch.setattr(T, "run_torchrun", lambda argv, env, checks=None: seen.update(argv=argv) or 0)
     spec = T.node_spec(max_restarts=3, **kwargs)
     assert T.launch(CONFIG, [], 2, nodes=spec) == 0
     assert flags(seen["argv"])["max-restarts"] == "3"
@@ -147,7 +147,7 @@ def test_launch_takes_max_restarts_from_the_node_spec_only(monkeypatch, kwargs):
 
 def test_launch_without_a_spec_is_standalone_without_restarts(monkeypatch):
     seen = {}
-    monkeypatch.setattr(T, "run_torchrun", lambda argv, env: seen.update(argv=argv) or 0)
+    monkeypatch.setattr(T, "run_torchrun", lambda argv, env, checks=None: seen.update(argv=argv) or 0)
     assert T.launch(CONFIG, [], 2) == 0
     assert flags(seen["argv"]) == {"standalone": "", "nproc-per-node": "2", "max-restarts": "0"}
 
@@ -207,3 +207,36 @@ def test_dry_run_keeps_a_user_store_setting():
 ])
 def test_cli_flag_errors_are_one_line_exit_2(extra, flag):
     assert_config_error(meshtune("launch", TINY, *extra, "--dry-run"), flag)
+
+
+# ---- held torchrun: started beside the checks, let go only after them -------------------------------------------
+
+
+def _marker_argv(tmp_path) -> tuple[list[str], object]:
+    """torchrun running one worker that writes a file: whether any rank started."""
+    marker = tmp_path / "rank-started"
+    script = tmp_path / "worker.py"
+    script.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", str(script)]
+    return argv, marker
+
+
+def test_held_torchrun_starts_no_rank_when_the_checks_refuse(tmp_path):
+    argv, marker = _marker_argv(tmp_path)
+    ran = []
+
+    def refuse():
+        ran.append(1)
+        raise C.ConfigError("train.steps: must be >= 1")
+
+    with pytest.raises(C.ConfigError, match="train.steps"):
+        T.run_torchrun(argv, T.worker_env(dict(T.os.environ), 1), refuse)
+    assert ran == [1] and not marker.exists()
+
+
+def test_held_torchrun_runs_the_ranks_after_the_checks(tmp_path):
+    argv, marker = _marker_argv(tmp_path)
+    order = []
+    assert T.run_torchrun(argv, T.worker_env(dict(T.os.environ), 1),
+                          lambda: order.append(marker.exists())) == 0
+    assert order == [False] and marker.read_text() == "x"
