@@ -238,15 +238,15 @@ def main() -> None:
         print(f"  rank {rank}: peak RSS {peak / 2**30:.2f} GiB = {peak / nbytes:.2f}x the fp32 model (target <= 0.75);"
               f" until the model is ready {load / 2**30:.2f} GiB = {load / nbytes:.2f}x")
     start, step = r["marks"].get("start", float("nan")), r["marks"]["step"]
-    print(f"  launch -> first step begins (the model ready: the start event, written just before the loop): {start:.1f} s"
-          f" = {start / hf_s:.2f}x transformers' load (target <= 3)")
+    print(f"  launch -> first step begins (the model ready: the start event, written just before the loop): "
+          f"{start:.1f} s = {start / hf_s:.2f}x transformers' load (target <= 3)")
     phases = r["marks"].get("startup_s") or {}
     if phases:
         inside = sum(phases.values())
         print(f"  rank 0's start-up: launcher before the rank began {start - inside:.1f} s, then "
               + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
-    print(f"  launch -> first step done: {step:.1f} s = {step / hf_s:.2f}x transformers' load (the step itself is a 1.2B "
-          "forward and backward on 2 CPU cores)")
+    print(f"  launch -> first step done: {step:.1f} s = {step / hf_s:.2f}x transformers' load (the step itself is a "
+          "1.2B forward and backward on 2 CPU cores)")
     if r["first"]:
         keys = {k: v for k, v in r["first"].items() if k in ("mem_gb", "step_time_s", "tokens_per_s")}
         print(f"  first step: {keys}")
