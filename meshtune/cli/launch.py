@@ -1,8 +1,9 @@
 """`meshtune launch CONFIG`: torchrun on this machine (or on each node of a cluster) running `meshtune train`.
 
 Every check a rank would make at start-up runs here first (meshtune/runtime/preflight.py), once per world
-size the job can have: a bad input is one line and exit code 2 before torchrun starts. `--dry-run` checks
-the layout without torch and prints each node's command.
+size the job can have: a bad input is one line and exit code 2 before any rank starts (torchrun starts held
+beside the checks and is let go after them: meshtune/launch/gate.py). `--dry-run` checks the layout without torch
+and prints each node's command.
 
 SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 to this process reach torchrun once, which passes them to the ranks:
 they checkpoint after the current step and stop, and the launcher exits with code 75 (exit_codes.STOPPED).

@@ -2,7 +2,8 @@
 
     plan = preflight(cfg, world_size=8)    # ConfigError (one line) for anything a rank would refuse
 
-`meshtune launch` and `meshtune slurm submit` run it before torchrun or sbatch, so a bad input is one line and
+`meshtune launch` and `meshtune slurm submit` run it before any rank starts or sbatch runs (torchrun starts held
+beside it: meshtune/launch/gate.py), so a bad input is one line and
 exit code 2 instead of every rank's traceback (or an hour in the queue); `meshtune validate` reports the plan
 it returns. It reads configs, metadata and file headers only, and builds the model on the meta device: no
 weights are loaded, nothing is written. The ranks repeat the checks (they cannot assume a launcher ran this).
