@@ -28,6 +28,7 @@ from dataclasses import replace
 import torch
 from torch.distributed.tensor import DTensor
 
+from meshtune.config import ConfigError
 from meshtune.data import build_tokenizer
 from meshtune.data.files import iter_records
 from meshtune.models import build_model
@@ -226,6 +227,25 @@ def linear_units_layout(cfg: Config, now: dict) -> dict | None:
                         now["layout"]["rank"])
 
 
+def vocab_parallel_rows(cfg: Config, world_size: int, now: dict) -> list[tuple[str, dict]]:
+    """Lever rows for parallel.vocab_parallel (alone, and with fsdp_unit=linear) where a config without it allows
+    it: the plan of the same config with the key set (no chunked loss, no cpu_offload: it refuses both)."""
+    t, p = cfg.train, cfg.parallel
+    if p.vocab_parallel or now["plan"].engine != "native" or now["plan"].dims.dp_shard < 2:
+        return []
+    keyed = replace(cfg, train=replace(t, loss_chunk_size=0),
+                    parallel=replace(p, vocab_parallel=True, cpu_offload=False))
+    try:
+        vp = planned_memory(keyed, world_size)
+    except ConfigError:  # a layout or recipe it does not support: no row
+        return []
+    rows = [("vocab_parallel (embedding/head by vocab rows)", vp)]
+    if (linear := linear_units_layout(keyed, vp)) is not None:
+        rows.append(("vocab_parallel + fsdp_unit=linear", vp["levers"](
+            0, p.activation_checkpointing, p.ac_every, p.ac_mode, False, layout=linear)))
+    return rows
+
+
 def describe_plan(cfg: Config, world_size: int, device_memory: float | None = None) -> str:
     """A short report of the plan and per-rank memory, with each memory lever on and off (and, given
     `device_memory` bytes, which fit); raises ConfigError for an impossible plan."""
@@ -258,7 +278,8 @@ def describe_plan(cfg: Config, world_size: int, device_memory: float | None = No
               f"({trainable // sp:,} trainable); parameters {_gb(mem_p)}, gradients {_gb(mem_g)}, "
               f"AdamW state {_gb(mem_o)}, activations ~{_gb(act)} "
               f"({'fp32' if now['elem'] == 4 else 'bf16'}); total ~{_gb(mem_p + mem_g + mem_o + act)}"]
-    lines += lever_table(now, now["levers"], cfg, plan, device_memory, linear_units_layout(cfg, now))
+    lines += lever_table(now, now["levers"], cfg, plan, device_memory, linear_units_layout(cfg, now),
+                         vocab_parallel_rows(cfg, world_size, now))
     if p.cpu_offload:
         lines.append(f"cpu_offload: {_gb(now['host'])} per rank of parameters, gradients and AdamW state in host "
                      f"memory (on a CPU device the same memory: {_gb(now['total'] + now['host'])} in all)")
@@ -276,9 +297,10 @@ def model_shapes(cfg: Config, vocab: int, tp: int) -> Shapes:
 
 
 def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float | None,
-                linear: dict | None = None) -> list[str]:
+                linear: dict | None = None, more: list[tuple[str, dict]] = ()) -> list[str]:
     """Per-rank bytes with each memory lever switched on alone (from the config as it is), and which fit;
-    `linear`: the busiest rank's layout with parallel.fsdp_unit=linear, where that is a lever."""
+    `linear`: the busiest rank's layout with parallel.fsdp_unit=linear, where that is a lever; `more`: further
+    (name, row) pairs (vocab_parallel_rows)."""
     t, p = cfg.train, cfg.parallel
     # parallel.vocab_parallel refuses a chunked loss (its logits are already 1 / dp_shard of the vocabulary per rank)
     chunk = 0 if p.vocab_parallel else t.loss_chunk_size or min(1024, cfg.data.seq_len)
@@ -300,6 +322,7 @@ def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float
                             layout=linear)))
     offload = plan.engine == "native" and plan.dims.dp_shard > 1 and not p.vocab_parallel
     rows.append(("all levers", levers(chunk, True, 1, "full", offload, True, **({"layout": linear} if linear else {}))))
+    rows += more
     keys = ("parameters", "gradients", "optimizer", "gathered", "activations", "logits", "dequantized")
     out = ["memory levers, per rank on the device (GiB): " + " / ".join(keys) + " -> peak",
            "  (each at its own largest; peak = parameters + gradients + optimizer + the busiest moment of the step)"]

@@ -223,3 +223,25 @@ def test_validate_offers_linear_units_as_a_lever():
     assert block[name][peak] == linear["as configured"][peak] < block["as configured"][peak]
     assert block["all levers"] == linear["all levers"]
     assert name not in linear and name not in rows("parallel.dp_replicate=2", "parallel.dp_shard=1")
+
+
+def test_validate_offers_vocab_parallel_as_a_lever():
+    """Where a config allows parallel.vocab_parallel, the lever table shows its row (and with fsdp_unit=linear):
+    the same numbers as the config with the keys set; a config that has it, or cannot have it, shows none."""
+    alone, both = "vocab_parallel (embedding/head by vocab rows)", "vocab_parallel + fsdp_unit=linear"
+
+    def rows(*extra):
+        cfg = load_config(None, ["data.task=sort", "model.dim=64", "model.ffn_dim=256", "model.n_layers=4",
+                                 "model.n_heads=4", "model.vocab_size=4096", "recipe.name=lora", *extra])
+        table = [line for line in describe_plan(cfg, 2).splitlines() if line.startswith("  ") and " -> " in line]
+        return {line[2:50].strip(): [float(x) for x in line[50:].split("fits")[0].replace("->", "/").split("/")]
+                for line in table}
+
+    plain = rows()
+    assert plain[alone] == rows("parallel.vocab_parallel=true")["as configured"]
+    assert plain[both] == rows("parallel.vocab_parallel=true", "parallel.fsdp_unit=linear")["as configured"]
+    gathered, peak = 3, -1
+    assert plain[both][peak] <= plain[alone][peak] < plain["as configured"][peak]  # GiB to 3 decimals: a tiny block
+    assert plain[alone][gathered] < plain["as configured"][gathered]  # the 4096-row table is never gathered
+    assert alone not in rows("parallel.vocab_parallel=true")
+    assert alone not in rows("parallel.tp=2", "parallel.dp_shard=1")  # no FSDP2 sharding: not a lever
