@@ -80,7 +80,7 @@ def worker_pids(hosts: NetnsHosts, node: int) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"train" in cmd and not {b"launch", b"torch.distributed.run"} & set(cmd):
+        if b"train" in cmd and not {b"launch", b"torch.distributed.run", b"meshtune.launch.gate"} & set(cmd):
             found.append(pid)
     return sorted(found)
 
