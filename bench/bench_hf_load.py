@@ -78,6 +78,11 @@ Same day, quiet, 2 steps of vocab_parallel + linear with glibc returning large f
 MALLOC_TRIM_THRESHOLD_ in the ranks' environment): none 0.73x / 0.72x, 16 MiB 0.70x / 0.71x, 4 MiB 0.70x / 0.70x,
 1 MiB 0.68x / 0.68x; steps 11.6-12.2 s without, 12.4-13.4 s with. Not made a default: on a dim-512 model the
 1 MiB threshold costs ~10% of the step (4 MiB ~3%) for ~8% less RSS; a CPU user who wants it sets the variables.
+2026-12-07 evening, after `meshtune launch` started torchrun held beside its checks (launch/gate.py), the whole
+script twice on a quiet machine: transformers 1.5 s / 1.6 s; launch -> first step begins 4.2 s / 4.3 s = 2.75x /
+2.76x (target <= 3: met; was 5.3 s = 3.34x): the launcher before the rank began 1.4 s / 1.7 s (was 2.2 s), the rank's
+start 1.2 s, parallelize 0.4 s, init_from 1.0-1.1 s. Peak over the first step, vocab_parallel + fsdp_unit=linear:
+0.71x / 0.74x and 0.71x / 0.71x (block units 0.87x-0.88x, neither key 1.20x-1.21x); bf16 frozen state 0.52x.
 """
 
 from __future__ import annotations
