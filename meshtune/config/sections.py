@@ -188,7 +188,8 @@ class ParallelConfig:
     """FSDP2 (parallel.engine=native, dp_shard > 1, tp = pp = dp_replicate = 1): keep the embedding and output head
     split by vocabulary rows over the dp_shard ranks and never gather them; token ids and hidden states are gathered
     instead and the loss is a vocabulary-parallel cross-entropy (runtime/vocab_parallel.py). For large vocabularies
-    (Llama 3's 128K): the root unit no longer holds the whole table. Full fine-tuning and LoRA."""
+    (Llama 3's 128K): the root unit no longer holds the whole table. Full fine-tuning and LoRA. Each rank's logits
+    are (dp x batch, seq, vocab / dp), as many as without the key: train.loss_chunk_size chunks them too."""
     compile: bool = False
     """Compile each block with torch.compile."""
     timeout_s: float = 600.0

@@ -150,7 +150,7 @@ VOCAB_PARALLEL_RECIPES = ("lora",)  # recipes that leave the embedding and head 
 
 
 def check_vocab_parallel(cfg: Config, dims: ParallelDims) -> None:
-    """parallel.vocab_parallel's layout: native FSDP2 over dp_shard alone, full fine-tuning or LoRA, no chunked loss.
+    """parallel.vocab_parallel's layout: native FSDP2 over dp_shard alone, full fine-tuning or LoRA.
 
     Raises:
         ConfigError: naming the key that conflicts and the fix.
@@ -170,9 +170,6 @@ def check_vocab_parallel(cfg: Config, dims: ParallelDims) -> None:
     if p.cpu_offload:
         raise ConfigError(f"parallel.cpu_offload: not supported with vocab_parallel; set parallel.cpu_offload=false "
                           f"{off}")
-    if cfg.train.loss_chunk_size:
-        raise ConfigError("train.loss_chunk_size: the vocabulary-parallel loss already holds only 1/dp_shard of "
-                          f"the vocabulary per rank and does not chunk; set train.loss_chunk_size=0 {off}")
     other = [n for n in names_of(cfg.recipe) if n not in VOCAB_PARALLEL_RECIPES]
     if other:
         raise ConfigError(f"recipe.name: {'+'.join(other)} is not supported with parallel.vocab_parallel (full "

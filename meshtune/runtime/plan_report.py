@@ -229,12 +229,11 @@ def linear_units_layout(cfg: Config, now: dict) -> dict | None:
 
 def vocab_parallel_rows(cfg: Config, world_size: int, now: dict) -> list[tuple[str, dict]]:
     """Lever rows for parallel.vocab_parallel (alone, and with fsdp_unit=linear) where a config without it allows
-    it: the plan of the same config with the key set (no chunked loss, no cpu_offload: it refuses both)."""
+    it: the plan of the same config with the key set (no cpu_offload: it refuses that)."""
     t, p = cfg.train, cfg.parallel
     if p.vocab_parallel or now["plan"].engine != "native" or now["plan"].dims.dp_shard < 2:
         return []
-    keyed = replace(cfg, train=replace(t, loss_chunk_size=0),
-                    parallel=replace(p, vocab_parallel=True, cpu_offload=False))
+    keyed = replace(cfg, parallel=replace(p, vocab_parallel=True, cpu_offload=False))
     try:
         vp = planned_memory(keyed, world_size)
     except ConfigError:  # a layout or recipe it does not support: no row
@@ -242,7 +241,7 @@ def vocab_parallel_rows(cfg: Config, world_size: int, now: dict) -> list[tuple[s
     rows = [("vocab_parallel (embedding/head by vocab rows)", vp)]
     if (linear := linear_units_layout(keyed, vp)) is not None:
         rows.append(("vocab_parallel + fsdp_unit=linear", vp["levers"](
-            0, p.activation_checkpointing, p.ac_every, p.ac_mode, False, layout=linear)))
+            t.loss_chunk_size, p.activation_checkpointing, p.ac_every, p.ac_mode, False, layout=linear)))
     return rows
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
+from torch.utils.checkpoint import checkpoint
 
 from meshtune.config import ConfigError
 from meshtune.data.datasets import IGNORE_INDEX
@@ -252,14 +253,20 @@ class VocabParallelLogits(HiddenLogits):
     """Stand-in for the (B, T, V) logits of a vocabulary-parallel head (like chunked_loss.ChunkedLogits): the loss
     and the argmax come out right on every rank while no rank builds the full-vocabulary logits.
 
+    Every rank computes its vocabulary rows for every rank's tokens, so its logits are (dp x B, T, V / dp): as many
+    as one rank's unsplit (B, T, V). With `chunk_size` (train.loss_chunk_size) the loss runs on that many sequence
+    positions at a time, each chunk's logits recomputed in backward (chunked_loss.py's scheme; the chunk's
+    all-reduces run again there, in the same order on every rank).
+
     Attributes:
         hidden: this rank's final hidden states (B, T, dim).
         head: the output module (its weight a Shard(0) DTensor over the vocabulary).
         shard: the VocabShard.
+        chunk_size: sequence positions per loss chunk, 0 = the whole sequence at once.
     """
 
-    def __init__(self, hidden: torch.Tensor, head: nn.Module, shard: VocabShard):
-        self.hidden, self.head, self.shard = hidden, head, shard
+    def __init__(self, hidden: torch.Tensor, head: nn.Module, shard: VocabShard, chunk_size: int = 0):
+        self.hidden, self.head, self.shard, self.chunk_size = hidden, head, shard, chunk_size
 
     def _local(self, labels: torch.Tensor | None = None):
         """(local logits (size x B' x T', rows), gathered labels or None, own (B, T), padded (B', T'))."""
@@ -277,9 +284,31 @@ class VocabParallelLogits(HiddenLogits):
 
     def summed_loss(self, labels: torch.Tensor) -> torch.Tensor:
         """Sum of this rank's token cross-entropies over valid labels (fp32), as grads.summed_loss."""
+        if self.chunk_size:
+            return self._chunked_loss(labels)
         logits, targets, own, big = self._local(labels)
         losses = _VocabParallelCrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten(), self.shard)
         return self._own(losses.view(targets.shape), own, big).sum()
+
+    def _chunked_loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """summed_loss, `chunk_size` positions of every rank's tokens at a time, each chunk under checkpoint."""
+        h, own, big = _padded_gather(self.hidden, self.shard)  # (size x B', T', dim)
+        targets = _padded_gather(labels, self.shard, fill=IGNORE_INDEX)[0]
+        w = _local_weight(self.head.weight, self.shard)
+        mine = torch.zeros((self.shard.size, *big), dtype=torch.float32, device=h.device)
+        mine[self.shard.rank, : own[0], : own[1]] = 1.0  # this rank's positions: the others' are their own sums
+        mine = mine.flatten(0, 1)
+        total = None
+        for start in range(0, big[1], self.chunk_size):
+            part = [t[:, start:start + self.chunk_size] for t in (h, targets, mine)]
+            loss = checkpoint(self._chunk_loss, w, *part, use_reentrant=False)
+            total = loss if total is None else total + loss
+        return total
+
+    def _chunk_loss(self, w: torch.Tensor, h: torch.Tensor, targets: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+        logits = nn.functional.linear(h.to(w.dtype), w)  # (size x B', c, rows): only inside this call
+        losses = _VocabParallelCrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten(), self.shard)
+        return (losses.view(targets.shape) * mine).sum()
 
     def argmax(self, dim: int = -1) -> torch.Tensor:
         """The global argmax over the vocabulary at this rank's (B, T) positions (the first, as torch.argmax)."""

@@ -1,7 +1,8 @@
 """`meshtune validate`'s per-rank peak (plan_report.planned_memory) against the most bytes torch's CPU allocator
 holds during real training steps on 2 gloo ranks (meshtune.counted_memory), within 10%: LoRA, QLoRA (NF4
 dequantization per call) and full fine-tuning (gradient reduce-scatters), FSDP2, with and without activation
-checkpointing. The model is large enough that blocks, not the byte vocabulary, hold the memory."""
+checkpointing, vocabulary-parallel with and without a chunked loss. The model is large enough that blocks, not
+the byte vocabulary, hold the memory."""
 
 import pytest
 
@@ -26,6 +27,8 @@ CASES = {
     # moments charge the whole activations beside a unit's reduce-scatter buffers; with projection units the largest
     # of those comes in the first block's backward, when the other blocks' activations are freed)
     "full-ac-linear-units": [AC, "parallel.fsdp_unit=linear"],
+    "lora-vocab-parallel": ["recipe.name=lora", "parallel.vocab_parallel=true"],
+    "lora-vocab-parallel-chunked": ["recipe.name=lora", "parallel.vocab_parallel=true", "train.loss_chunk_size=16"],
 }
 
 

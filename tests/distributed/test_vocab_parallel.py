@@ -77,8 +77,10 @@ def logits_vs_reference(trainer, ref) -> dict:
             "argmax_equal": bool((argmax == want.argmax(dim=-1)).all())}
 
 
-@pytest.mark.parametrize("extra", [[], ["model.tie_embeddings=true"], LORA, [*LORA, "model.tie_embeddings=true"]],
-                         ids=["full", "full-tied", "lora", "lora-tied"])
+@pytest.mark.parametrize("extra", [[], ["model.tie_embeddings=true"], LORA, [*LORA, "model.tie_embeddings=true"],
+                                   ["model.tie_embeddings=true", "train.loss_chunk_size=5"],
+                                   [*LORA, "train.loss_chunk_size=5"]],
+                         ids=["full", "full-tied", "lora", "lora-tied", "full-tied-chunked", "lora-chunked"])
 def test_vocab_parallel_matches_single_process(rank_pool, tmp_path, extra):
     results = rank_pool(2).run(vp_vs_reference, str(tmp_path), extra, 4)
     for r in results:
@@ -163,14 +165,17 @@ def test_vocab_parallel_reshards_to_single_process(rank_pool, tmp_path, extra):
     assert max(abs(a - b) for a, b in zip(losses, following, strict=True)) < TOL, (losses, following)
 
 
-def ops_vs_full_vocabulary(vocab, tied):
+def ops_vs_full_vocabulary(vocab, tied, chunk=0):
     """The split embedding lookup, loss, argmax and whole logits on random weights and data (an uneven split when
-    `vocab` is odd), against full-vocabulary torch ops on every rank's data gathered here."""
+    `vocab` is odd), against full-vocabulary torch ops on every rank's data gathered here. With `chunk`, the loss
+    over that many positions at a time; `positions`: the most positions of any tensor over this rank's vocabulary
+    columns that the loss's forward and backward made (every rank's padded batch x the chunk, or x the sequence)."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from meshtune.runtime.vocab_parallel import VocabParallelLogits, apply_vocab_parallel
 
@@ -190,9 +195,20 @@ def ops_vs_full_vocabulary(vocab, tied):
     h = model.tok_embeddings(tokens).detach()  # its backward is checked through the trainer's gradients
     emb_diff = float((h - full_emb[tokens]).abs().max())
     hidden = (h + extra).requires_grad_()
-    logits = VocabParallelLogits(hidden, model.output, shard)
-    loss = logits.summed_loss(labels)
-    (loss * 2.0).backward()  # the trainer's dp / tokens factor, here 2
+    class Widest(TorchDispatchMode):
+        positions = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == shard.rows:
+                    Widest.positions = max(Widest.positions, t.shape[:-1].numel())
+            return out
+
+    logits = VocabParallelLogits(hidden, model.output, shard, chunk)
+    with Widest():
+        loss = logits.summed_loss(labels)
+        (loss * 2.0).backward()  # the trainer's dp / tokens factor, here 2
     argmax, whole = logits.argmax(dim=-1), logits.full()
 
     everyone = [None] * world
@@ -214,13 +230,19 @@ def ops_vs_full_vocabulary(vocab, tied):
             "head_grad_norm": float(head_grad.norm()),
             "argmax_equal": bool((argmax == ref_logits.argmax(dim=-1)).all()),
             "argmax_varied": int(ref_logits.argmax(dim=-1).unique().numel()),
-            "full_diff": float((whole - ref_logits).abs().max()), "local_rows": shard.rows}
+            "full_diff": float((whole - ref_logits).abs().max()), "local_rows": shard.rows,
+            "positions": Widest.positions}
 
 
-@pytest.mark.parametrize("vocab,tied", [(11, False), (11, True), (16, False)], ids=["uneven", "uneven-tied", "even"])
-def test_vocab_parallel_ops_match_full_vocabulary(rank_pool, vocab, tied):
-    results = rank_pool(2).run(ops_vs_full_vocabulary, vocab, tied)
+@pytest.mark.parametrize("vocab,tied,chunk", [(11, False, 0), (11, True, 0), (16, False, 0), (11, True, 2),
+                                              (18, False, 3)],
+                         ids=["uneven", "uneven-tied", "even", "uneven-tied-chunk2", "even-chunk3"])
+def test_vocab_parallel_ops_match_full_vocabulary(rank_pool, vocab, tied, chunk):
+    results = rank_pool(2).run(ops_vs_full_vocabulary, vocab, tied, chunk)
     assert [r["local_rows"] for r in results] == [-(-vocab // 2), vocab - -(-vocab // 2)]
+    # both ranks' batches padded to 3 rows: 3 x 2 rows of logits per position, 5 positions or a chunk of them
+    # (where the columns are as many as dim, 8, the gathered hidden states count too: the chunked cases avoid it)
+    assert [r["positions"] for r in results] == [6 * (chunk or 5)] * 2, results
     for r in results:
         assert r["emb_diff"] == 0.0, r  # exactly one rank contributes each row: the sum is exact
         assert r["loss_diff"] < TOL and r["hidden_grad_diff"] < TOL and r["head_grad_diff"] < TOL, r

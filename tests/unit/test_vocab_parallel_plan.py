@@ -18,11 +18,10 @@ BASE = ["data.task=reverse", "model.dim=32", "model.n_layers=2", "model.n_heads=
     (["parallel.pp=2"], 4, "parallel.pp"),
     (["parallel.engine=deepspeed"], 2, "parallel.engine"),
     (["parallel.cpu_offload=true"], 2, "parallel.cpu_offload"),
-    (["train.loss_chunk_size=8"], 2, "train.loss_chunk_size"),
     (["recipe.name=qlora", "recipe.qlora.scaler_block_size=1", "recipe.qlora.block_size=16"], 2, "recipe.name"),
     (["recipe.name=distill", "recipe.distill.teacher=x"], 2, "recipe.name"),
     (["recipe.name=lora+qat"], 2, "recipe.name"),
-], ids=["dp_shard=1", "ddp", "hsdp", "tp", "pp", "deepspeed", "cpu_offload", "loss_chunk", "qlora", "distill",
+], ids=["dp_shard=1", "ddp", "hsdp", "tp", "pp", "deepspeed", "cpu_offload", "qlora", "distill",
         "lora+qat"])
 def test_vocab_parallel_refuses_layout(overrides, world, key):
     cfg = load_config(None, [*BASE, *overrides])
@@ -33,7 +32,8 @@ def test_vocab_parallel_refuses_layout(overrides, world, key):
     assert "vocab_parallel" in message, message
 
 
-@pytest.mark.parametrize("overrides", [[], ["recipe.name=lora"], ["model.tie_embeddings=true"]])
+@pytest.mark.parametrize("overrides", [[], ["recipe.name=lora"], ["model.tie_embeddings=true"],
+                                       ["train.loss_chunk_size=8"]])
 def test_vocab_parallel_accepts_fsdp(overrides):
     plan = make_plan(load_config(None, [*BASE, *overrides]), 2, 264)
     assert plan.dims.dp_shard == 2 and plan.mode == "fsdp"
