@@ -60,19 +60,21 @@ def activation_bytes(s: Shapes, tokens: int, layers: list[int], elem: int, check
 
 
 def logits_bytes(s: Shapes, batch: int, seq: int, elem: int, chunk: int = 0,
-                 head_trains: bool = True) -> dict[str, float]:
+                 head_trains: bool = True, vocab_shards: int = 1) -> dict[str, float]:
     """Bytes of the loss for one micro-batch of `batch` x `seq` tokens; `chunk` = train.loss_chunk_size (0 = off).
 
     'kept': the fp32 log-probabilities kept for backward at once. 'peak': the most the loss holds, in backward:
     kept + their gradient (fp32) + the logits' gradient (element size) + the head weight's gradient before it is
     accumulated (when the head trains), + the logits themselves when unchunked (the trainer holds them for the
     recipes; a chunk's are freed once its log-probabilities exist). 'held': those unchunked logits, which stay
-    live through the blocks' backward."""
+    live through the blocks' backward. `vocab_shards` > 1: parallel.vocab_parallel over that many ranks: each
+    scores its 1 / vocab_shards of the vocabulary for every rank's tokens (as many logits as one unsplit rank's),
+    inside the loss, so none are held; the head's gradient is its shard's."""
     positions = min(chunk, seq) if chunk else seq
     n = batch * positions * s.vocab
     kept = 4.0 * n
-    head_grad = 4.0 * s.vocab * s.dim if head_trains else 0.0
-    held = 0.0 if chunk else elem * n
+    head_grad = 4.0 * s.vocab * s.dim / vocab_shards if head_trains else 0.0
+    held = 0.0 if chunk or vocab_shards > 1 else elem * n
     return {"kept": kept, "peak": kept + 4.0 * n + elem * n + held + head_grad, "held": held}
 
 
