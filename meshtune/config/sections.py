@@ -47,8 +47,8 @@ class ModelConfig:
     """Width of one attention head; 0 = model.dim / model.n_heads. Structured pruning sets it when it removes
     heads (fewer heads of the same width), so the shrunk model keeps its weights."""
     family: str = "llama"
-    """Model family (meshtune/models/families/): llama, mistral, qwen2, qwen3, gemma3. It names the Hugging Face
-    architecture an export writes and the module names recipes address; `init_from=<HF dir>` sets it."""
+    """Model family (meshtune/models/families/): llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3. It names the
+    Hugging Face architecture an export writes and the module names recipes address; `init_from=<HF dir>` sets it."""
     rope_scaling: dict = field(default_factory=dict)
     """Scaled rotary embeddings, in Hugging Face's `rope_scaling` keys: {} = plain RoPE, or e.g.
     {rope_type: llama3, factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0,
@@ -75,6 +75,11 @@ class ModelConfig:
     """Multiply the token embeddings by sqrt(model.dim) (Gemma)."""
     attn_scale: float = 0.0
     """Softmax scale of attention as 1 / sqrt(attn_scale) (Gemma's query_pre_attn_scalar); 0 = the head width."""
+    attn_softcap: float = 0.0
+    """Soft-cap attention scores to cap * tanh(score / cap) before the softmax (Gemma 2: 50); 0 = off. Attention
+    then runs as explicit matmuls and softmax (SDPA has no soft-capping)."""
+    logit_softcap: float = 0.0
+    """Soft-cap the output logits to cap * tanh(logit / cap) (Gemma 2: 30); 0 = off."""
 
 
 @dataclass

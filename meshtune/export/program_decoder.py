@@ -28,7 +28,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from meshtune.config import ConfigError
 from meshtune.export.static_cache import StaticCacheDecoder, example_inputs, mlp, require_executorch
+from meshtune.models.decoder import softcap_logits
 
 
 def load_runtime_ops(what: str = "--format executorch") -> None:
@@ -61,6 +63,10 @@ class ProgramDecoder(StaticCacheDecoder):
     """
 
     def __init__(self, model, max_seq_len: int, batch: int = 1):
+        if model.cfg.attn_softcap:
+            raise ConfigError(f"model.attn_softcap={model.cfg.attn_softcap}: --format executorch runs attention in "
+                              "ExecuTorch's SDPA kernel, which cannot soft-cap scores (Gemma 2); export --format hf "
+                              "and run it elsewhere")
         super().__init__(model, max_seq_len, batch)
         assert model.rope_cos.dtype == model.norm.weight.dtype == torch.float32, "program_model() is float32"
         load_runtime_ops()
@@ -112,7 +118,7 @@ class ProgramDecoder(StaticCacheDecoder):
             h = h + (self.rms(layer.attn_out_norm, y) if sandwich else y)
             y = mlp(layer.feed_forward, self.rms(layer.ffn_norm, h))
             h = h + (self.rms(layer.ffn_out_norm, y) if sandwich else y)
-        return m.output(self.rms(m.norm, h))  # (B, T, V)
+        return softcap_logits(m.output(self.rms(m.norm, h)), cfg.logit_softcap)  # (B, T, V)
 
     def _attend(self, att, x, rotary, start, name, mask) -> torch.Tensor:
         """`Attention.qkv` + the cache + `Attention.attend`, in XNNPACK's and the LLM kernels' ops."""

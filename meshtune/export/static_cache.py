@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshtune.config import ConfigError
+from meshtune.models.decoder import attention
 
 INSTALL = "pip install 'meshtune[executorch]'"
 
@@ -99,7 +99,7 @@ class StaticCacheDecoder(nn.Module):
             else:
                 h = h + attend(layer.attention_norm(h))
                 h = h + mlp(layer.feed_forward, layer.ffn_norm(h))
-        return m.output(m.norm(h))  # (B, T, V)
+        return m.logits(m.norm(h))  # (B, T, V)
 
     def _attend(self, att, x, cos, sin, input_pos, name, mask) -> torch.Tensor:
         B, T, _ = x.shape
@@ -115,7 +115,7 @@ class StaticCacheDecoder(nn.Module):
         if n_rep > 1:  # query head h reads kv head h // n_rep
             k, v = k.repeat_interleave(n_rep, dim=2), v.repeat_interleave(n_rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=att.scale)  # (B, H, T, D)
+        y = attention(q, k, v, mask, att.scale, att.softcap)  # (B, H, T, D)
         return att.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -109,6 +109,26 @@ def window_mask(q_len: int, kv_len: int, window: int, device=None) -> torch.Tens
     return (j <= i) & (i - j < window)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+              softcap: float = 0.0) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale) on (B, H, T, D)
+    tensors; with `softcap` > 0 the scores are soft-capped to softcap * tanh(score / softcap) before the mask and the
+    softmax (Gemma 2), computed here in matmuls as transformers' eager attention does (SDPA cannot soft-cap).
+    `mask`: boolean, True where a query reads a key."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    if mask is None:
+        mask = window_mask(q.shape[-2], k.shape[-2], k.shape[-2], q.device)
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def softcap_logits(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """model.logit_softcap: cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping); cap 0 = unchanged."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and rotary positions; optional q/k/v
     biases (Qwen2), per-head q/k RMSNorm (Qwen3) and a sliding window (Mistral; Beltagy et al. 2020)."""
@@ -120,6 +140,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim(cfg)
         self.window = window
         self.scale = cfg.attn_scale ** -0.5 if cfg.attn_scale else None  # None: SDPA's 1 / sqrt(head_dim)
+        self.softcap = cfg.attn_softcap
         self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.attn_bias)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
@@ -153,15 +174,13 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, Hq, T, D)
         if segments is not None:
             mask = document_mask(segments, self.window, k.shape[2] - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         elif self.window and k.shape[2] > self.window:
             mask = window_mask(T, k.shape[2], self.window, q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         elif k.shape[2] == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, Hq, T, D)
+            mask = None  # causal
         else:
             mask = window_mask(T, k.shape[2], k.shape[2], q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        y = attention(q, k, v, mask, self.scale, self.softcap)  # (B, Hq, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -303,8 +322,12 @@ class Transformer(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None and not hidden_only:
-            h = self.output(h)  # (B, T, V)
+            h = self.logits(h)  # (B, T, V)
         return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on final hidden states (the norm applied), soft-capped where model.logit_softcap is set."""
+        return softcap_logits(self.output(hidden), self.cfg.logit_softcap)
 
     @torch.no_grad()
     def init_buffers(self) -> None:

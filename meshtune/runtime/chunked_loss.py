@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from meshtune.models.decoder import softcap_logits
+
 
 class HiddenLogits:
     """Base of the logits stand-ins (ChunkedLogits; vocab_parallel.VocabParallelLogits): they hold the head's input
@@ -46,11 +48,12 @@ class ChunkedLogits(HiddenLogits):
         hidden: the head's input (B, T, dim).
         head: the output projection module.
         chunk_size: sequence positions per chunk.
+        softcap: model.logit_softcap (Gemma 2): each chunk's logits become softcap * tanh(logits / softcap).
     """
 
-    def __init__(self, hidden: torch.Tensor, head: nn.Module, chunk_size: int):
+    def __init__(self, hidden: torch.Tensor, head: nn.Module, chunk_size: int, softcap: float = 0.0):
         assert chunk_size > 0, chunk_size
-        self.hidden, self.head, self.chunk_size = hidden, head, chunk_size
+        self.hidden, self.head, self.chunk_size, self.softcap = hidden, head, chunk_size, softcap
 
     def sum_over_chunks(self, fn: Callable[..., torch.Tensor], *aligned: torch.Tensor) -> torch.Tensor:
         """Sum over sequence chunks of `fn(logits_chunk, *aligned_chunks)`.
@@ -70,8 +73,11 @@ class ChunkedLogits(HiddenLogits):
         return total
 
     def _apply(self, fn: Callable[..., torch.Tensor], hidden: torch.Tensor, *aligned: torch.Tensor) -> torch.Tensor:
-        return fn(self.head(hidden), *aligned)  # (B, c, V) logits live only inside this call
+        return fn(self._logits(hidden), *aligned)  # (B, c, V) logits live only inside this call
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return softcap_logits(self.head(hidden), self.softcap)
 
     def full(self) -> torch.Tensor:
         """The whole (B, T, V) logits (evaluation, tests)."""
-        return self.head(self.hidden)
+        return self._logits(self.hidden)

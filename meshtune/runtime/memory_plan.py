@@ -8,6 +8,8 @@ for 16-bit; rotary and norms compute in fp32, so bf16 is an estimate):
     none           5 dim + 5 q + 4 ffn + heads + 2    (q = heads x head_dim; k and v are stored repeated to q)
     full           dim                                (the block's input; backward recomputes one block at once)
     selective_op   3 dim + 2 q + 2 kv + 2 ffn + heads (the outputs of the matmuls and of attention, and the input)
+With model.attn_softcap (Gemma 2) attention runs as explicit matmuls, keeping heads x seq scores per token twice
+(the soft-capped scores and the fp32 softmax; once under selective_op: the scores matmul's output).
 Logits: without chunking the loss keeps fp32 log-probabilities (4 B T V bytes) for backward, and backward adds
 their gradient and the logits' (`logits_bytes`); chunked, the same for B x chunk x V, one chunk at a time (in
 backward, where the chunk's logits are recomputed). bench/bench_memory.py measures these peaks.
@@ -30,6 +32,7 @@ class Shapes:
     ffn: int
     heads: int
     vocab: int
+    scores: int = 0  # model.attn_softcap: heads x seq attention scores per token (explicit attention, no SDPA)
 
 
 def block_elems_per_token(s: Shapes, mode: str) -> float:
@@ -37,8 +40,8 @@ def block_elems_per_token(s: Shapes, mode: str) -> float:
     if mode == "full":
         return s.dim
     if mode == "selective_op":
-        return 3 * s.dim + 2 * s.q + 2 * s.kv + 2 * s.ffn + s.heads
-    return 5 * s.dim + 5 * s.q + 4 * s.ffn + s.heads + 2
+        return 3 * s.dim + 2 * s.q + 2 * s.kv + 2 * s.ffn + s.heads + s.scores
+    return 5 * s.dim + 5 * s.q + 4 * s.ffn + s.heads + 2 + 2 * s.scores
 
 
 def activation_bytes(s: Shapes, tokens: int, layers: list[int], elem: int, checkpointing: bool = False,

@@ -93,8 +93,8 @@ class Pipeline:
         if self.loss_chunk:
             from meshtune.runtime.data_parallel import unwrap
 
-            head = unwrap(self.parts[self.ids.index(self.num_stages - 1)]).output
-            logits = ChunkedLogits(logits, head, self.loss_chunk)
+            last = unwrap(self.parts[self.ids.index(self.num_stages - 1)])
+            logits = ChunkedLogits(logits, last.output, self.loss_chunk, last.cfg.logit_softcap)
         if self._eval_totals is not None:  # evaluation: count, nothing to differentiate
             full = logits.full() if self.loss_chunk else logits
             self._eval_totals += eval_counts(full, labels)

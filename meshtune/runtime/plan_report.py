@@ -293,7 +293,8 @@ def model_shapes(cfg: Config, vocab: int, tp: int) -> Shapes:
     m = cfg.model
     hd = head_dim(m)
     return Shapes(dim=m.dim, q=m.n_heads * hd // tp, kv=(m.n_kv_heads or m.n_heads) * hd // tp,
-                  ffn=ffn_hidden_dim(m) // tp, heads=m.n_heads // tp, vocab=vocab)
+                  ffn=ffn_hidden_dim(m) // tp, heads=m.n_heads // tp, vocab=vocab,
+                  scores=m.n_heads // tp * cfg.data.seq_len if m.attn_softcap else 0)
 
 
 def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float | None,
@@ -302,8 +303,7 @@ def lever_table(now: dict, levers, cfg: Config, plan: Plan, device_memory: float
     `linear`: the busiest rank's layout with parallel.fsdp_unit=linear, where that is a lever; `more`: further
     (name, row) pairs (vocab_parallel_rows)."""
     t, p = cfg.train, cfg.parallel
-    # parallel.vocab_parallel refuses a chunked loss (its logits are already 1 / dp_shard of the vocabulary per rank)
-    chunk = 0 if p.vocab_parallel else t.loss_chunk_size or min(1024, cfg.data.seq_len)
+    chunk = t.loss_chunk_size or min(1024, cfg.data.seq_len)
     rows = [("as configured", now)]
     if chunk:
         rows.append((f"train.loss_chunk_size={chunk}", levers(chunk, p.activation_checkpointing, p.ac_every, p.ac_mode,

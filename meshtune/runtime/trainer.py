@@ -120,7 +120,8 @@ class Trainer:
                 if self.vocab_shard is not None:  # the head runs inside the loss, on this rank's vocabulary rows
                     logits = VocabParallelLogits(logits, unwrap(self.model).output, self.vocab_shard, self.loss_chunk)
                 elif self.loss_chunk:  # the head runs chunk by chunk inside the loss, in the forward's precision
-                    logits = ChunkedLogits(logits, unwrap(self.model).output, self.loss_chunk)
+                    head = unwrap(self.model)
+                    logits = ChunkedLogits(logits, head.output, self.loss_chunk, head.cfg.logit_softcap)
                 with self._autocast() if self.loss_chunk and self.vocab_shard is None else contextlib.nullcontext():
                     loss = summed_loss(logits, labels)
                     total = loss

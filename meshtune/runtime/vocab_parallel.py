@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from meshtune.config import ConfigError
 from meshtune.data.datasets import IGNORE_INDEX
+from meshtune.models.decoder import softcap_logits
 from meshtune.runtime.chunked_loss import HiddenLogits
 
 
@@ -60,6 +61,7 @@ class VocabShard:
         rows: rows this rank holds.
         vocab: the whole vocabulary.
         compute_dtype: the dtype the table is cast to for compute (FSDP2's param_dtype), None = its own.
+        softcap: model.logit_softcap (Gemma 2), applied to each rank's logit columns (elementwise), 0 = off.
     """
 
     group: dist.ProcessGroup
@@ -69,6 +71,7 @@ class VocabShard:
     rows: int
     vocab: int
     compute_dtype: torch.dtype | None = None
+    softcap: float = 0.0
 
 
 def apply_vocab_parallel(model: nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> set[nn.Parameter]:
@@ -87,7 +90,8 @@ def apply_vocab_parallel(model: nn.Module, mesh, compute_dtype: torch.dtype | No
     vocab = emb.weight.shape[0]
     rank, size = mesh.get_local_rank(), mesh.size()
     start, rows = shard_rows(vocab, size, rank)
-    shard = VocabShard(mesh.get_group(), rank, size, start, rows, vocab, compute_dtype)
+    softcap = getattr(getattr(model, "cfg", None), "logit_softcap", 0.0)
+    shard = VocabShard(mesh.get_group(), rank, size, start, rows, vocab, compute_dtype, softcap)
     tied = head.weight is emb.weight
     made: dict[int, nn.Parameter] = {}
     for module in (emb, head):
@@ -204,7 +208,7 @@ def _embed(module: nn.Embedding, shard: VocabShard, tokens: torch.Tensor) -> tor
 
 def _full_logits(module: nn.Linear, shard: VocabShard, hidden: torch.Tensor) -> torch.Tensor:
     """output.forward for callers outside the trainer: the whole (B, T, V) logits (gathered along the vocabulary)."""
-    return VocabParallelLogits(hidden, module, shard).full()
+    return VocabParallelLogits(hidden, module, shard).full(softcap=False)  # the model soft-caps what a head returns
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -268,11 +272,14 @@ class VocabParallelLogits(HiddenLogits):
     def __init__(self, hidden: torch.Tensor, head: nn.Module, shard: VocabShard, chunk_size: int = 0):
         self.hidden, self.head, self.shard, self.chunk_size = hidden, head, shard, chunk_size
 
-    def _local(self, labels: torch.Tensor | None = None):
-        """(local logits (size x B' x T', rows), gathered labels or None, own (B, T), padded (B', T'))."""
+    def _local(self, labels: torch.Tensor | None = None, softcap: bool = True):
+        """(local logits (size x B' x T', rows), soft-capped unless `softcap` is False, gathered labels or None,
+        own (B, T), padded (B', T'))."""
         h, own, big = _padded_gather(self.hidden, self.shard)
         w = _local_weight(self.head.weight, self.shard)
         logits = nn.functional.linear(h.to(w.dtype), w)  # (size x B', T', rows)
+        if softcap:
+            logits = softcap_logits(logits, self.shard.softcap)
         gathered = None
         if labels is not None:
             gathered = _padded_gather(labels, self.shard, fill=IGNORE_INDEX)[0]
@@ -306,7 +313,7 @@ class VocabParallelLogits(HiddenLogits):
         return total
 
     def _chunk_loss(self, w: torch.Tensor, h: torch.Tensor, targets: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(h.to(w.dtype), w)  # (size x B', c, rows): only inside this call
+        logits = softcap_logits(nn.functional.linear(h.to(w.dtype), w), self.shard.softcap)  # (size x B', c, rows)
         losses = _VocabParallelCrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten(), self.shard)
         return (losses.view(targets.shape) * mine).sum()
 
@@ -326,10 +333,11 @@ class VocabParallelLogits(HiddenLogits):
             dist.all_reduce(index, op=dist.ReduceOp.MIN, group=self.shard.group)
         return self._own(index, own, big)
 
-    def full(self) -> torch.Tensor:
-        """The whole (B, T, V) logits of this rank's positions (tests, callers outside the trainer)."""
+    def full(self, softcap: bool = True) -> torch.Tensor:
+        """The whole (B, T, V) logits of this rank's positions (tests, callers outside the trainer); `softcap`
+        False: the head's own, before model.logit_softcap."""
         with torch.no_grad():
-            logits, _, own, big = self._local()
+            logits, _, own, big = self._local(softcap=softcap)
             per = -(-self.shard.vocab // self.shard.size)  # every rank's column count, padded to the first's
             cols = logits.new_zeros((per, *logits.shape[:-1]))
             cols[: logits.shape[-1]] = logits.movedim(-1, 0)

@@ -16,8 +16,9 @@ from tests.distributed.cases import (
 TOL = 1e-5
 
 
-def write_teacher(path):
-    """A random dim-64 decoder (4x the tiny student) as a merged-export safetensors file."""
+def write_teacher(path, **model):
+    """A random dim-64 decoder (4x the tiny student) as a merged-export safetensors file; `model`: more
+    ModelConfig fields."""
     import dataclasses
     import json
 
@@ -28,7 +29,7 @@ def write_teacher(path):
     from meshtune.models import build_model
 
     torch.manual_seed(7)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, **model)
     model = build_model(cfg, 264)
     meta = {"format": "pt", "meshtune.model": json.dumps({**dataclasses.asdict(cfg), "vocab_size": 264})}
     return save_safetensors(model.state_dict(), path, meta)

@@ -16,11 +16,13 @@ LAYOUTS = {"fsdp2": ["parallel.dp_shard=2"], "tp2": ["parallel.dp_shard=1", "par
            "fsdp2-meta": ["parallel.dp_shard=2", "model.init_device=meta"],
            "ddp": ["parallel.dp_replicate=2", "parallel.dp_shard=1"]}  # shards allocated, then filled
 # a window of 8 at seq_len 24 and tied embeddings (Llama 3.2 / small Qwen2.5) are in the fsdp2 cases;
-# Gemma 3 (tied) runs under TP too; Phi-3's fused qkv_proj / gate_up_proj under both
+# Gemma 2 and 3 (tied) run under TP too (Gemma 2's soft-capped attention on each rank's heads); Phi-3's fused
+# qkv_proj / gate_up_proj under both
 RUNS = [("llama3.2-tied", "fsdp2"), ("llama3.2-tied", "fsdp2-meta"), ("mistral-window", "fsdp2"),
         ("mistral-window", "tp2"),
         ("qwen2.5-tied-bias", "fsdp2"), ("qwen2.5-bias", "tp2"), ("qwen3-qknorm", "fsdp2"), ("qwen3-qknorm", "tp2"),
-        ("gemma3", "fsdp2"), ("gemma3", "tp2"), ("qwen2.5-bias", "ddp"), ("phi3", "fsdp2"), ("phi3", "tp2")]
+        ("gemma2", "fsdp2"), ("gemma2", "tp2"), ("gemma3", "fsdp2"), ("gemma3", "tp2"), ("qwen2.5-bias", "ddp"),
+        ("phi3", "fsdp2"), ("phi3", "tp2")]
 
 
 def train_lora(run_dir: str, hf_dir: str, layout: str) -> dict:
@@ -58,7 +60,6 @@ def hf_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("case,layout", RUNS, ids=[f"{c}-{lay}" for c, lay in RUNS])
 def test_lora_from_hf_dir_exports_to_transformers_and_peft(rank_pool, hf_dirs, tmp_path, case, layout):
-    import transformers
 
     from meshtune.export import export
 
@@ -69,9 +70,9 @@ def test_lora_from_hf_dir_exports_to_transformers_and_peft(rank_pool, hf_dirs, t
     export(run_dir, "hf", tmp_path / "hf", quiet=True)
     export(run_dir, "peft", tmp_path / "peft", quiet=True)
 
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="sdpa").eval()
+    merged = hf_models.load_pretrained(tmp_path / "hf", case)
     assert type(merged).__name__ == hf_models.CASES[case][1]
-    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[case], attn_implementation="sdpa").eval()
+    base = hf_models.load_pretrained(hf_dirs[case], case)
     with torch.no_grad():
         before = base(r0["tokens"]).logits
         adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()

@@ -42,6 +42,7 @@ def lever_vs_reference(run_dir, overrides, teacher=None):
 
 
 CHUNK = "train.loss_chunk_size=5"
+SOFTCAPPED = ["model.family=gemma2", "model.attn_softcap=1.0", "model.logit_softcap=0.5"]
 CASES = {
     "fsdp-chunked": [CHUNK, "parallel.dp_shard=2", "train.micro_batch_size=2"],
     "fsdp-chunked-tied": [CHUNK, "parallel.dp_shard=2", "train.micro_batch_size=4", "model.tie_embeddings=true"],
@@ -50,6 +51,11 @@ CASES = {
     "tp-chunked": [CHUNK, "parallel.tp=2", "parallel.dp_shard=1"],
     "pp-chunked-tied": [CHUNK, "parallel.pp=2", "parallel.dp_shard=1", "train.micro_batch_size=2",
                         "model.tie_embeddings=true"],
+    # Gemma 2's soft-capped scores and logits: the last stage caps its head's logits, whole or chunk by chunk
+    "pp-tied-softcapped": ["parallel.pp=2", "parallel.dp_shard=1", "train.micro_batch_size=2",
+                           "model.tie_embeddings=true", *SOFTCAPPED],
+    "pp-chunked-tied-softcapped": [CHUNK, "parallel.pp=2", "parallel.dp_shard=1", "train.micro_batch_size=2",
+                                   "model.tie_embeddings=true", *SOFTCAPPED],
     "fsdp-chunked-distill-sharded-teacher": [CHUNK, "parallel.dp_shard=2", "train.micro_batch_size=2",
                                              "recipe.name=distill", "recipe.distill.alpha=0.4",
                                              "recipe.distill.teacher_shard=fsdp"],

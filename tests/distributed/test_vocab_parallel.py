@@ -17,6 +17,7 @@ from tests.distributed.cases import (
 TOL = 1e-5
 VP = [*layout(1, 2, 4), "parallel.vocab_parallel=true"]
 LORA = ["recipe.name=lora", "recipe.lora.rank=4"]
+SOFTCAPPED = ["model.family=gemma2", "model.logit_softcap=0.5", "model.tie_embeddings=true"]  # Gemma 2's logits
 
 
 def trained_grads(model) -> dict:
@@ -79,8 +80,10 @@ def logits_vs_reference(trainer, ref) -> dict:
 
 @pytest.mark.parametrize("extra", [[], ["model.tie_embeddings=true"], LORA, [*LORA, "model.tie_embeddings=true"],
                                    ["model.tie_embeddings=true", "train.loss_chunk_size=5"],
-                                   [*LORA, "train.loss_chunk_size=5"]],
-                         ids=["full", "full-tied", "lora", "lora-tied", "full-tied-chunked", "lora-chunked"])
+                                   [*LORA, "train.loss_chunk_size=5"], SOFTCAPPED,
+                                   [*SOFTCAPPED, "train.loss_chunk_size=5"]],
+                         ids=["full", "full-tied", "lora", "lora-tied", "full-tied-chunked", "lora-chunked",
+                              "softcapped", "softcapped-chunked"])
 def test_vocab_parallel_matches_single_process(rank_pool, tmp_path, extra):
     results = rank_pool(2).run(vp_vs_reference, str(tmp_path), extra, 4)
     for r in results:

@@ -28,7 +28,8 @@ def first_step(run_dir, *overrides):
     [], ["recipe.name=lora"], ["model.tie_embeddings=true"], ["train.micro_batch_size=4"],
     ["recipe.name=distill", "recipe.distill.alpha=0.3", "recipe.distill.temperature=2"],
     ["recipe.name=lora+distill", "recipe.distill.kl=reverse", "recipe.distill.hidden=0.5"],
-], ids=["base", "lora", "tied", "accum2", "distill", "lora-distill-reverse-hidden"])
+    ["model.family=gemma2", "model.logit_softcap=0.5", "model.attn_softcap=1.0", "model.tie_embeddings=true"],
+], ids=["base", "lora", "tied", "accum2", "distill", "lora-distill-reverse-hidden", "softcapped"])
 def test_chunked_loss_and_gradients_equal_full_logits(tmp_path, overrides):
     if any("distill" in o for o in overrides):
         overrides = [*overrides, f"recipe.distill.teacher={write_teacher(tmp_path / 'teacher.safetensors')}"]
@@ -39,6 +40,21 @@ def test_chunked_loss_and_gradients_equal_full_logits(tmp_path, overrides):
         assert grads.keys() == ref_grads.keys()
         for name, g in grads.items():
             assert (g - ref_grads[name]).abs().max().item() < TOL, (chunk, name)
+
+
+def test_chunked_distillation_from_a_soft_capped_teacher(tmp_path):
+    """The chunked KL runs the teacher's head itself: its model.logit_softcap (Gemma 2) applies there too."""
+    capped = write_teacher(tmp_path / "capped.safetensors", family="gemma2", logit_softcap=0.5)
+    plain = write_teacher(tmp_path / "plain.safetensors")  # the same weights (same seed), no cap
+    kd = ["recipe.name=distill", "recipe.distill.alpha=0.3", "recipe.distill.temperature=2"]
+    ref_loss, ref_grads = first_step(tmp_path / "full", *kd, f"recipe.distill.teacher={capped}")
+    loss, grads = first_step(tmp_path / "c5", *kd, f"recipe.distill.teacher={capped}", "train.loss_chunk_size=5")
+    assert abs(loss - ref_loss) < TOL
+    for name, g in grads.items():
+        assert (g - ref_grads[name]).abs().max().item() < TOL, name
+    _, uncapped = first_step(tmp_path / "plain", *kd, f"recipe.distill.teacher={plain}", "train.loss_chunk_size=5")
+    # the cap matters: a teacher without it gives other gradients (the KL; the logged loss is the task's)
+    assert max((g - uncapped[name]).abs().max().item() for name, g in grads.items()) > 1e-4
 
 
 # With the key off the trainer never touches the chunked path, so training is bitwise what it was before the key

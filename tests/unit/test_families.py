@@ -50,11 +50,16 @@ def test_logits_match_transformers_and_export_round_trips(saved, tmp_path):
         full = build_model(type(cfg)(**{**cfg.__dict__, "sliding_window": 0, "layer_types": []}), cfg.vocab_size)
         full.load_state_dict(model.state_dict())
         assert (logits(full.eval(), x) - logits(hf, x)).abs().max() > 1e-3
+    for cap in ("attn_softcap", "logit_softcap"):  # each soft-cap matters on this model: without it, it differs
+        if getattr(cfg, cap):
+            uncapped = build_model(type(cfg)(**{**cfg.__dict__, cap: 0.0}), cfg.vocab_size)
+            uncapped.load_state_dict(model.state_dict())
+            assert (logits(uncapped.eval(), x) - logits(hf, x)).abs().max() > 1e-3, cap
 
     save_hf_checkpoint(model.state_dict(), cfg, cfg.vocab_size, tmp_path / "out", tokenizer_dir=path)
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["architectures"] == [CASES[case][1]]
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="sdpa").eval()
+    back = hf_models.load_pretrained(tmp_path / "out", case)
     assert type(back).__name__ == CASES[case][1]
     torch.testing.assert_close(logits(back, x), logits(hf, x), atol=1e-5, rtol=0)
 
@@ -92,7 +97,7 @@ def test_a_feature_outside_the_family_is_refused():
                            "model.layer_types=[sliding_attention]", "model.n_layers=2"])
 
 
-RECIPE_CASES = ["mistral-window", "qwen2.5-tied-bias", "qwen3-qknorm", "gemma3", "phi3"]
+RECIPE_CASES = ["mistral-window", "qwen2.5-tied-bias", "qwen3-qknorm", "gemma2", "gemma3", "phi3"]
 
 
 @pytest.fixture(scope="module")

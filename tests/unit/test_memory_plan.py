@@ -33,11 +33,14 @@ class SavedBytes:
         return sum(self.seen.values())
 
 
-@pytest.mark.parametrize("dims", [(64, 4, 2, 0), (96, 6, 3, 320), (128, 8, 8, 0)])
+@pytest.mark.parametrize("dims", [(64, 4, 2, 0, 0.0), (96, 6, 3, 320, 0.0), (128, 8, 8, 0, 0.0), (64, 4, 2, 0, 50.0)],
+                         ids=["64", "96-ffn", "128-mha", "64-softcapped"])
 @pytest.mark.parametrize("ac", [None, (1, "full"), (2, "full")], ids=["none", "full", "every2"])
 def test_activation_bytes_match_counted(dims, ac):
-    dim, heads, kv, ffn = dims
-    cfg = ModelConfig(dim=dim, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn, n_layers=4, max_seq_len=T)
+    dim, heads, kv, ffn, softcap = dims
+    family = ["model.family=gemma2", f"model.attn_softcap={softcap}"] if softcap else []
+    cfg = ModelConfig(dim=dim, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn, n_layers=4, max_seq_len=T,
+                      **({"family": "gemma2", "attn_softcap": softcap} if softcap else {}))
     model = build_model(cfg, V)
     if ac:
         apply_activation_checkpointing(model, *ac)
@@ -47,7 +50,8 @@ def test_activation_bytes_match_counted(dims, ac):
         for block in model.layers.values():
             h = block(h, model.rope_cos[:T], model.rope_sin[:T])
     shapes = model_shapes(load_config(None, ["data.task=sort", f"model.dim={dim}", f"model.n_heads={heads}",
-                                             f"model.n_kv_heads={kv}", f"model.ffn_dim={ffn}"]), V, 1)
+                                             f"model.n_kv_heads={kv}", f"model.ffn_dim={ffn}",
+                                             f"data.seq_len={T}", *family]), V, 1)
     predicted = activation_bytes(shapes, B * T, list(range(4)), 4, ac is not None, *(ac or (1, "full")))
     if ac:  # saved in forward: without the one block's activations that are live only while it is recomputed
         predicted -= block_elems_per_token(shapes, "none") * B * T * 4

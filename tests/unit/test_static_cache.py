@@ -20,6 +20,13 @@ FAMILIES = {
     "gemma3": dict(qk_norm=True, sliding_window=6, layer_types=["sliding_attention", "sliding_attention",
                    "full_attention"], rope_local_theta=10000.0, norm_offset=True, sandwich_norm=True,
                    embed_scale=True, mlp_act="gelu_tanh", attn_scale=16.0, tie_embeddings=True),
+    "gemma2 (soft-capped scores and logits)": dict(family="gemma2", sliding_window=6, norm_offset=True,
+                                                   sandwich_norm=True, embed_scale=True, mlp_act="gelu_tanh",
+                                                   attn_scale=16.0, tie_embeddings=True, attn_softcap=0.5,
+                                                   logit_softcap=0.5,
+                                                   layer_types=["sliding_attention", "full_attention",
+                                                                "sliding_attention"]),
+    "soft-capped logits only": dict(family="gemma2", logit_softcap=0.5),
     "shrunk (head_dim != dim / n_heads)": dict(n_heads=2, n_kv_heads=1, head_dim=8, ffn_dim=40),
 }
 
@@ -49,6 +56,10 @@ def test_cached_decoding_equals_the_full_forward(name, wrapper_cls):
     for p in model.parameters():  # norms and biases off their init values, so they matter
         p.data.add_(0.05 * torch.randn_like(p))
     x = torch.randint(0, 50, (2, 20))
+    if cls is not StaticCacheDecoder and model.cfg.attn_softcap:  # ExecuTorch's SDPA kernel cannot soft-cap
+        with pytest.raises(ConfigError, match=r"^model\.attn_softcap=0\.5: --format executorch .*Gemma 2"):
+            cls(model, 24, batch=2)
+        return
     with torch.no_grad():
         ref = model(x)
         wrapper = cls(model, 24, batch=2)

@@ -11,13 +11,13 @@ Adding a family: a module here with its FAMILY, listed below, and its parity tes
 from __future__ import annotations
 
 from meshtune.config import ConfigError
-from meshtune.models.families import gemma3, llama, mistral, phi3, qwen2, qwen3
+from meshtune.models.families import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
 from meshtune.models.families.base import DECODER, FEATURES, Family, ModuleNames
 
 __all__ = ["DECODER", "FAMILIES", "Family", "ModuleNames", "check_features", "family", "family_of_hf"]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
-                                                    gemma3.FAMILY, phi3.FAMILY)}
+                                                    gemma2.FAMILY, gemma3.FAMILY, phi3.FAMILY)}
 
 
 def family(name: str, key: str = "model.family") -> Family:

@@ -66,7 +66,8 @@ HF_TOP = {DECODER.embed: "model.embed_tokens", DECODER.final_norm: "model.norm",
 
 # model.* features beyond a plain Llama, and the value that means "off"
 FEATURES = {"attn_bias": False, "qk_norm": False, "sliding_window": 0, "layer_types": [], "rope_local_theta": 0.0,
-            "norm_offset": False, "sandwich_norm": False, "mlp_act": "silu", "embed_scale": False, "attn_scale": 0.0}
+            "norm_offset": False, "sandwich_norm": False, "mlp_act": "silu", "embed_scale": False, "attn_scale": 0.0,
+            "attn_softcap": 0.0, "logit_softcap": 0.0}
 # config.json activation names -> model.mlp_act
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 

@@ -1,7 +1,7 @@
 """Gemma 3 text models (`Gemma3ForCausalLM`, model_type gemma3_text: gemma-3-1b and the text towers): GeGLU,
 norms scaling by (1 + weight) before and after both sub-layers, q/k norms, embeddings scaled by sqrt(dim), the
 softmax scaled by query_pre_attn_scalar, sliding-window layers (five in six) with their own rotary base, and
-tied embeddings. Gemma 2's logit soft-capping is not implemented (one line names the key)."""
+tied embeddings. Gemma 2 (soft-capping, no q/k norms) is gemma2.py."""
 
 from meshtune.models.families.base import DECODER, HF_BLOCK, Family
 from meshtune.models.sizes import head_dim
@@ -14,7 +14,8 @@ HF_GEMMA_BLOCK = {**HF_BLOCK, DECODER.mlp_norm: "pre_feedforward_layernorm",
 def _from_hf(hf: dict, refuse) -> dict:
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if hf.get(key) is not None:
-            raise refuse(key, "is not supported: logit soft-capping (Gemma 2) is not implemented; Gemma 3 has none")
+            raise refuse(key, "is not supported for gemma3_text, whose checkpoints have no soft-capping (Gemma 2's, "
+                              "model_type gemma2, read it)")
     for key in ("attention_bias", "use_bidirectional_attention"):
         if hf.get(key):
             raise refuse(key, "is not supported by meshtune's Gemma 3 (causal attention without biases)")

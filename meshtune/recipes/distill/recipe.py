@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from meshtune.config import ConfigError
 from meshtune.data import IGNORE_INDEX, model_args
+from meshtune.models.decoder import softcap_logits
 from meshtune.recipes.base import Recipe
 from meshtune.runtime.chunked_loss import ChunkedLogits
 
@@ -142,13 +143,13 @@ class DistillRecipe(Recipe):
     def _chunk_kd(self, autocast):
         """The KL of one chunk, given the student's chunk logits and the teacher's chunk hidden states: the
         teacher's head runs here too (again in backward), so neither model's full logits exist at once."""
-        weight = self.teacher.output.weight
+        weight, cap = self.teacher.output.weight, self.teacher.cfg.logit_softcap
         if isinstance(weight, DTensor):  # an FSDP2-sharded teacher: its frozen head, gathered once per batch
             weight = weight.full_tensor()
 
         def kd_chunk(student: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), autocast():
-                teacher = F.linear(teacher_hidden, weight)
+                teacher = softcap_logits(F.linear(teacher_hidden, weight), cap)  # the teacher's own head
             return kd_loss(student, teacher, mask, self.kd.temperature, self.kd.kl)
         return kd_chunk
 

@@ -1,0 +1,39 @@
+"""Gemma 2 (`Gemma2ForCausalLM`, model_type gemma2: gemma-2-2b/9b/27b): Gemma 3's block without q/k norms, with
+tanh soft-capping of the attention scores and of the output logits, sliding-window and global layers alternating
+(the first slides), one rotary base for every layer, GeGLU, norms scaling by (1 + weight) before and after both
+sub-layers, embeddings scaled by sqrt(dim), the softmax scaled by query_pre_attn_scalar, tied embeddings."""
+
+from meshtune.models.families.base import Family
+from meshtune.models.families.gemma3 import HF_GEMMA_BLOCK
+from meshtune.models.sizes import head_dim
+
+
+def _from_hf(hf: dict, refuse) -> dict:
+    if hf.get("attention_bias"):
+        raise refuse("attention_bias", "is not supported by meshtune's Gemma 2 (attention without biases)")
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    width = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    return {"norm_offset": True, "sandwich_norm": True, "embed_scale": True,
+            "attn_scale": float(hf.get("query_pre_attn_scalar") or width),
+            "attn_softcap": float(hf.get("attn_logit_softcapping") or 0.0),
+            "logit_softcap": float(hf.get("final_logit_softcapping") or 0.0),
+            "sliding_window": hf.get("sliding_window") or 0, "layer_types": list(types),
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
+
+
+def _to_hf(m) -> dict:
+    scalar = m.attn_scale or head_dim(m)
+    return {"hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,  # transformers: int
+            "sliding_window": m.sliding_window or None,
+            "layer_types": list(m.layer_types) or [
+                "sliding_attention" if m.sliding_window else "full_attention"] * m.n_layers,
+            "attn_logit_softcapping": m.attn_softcap or None, "final_logit_softcapping": m.logit_softcap or None,
+            "attention_bias": False}
+
+
+FAMILY = Family(name="gemma2", model_types=("gemma2",), architecture="Gemma2ForCausalLM",
+                features=frozenset({"sliding_window", "layer_types", "norm_offset", "sandwich_norm", "mlp_act",
+                                    "embed_scale", "attn_scale", "attn_softcap", "logit_softcap"}),
+                from_hf=_from_hf, to_hf=_to_hf, hf_block=HF_GEMMA_BLOCK)
