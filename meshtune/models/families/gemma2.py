@@ -4,8 +4,7 @@ tanh soft-capping of the attention scores and of the output logits, sliding-wind
 sub-layers, embeddings scaled by sqrt(dim), the softmax scaled by query_pre_attn_scalar, tied embeddings."""
 
 from meshtune.models.families.base import Family
-from meshtune.models.families.gemma3 import HF_GEMMA_BLOCK
-from meshtune.models.sizes import head_dim
+from meshtune.models.families.gemma3 import HF_GEMMA_BLOCK, gemma_from_hf, gemma_to_hf
 
 
 def _from_hf(hf: dict, refuse) -> dict:
@@ -13,24 +12,13 @@ def _from_hf(hf: dict, refuse) -> dict:
         raise refuse("attention_bias", "is not supported by meshtune's Gemma 2 (attention without biases)")
     n = hf["num_hidden_layers"]
     types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-    width = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    return {"norm_offset": True, "sandwich_norm": True, "embed_scale": True,
-            "attn_scale": float(hf.get("query_pre_attn_scalar") or width),
-            "attn_softcap": float(hf.get("attn_logit_softcapping") or 0.0),
-            "logit_softcap": float(hf.get("final_logit_softcapping") or 0.0),
-            "sliding_window": hf.get("sliding_window") or 0, "layer_types": list(types),
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
+    return {**gemma_from_hf(hf, types), "attn_softcap": float(hf.get("attn_logit_softcapping") or 0.0),
+            "logit_softcap": float(hf.get("final_logit_softcapping") or 0.0)}
 
 
 def _to_hf(m) -> dict:
-    scalar = m.attn_scale or head_dim(m)
-    return {"hidden_activation": "gelu_pytorch_tanh",
-            "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,  # transformers: int
-            "sliding_window": m.sliding_window or None,
-            "layer_types": list(m.layer_types) or [
-                "sliding_attention" if m.sliding_window else "full_attention"] * m.n_layers,
-            "attn_logit_softcapping": m.attn_softcap or None, "final_logit_softcapping": m.logit_softcap or None,
-            "attention_bias": False}
+    return {**gemma_to_hf(m), "attn_logit_softcapping": m.attn_softcap or None,
+            "final_logit_softcapping": m.logit_softcap or None}
 
 
 FAMILY = Family(name="gemma2", model_types=("gemma2",), architecture="Gemma2ForCausalLM",

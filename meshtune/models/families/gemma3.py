@@ -26,17 +26,21 @@ def _from_hf(hf: dict, refuse) -> dict:
     local = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
     if local.get("rope_type", "default") != "default":
         raise refuse("rope_parameters", "scales the sliding layers' rotary embedding, which meshtune keeps plain")
+    return {**gemma_from_hf(hf, types), "qk_norm": True,
+            "rope_local_theta": float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))}
+
+
+def gemma_from_hf(hf: dict, types: list[str]) -> dict:
+    """The model.* values Gemma 2 and Gemma 3 read alike; `types`: each layer's attention kind."""
     width = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    return {"qk_norm": True, "norm_offset": True, "sandwich_norm": True, "embed_scale": True,
+    return {"norm_offset": True, "sandwich_norm": True, "embed_scale": True,
             "attn_scale": float(hf.get("query_pre_attn_scalar") or width),
-            "rope_local_theta": float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))),
             "sliding_window": hf.get("sliding_window") or 0, "layer_types": list(types),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
 
 
-def _to_hf(m) -> dict:
-    rope = {"rope_type": "default", **m.rope_scaling, "rope_theta": m.rope_theta}
-    local = m.rope_local_theta or m.rope_theta
+def gemma_to_hf(m) -> dict:
+    """The config.json keys Gemma 2 and Gemma 3 write alike."""
     scalar = m.attn_scale or head_dim(m)
     return {"hidden_activation": "gelu_pytorch_tanh",
             "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,  # transformers: int
@@ -44,10 +48,16 @@ def _to_hf(m) -> dict:
             # [] means the same attention in every layer: all sliding when there is a window (layer_windows)
             "layer_types": list(m.layer_types) or [
                 "sliding_attention" if m.sliding_window else "full_attention"] * m.n_layers,
-            "rope_local_base_freq": local, "final_logit_softcapping": None, "attn_logit_softcapping": None,
-            "rope_parameters": {"full_attention": rope, "sliding_attention": {"rope_type": "default",
-                                                                               "rope_theta": local}},
             "attention_bias": False}
+
+
+def _to_hf(m) -> dict:
+    rope = {"rope_type": "default", **m.rope_scaling, "rope_theta": m.rope_theta}
+    local = m.rope_local_theta or m.rope_theta
+    return {**gemma_to_hf(m), "rope_local_base_freq": local, "final_logit_softcapping": None,
+            "attn_logit_softcapping": None,
+            "rope_parameters": {"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                               "rope_theta": local}}}
 
 
 FAMILY = Family(name="gemma3", model_types=("gemma3_text",), architecture="Gemma3ForCausalLM",
