@@ -312,6 +312,8 @@ def check_core(cfg) -> None:
     need(0 <= o.beta1 < 1, f"optim.beta1: must be in [0, 1), got {o.beta1}")
     need(0 <= o.beta2 < 1, f"optim.beta2: must be in [0, 1), got {o.beta2}")
     need(m.head_dim >= 0 and m.head_dim % 2 == 0, f"model.head_dim: must be 0 or even, got {m.head_dim}")
+    for key in ("attn_softcap", "logit_softcap"):
+        need(getattr(m, key) >= 0, f"model.{key}: must be >= 0 (0 = off), got {getattr(m, key)}")
     if not m.head_dim:
         need(m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}")
         need((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads must be even for rotary embeddings, got "

@@ -173,6 +173,8 @@ def test_literal_wrong_value_lists_choices(override, key):
         (["model.dim=12", "model.n_heads=4", "model.n_kv_heads=0"], "model.dim"),  # head dim 3: odd, no rotary
         (["model.n_kv_heads=3"], "model.n_kv_heads"),
         (["model.n_layers=0"], "model.n_layers"),
+        (["model.family=gemma2", "model.attn_softcap=-50"], "model.attn_softcap"),
+        (["model.family=gemma2", "model.logit_softcap=-1"], "model.logit_softcap"),
         (["data.seq_len=65"], "data.seq_len"),  # > model.max_seq_len=64
         (["data.train_path=train.jsonl"], "data.task"),  # both task and train_path
         (["data.task="], "data.task"),  # neither
