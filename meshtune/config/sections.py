@@ -6,6 +6,7 @@ schema is assembled in meshtune/schema.py. This package imports nothing else of 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -77,7 +78,8 @@ class ModelConfig:
     """Softmax scale of attention as 1 / sqrt(attn_scale) (Gemma's query_pre_attn_scalar); 0 = the head width."""
     attn_softcap: float = 0.0
     """Soft-cap attention scores to cap * tanh(score / cap) before the softmax (Gemma 2: 50); 0 = off. Attention
-    then runs as explicit matmuls and softmax (SDPA has no soft-capping)."""
+    then runs as explicit matmuls and softmax (SDPA has no soft-capping), keeping each layer's (heads, seq, seq)
+    scores for backward: `meshtune validate` counts them."""
     logit_softcap: float = 0.0
     """Soft-cap the output logits to cap * tanh(logit / cap) (Gemma 2: 30); 0 = off."""
 
@@ -313,7 +315,8 @@ def check_core(cfg) -> None:
     need(0 <= o.beta2 < 1, f"optim.beta2: must be in [0, 1), got {o.beta2}")
     need(m.head_dim >= 0 and m.head_dim % 2 == 0, f"model.head_dim: must be 0 or even, got {m.head_dim}")
     for key in ("attn_softcap", "logit_softcap"):
-        need(getattr(m, key) >= 0, f"model.{key}: must be >= 0 (0 = off), got {getattr(m, key)}")
+        need(math.isfinite(getattr(m, key)) and getattr(m, key) >= 0,
+             f"model.{key}: must be a finite number >= 0 (0 = off), got {getattr(m, key)}")
     if not m.head_dim:
         need(m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}")
         need((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads must be even for rotary embeddings, got "

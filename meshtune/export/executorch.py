@@ -142,11 +142,13 @@ def copy_tokenizer(run_dir, out) -> tuple[str, str | None, list]:
 
 def write(run, out, opts) -> list:
     from meshtune.data import build_tokenizer
+    from meshtune.export.program_decoder import check_program_model
     from meshtune.export.quantized import fp32_bytes
     from meshtune.export.static_cache import require_executorch
 
-    require_executorch()
     art = run.artifact
+    check_program_model(art.model_cfg)  # before the install check: no install makes it work
+    require_executorch()
     scheme, qcfg = program_scheme(run, opts.scheme)
     model = program_model(run)
     max_seq_len = opts.max_seq_len or model.cfg.max_seq_len

@@ -45,6 +45,18 @@ def load_runtime_ops(what: str = "--format executorch") -> None:
     from executorch.kernels import quantized  # noqa: F401
 
 
+def check_program_model(m) -> None:
+    """Refuse a model config a program cannot run (before anything is installed, loaded or lowered).
+
+    Raises:
+        ConfigError: naming model.attn_softcap (Gemma 2): ExecuTorch's SDPA kernel cannot soft-cap scores.
+    """
+    if m.attn_softcap:
+        raise ConfigError(f"model.attn_softcap={m.attn_softcap}: --format executorch runs attention in ExecuTorch's "
+                          "SDPA kernel, which cannot soft-cap scores (Gemma 2); export --format hf and run it "
+                          "elsewhere")
+
+
 def pair_swap(head_dim: int) -> torch.Tensor:
     """(D, D) P with F.linear(x, P) = (-x1, x0, -x3, x2, ...): `apply_rope` is x * cos + F.linear(x, P) * sin."""
     p = torch.zeros(head_dim, head_dim)
@@ -63,10 +75,7 @@ class ProgramDecoder(StaticCacheDecoder):
     """
 
     def __init__(self, model, max_seq_len: int, batch: int = 1):
-        if model.cfg.attn_softcap:
-            raise ConfigError(f"model.attn_softcap={model.cfg.attn_softcap}: --format executorch runs attention in "
-                              "ExecuTorch's SDPA kernel, which cannot soft-cap scores (Gemma 2); export --format hf "
-                              "and run it elsewhere")
+        check_program_model(model.cfg)
         super().__init__(model, max_seq_len, batch)
         assert model.rope_cos.dtype == model.norm.weight.dtype == torch.float32, "program_model() is float32"
         load_runtime_ops()

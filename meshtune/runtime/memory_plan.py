@@ -8,8 +8,9 @@ for 16-bit; rotary and norms compute in fp32, so bf16 is an estimate):
     none           5 dim + 5 q + 4 ffn + heads + 2    (q = heads x head_dim; k and v are stored repeated to q)
     full           dim                                (the block's input; backward recomputes one block at once)
     selective_op   3 dim + 2 q + 2 kv + 2 ffn + heads (the outputs of the matmuls and of attention, and the input)
-With model.attn_softcap (Gemma 2) attention runs as explicit matmuls, keeping heads x seq scores per token twice
-(the soft-capped scores and the fp32 softmax; once under selective_op: the scores matmul's output).
+With model.attn_softcap (Gemma 2) attention runs as explicit matmuls and keeps 8 bytes per score (heads x seq per
+token): the soft-capped scores and the fp32 softmax in fp32; in bf16 the capped scores (2), the fp32 softmax (4)
+and its bf16 copy (2). Under selective_op the scores matmul's output (one element per score).
 Logits: without chunking the loss keeps fp32 log-probabilities (4 B T V bytes) for backward, and backward adds
 their gradient and the logits' (`logits_bytes`); chunked, the same for B x chunk x V, one chunk at a time (in
 backward, where the chunk's logits are recomputed). bench/bench_memory.py measures these peaks.
@@ -35,13 +36,13 @@ class Shapes:
     scores: int = 0  # model.attn_softcap: heads x seq attention scores per token (explicit attention, no SDPA)
 
 
-def block_elems_per_token(s: Shapes, mode: str) -> float:
-    """Elements one block keeps for backward per token: mode `none`, `full` or `selective_op`."""
+def block_elems_per_token(s: Shapes, mode: str, elem: int = 4) -> float:
+    """Elements (of `elem` bytes) one block keeps for backward per token: mode `none`, `full` or `selective_op`."""
     if mode == "full":
         return s.dim
     if mode == "selective_op":
         return 3 * s.dim + 2 * s.q + 2 * s.kv + 2 * s.ffn + s.heads + s.scores
-    return 5 * s.dim + 5 * s.q + 4 * s.ffn + s.heads + 2 + 2 * s.scores
+    return 5 * s.dim + 5 * s.q + 4 * s.ffn + s.heads + 2 + 8 / elem * s.scores
 
 
 def activation_bytes(s: Shapes, tokens: int, layers: list[int], elem: int, checkpointing: bool = False,
@@ -49,13 +50,13 @@ def activation_bytes(s: Shapes, tokens: int, layers: list[int], elem: int, check
     """Bytes the blocks `layers` (global indices) keep for backward over `tokens` tokens; with checkpointing, one
     checkpointed block's full activations are added (live while it is recomputed). With `offload`
     (parallel.activation_offload) what blocks save lives in CPU memory: the device holds one block's at a time."""
-    none = block_elems_per_token(s, "none")
+    none = block_elems_per_token(s, "none", elem)
     if offload:
         return none * tokens * elem if layers else 0.0
     total, recompute = 0.0, 0.0
     for i in layers:
         if checkpointing and i % every == 0:
-            total += block_elems_per_token(s, mode)
+            total += block_elems_per_token(s, mode, elem)
             recompute = none
         else:
             total += none
@@ -63,7 +64,7 @@ def activation_bytes(s: Shapes, tokens: int, layers: list[int], elem: int, check
 
 
 def logits_bytes(s: Shapes, batch: int, seq: int, elem: int, chunk: int = 0,
-                 head_trains: bool = True, vocab_shards: int = 1) -> dict[str, float]:
+                 head_trains: bool = True, vocab_shards: int = 1, softcap: bool = False) -> dict[str, float]:
     """Bytes of the loss for one micro-batch of `batch` x `seq` tokens; `chunk` = train.loss_chunk_size (0 = off).
 
     'kept': the fp32 log-probabilities kept for backward at once. 'peak': the most the loss holds, in backward:
@@ -72,13 +73,15 @@ def logits_bytes(s: Shapes, batch: int, seq: int, elem: int, chunk: int = 0,
     recipes; a chunk's are freed once its log-probabilities exist). 'held': those unchunked logits, which stay
     live through the blocks' backward. `vocab_shards` > 1: parallel.vocab_parallel over that many ranks: each
     scores its 1 / vocab_shards of the vocabulary for every rank's tokens (as many logits as one unsplit rank's),
-    inside the loss, so none are held; the head's gradient is its shard's."""
+    inside the loss, so none are held; the head's gradient is its shard's. `softcap` (model.logit_softcap): the
+    tanh's output is kept too, and backward adds its gradient."""
     positions = min(chunk, seq) if chunk else seq
     n = batch * positions * s.vocab
-    kept = 4.0 * n
+    kept = 4.0 * n + (elem * n if softcap else 0.0)
     head_grad = 4.0 * s.vocab * s.dim / vocab_shards if head_trains else 0.0
     held = 0.0 if chunk or vocab_shards > 1 else elem * n
-    return {"kept": kept, "peak": kept + 4.0 * n + elem * n + held + head_grad, "held": held}
+    capped = elem * n if softcap else 0.0  # the gradient through the tanh
+    return {"kept": kept, "peak": kept + 4.0 * n + elem * n + capped + held + head_grad, "held": held}
 
 
 def step_moments(root: float, blocks: list[float], activations: float, logits: dict[str, float],

@@ -106,7 +106,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, devic
         if cfg.vocab_parallel:  # the embedding and head split by vocabulary rows, never gathered (plan-checked layout)
             from meshtune.runtime.vocab_parallel import apply_vocab_parallel
 
-            ignored = apply_vocab_parallel(model, fsdp_mesh, param_dtype)
+            ignored = apply_vocab_parallel(model, fsdp_mesh, param_dtype, model.cfg.logit_softcap)
         return apply_fsdp(model, fsdp_mesh, cfg.reshard_after_forward, param_dtype, pipelined, cfg.cpu_offload,
                           ignored, cfg.fsdp_unit)
     if mesh.dims.dp_mode == "ddp" and tp_mesh is not None:

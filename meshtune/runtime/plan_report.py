@@ -202,10 +202,10 @@ def planned_memory(cfg: Config, world_size: int) -> dict:
         blocks = units["blocks_ac" if ac else "blocks"]  # parallel.fsdp_unit=linear: one more held when recomputing
         act = activation_bytes(shapes, tokens, layers, elem, ac, every, mode, act_offload)
         logit = (logits_bytes(shapes, t.micro_batch_size, seq, elem, chunk, busiest["head_trains"],
-                              dims.dp_shard if p.vocab_parallel else 1)
+                              dims.dp_shard if p.vocab_parallel else 1, bool(cfg.model.logit_softcap))
                  if busiest["head"] else {"kept": 0.0, "peak": 0.0, "held": 0.0})  # the last stage's logits
         row = {k: (0.0 if offload else v) for k, v in state.items()}
-        own = 0.0 if act_offload else block_elems_per_token(shapes, "none") * tokens * elem  # a block's own
+        own = 0.0 if act_offload else block_elems_per_token(shapes, "none", elem) * tokens * elem  # a block's own
         moments = step_moments(units["root"], blocks, act, logit, busiest["dequantized"], layout["reduced"],
                                min(own, act))
         return {**row, "gathered": units["root"] + max(units["root"], sum(blocks)), "activations": act,

@@ -74,7 +74,8 @@ class VocabShard:
     softcap: float = 0.0
 
 
-def apply_vocab_parallel(model: nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> set[nn.Parameter]:
+def apply_vocab_parallel(model: nn.Module, mesh, compute_dtype: torch.dtype | None = None,
+                         softcap: float = 0.0) -> set[nn.Parameter]:
     """Split the embedding and output head of `model` by vocabulary rows over the 1-D `mesh`; return the parameters
     FSDP2 must leave alone (`fully_shard(..., ignored_params=...)`). Works on meta and materialised models; a tied
     head keeps sharing the embedding's Parameter.
@@ -90,7 +91,6 @@ def apply_vocab_parallel(model: nn.Module, mesh, compute_dtype: torch.dtype | No
     vocab = emb.weight.shape[0]
     rank, size = mesh.get_local_rank(), mesh.size()
     start, rows = shard_rows(vocab, size, rank)
-    softcap = getattr(getattr(model, "cfg", None), "logit_softcap", 0.0)
     shard = VocabShard(mesh.get_group(), rank, size, start, rows, vocab, compute_dtype, softcap)
     tied = head.weight is emb.weight
     made: dict[int, nn.Parameter] = {}

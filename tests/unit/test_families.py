@@ -138,6 +138,29 @@ def test_every_recipe_trains_on_every_family(recipe_dirs, tmp_path, case, recipe
     assert after < before, (before, after)
 
 
+@pytest.mark.parametrize("case", ["gemma2", "gemma3"])
+def test_gemma_keys_left_out_of_config_json_take_transformers_defaults(case):
+    """A hand-written config.json without the Gemma keys reads as transformers reads it (soft-caps on for Gemma 2,
+    a 4096 window, 256-wide heads and query_pre_attn_scalar), never as a silently different model."""
+    import transformers
+
+    from meshtune.models.hf_config import model_config_from_hf
+
+    conf_cls, model_cls, _ = CASES[case]
+    written = json.loads(getattr(transformers, conf_cls)(**hf_models.BASE).to_json_string())
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "query_pre_attn_scalar",
+                "head_dim", "layer_types"):
+        written.pop(key, None)
+    ours, theirs = model_config_from_hf(written), getattr(transformers, conf_cls)(**written)
+    assert ours.head_dim == theirs.head_dim == 256 and ours.sliding_window == theirs.sliding_window == 4096
+    assert ours.attn_scale == theirs.query_pre_attn_scalar == 256
+    assert ours.attn_softcap == (theirs.attn_logit_softcapping or 0.0)
+    assert ours.logit_softcap == (theirs.final_logit_softcapping or 0.0)
+    assert ours.layer_types == theirs.layer_types
+    if case == "gemma2":
+        assert (ours.attn_softcap, ours.logit_softcap) == (50.0, 30.0)
+
+
 def test_values_the_user_set_right_are_not_contradictions(tmp_path):
     """Derived values resolve against the checkpoint's own model: 0 = default, the window as config.json has it."""
     hf_model("mistral-window").save_pretrained(tmp_path)

@@ -58,12 +58,15 @@ def test_activation_bytes_match_counted(dims, ac):
     assert abs(counter.total() - predicted) / predicted < 0.10, (counter.total(), predicted)
 
 
+@pytest.mark.parametrize("softcap", [0.0, 30.0], ids=["plain", "softcapped"])
 @pytest.mark.parametrize("chunk", [0, 16, 48])
-def test_logits_bytes_kept_for_backward_match_counted(chunk):
+def test_logits_bytes_kept_for_backward_match_counted(chunk, softcap):
     """Unchunked: the fp32 log-probabilities saved in forward. Chunked: the forward saves no vocabulary-sized
     tensor at all, and backward's recompute of one chunk saves what the plain loss saves for B x chunk
     positions (the checkpoint's recompute bypasses saved-tensor hooks, so that chunk is counted directly)."""
-    model = build_model(ModelConfig(dim=32, n_heads=4, n_layers=1, max_seq_len=T), V)
+    family = ["model.family=gemma2", f"model.logit_softcap={softcap}"] if softcap else []
+    model = build_model(ModelConfig(dim=32, n_heads=4, n_layers=1, max_seq_len=T,
+                                    **({"family": "gemma2", "logit_softcap": softcap} if softcap else {})), V)
     hidden = torch.randn(B, T, 32, requires_grad=True)
     labels = torch.randint(0, V, (B, T))
     inputs = B * T * (32 * 4 + 8)  # the hidden states and labels (views of them), not logits
@@ -74,12 +77,12 @@ def test_logits_bytes_kept_for_backward_match_counted(chunk):
             summed_loss(logits_of(h), lab).backward()
         return counter.total()
     if chunk:
-        assert saved(lambda h: ChunkedLogits(h, model.output, chunk), hidden, labels) <= inputs
-        counted = saved(model.output, hidden[:, :chunk], labels[:, :chunk]) - B * chunk * 32 * 4
+        assert saved(lambda h: ChunkedLogits(h, model.output, chunk, softcap), hidden, labels) <= inputs
+        counted = saved(model.logits, hidden[:, :chunk], labels[:, :chunk]) - B * chunk * 32 * 4
     else:
-        counted = saved(model.output, hidden, labels) - B * T * 32 * 4
-    shapes = model_shapes(load_config(None, ["data.task=sort", "model.dim=32", "model.n_heads=4"]), V, 1)
-    predicted = logits_bytes(shapes, B, T, 4, chunk)["kept"]
+        counted = saved(model.logits, hidden, labels) - B * T * 32 * 4
+    shapes = model_shapes(load_config(None, ["data.task=sort", "model.dim=32", "model.n_heads=4", *family]), V, 1)
+    predicted = logits_bytes(shapes, B, T, 4, chunk, softcap=bool(softcap))["kept"]
     assert abs(counted - predicted) / predicted < 0.10, (counted, predicted)
 
 
@@ -249,3 +252,21 @@ def test_validate_offers_vocab_parallel_as_a_lever():
     assert plain[alone][gathered] < plain["as configured"][gathered]  # the 4096-row table is never gathered
     assert alone not in rows("parallel.vocab_parallel=true")
     assert alone not in rows("parallel.tp=2", "parallel.dp_shard=1")  # no FSDP2 sharding: not a lever
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_softcapped_attention_keeps_eight_bytes_per_score(dtype):
+    """model.attn_softcap's explicit attention (the planner's `scores` term): beside q, k and v, what autograd keeps
+    is 8 bytes per score in either precision (fp32: capped scores + softmax; bf16: capped scores, the fp32 softmax
+    and its bf16 copy)."""
+    from meshtune.models.decoder import attention
+
+    H, D = 4, 16
+    q, k, v = (torch.randn(B, H, T, D, dtype=dtype, requires_grad=True) for _ in range(3))
+    counter = SavedBytes(torch.nn.Module())
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        attention(q, k, v, None, None, 30.0).float().sum().backward()
+    qkv = 3 * B * H * T * D * q.element_size()
+    mask = T * T  # the causal mask (bool), shared by every head
+    scores = B * H * T * T
+    assert counter.total() - qkv - mask == 8 * scores, (counter.total() - qkv - mask, 8 * scores)

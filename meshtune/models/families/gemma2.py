@@ -8,12 +8,14 @@ from meshtune.models.families.gemma3 import HF_GEMMA_BLOCK, gemma_from_hf, gemma
 
 
 def _from_hf(hf: dict, refuse) -> dict:
-    if hf.get("attention_bias"):
-        raise refuse("attention_bias", "is not supported by meshtune's Gemma 2 (attention without biases)")
+    for key in ("attention_bias", "use_bidirectional_attention"):
+        if hf.get(key):
+            raise refuse(key, "is not supported by meshtune's Gemma 2 (causal attention without biases)")
     n = hf["num_hidden_layers"]
     types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-    return {**gemma_from_hf(hf, types), "attn_softcap": float(hf.get("attn_logit_softcapping") or 0.0),
-            "logit_softcap": float(hf.get("final_logit_softcapping") or 0.0)}
+    # a key config.json leaves out takes Gemma2Config's default (50, 30); written as null, it is off
+    return {**gemma_from_hf(hf, types), "attn_softcap": float(hf.get("attn_logit_softcapping", 50.0) or 0.0),
+            "logit_softcap": float(hf.get("final_logit_softcapping", 30.0) or 0.0)}
 
 
 def _to_hf(m) -> dict:

@@ -31,11 +31,12 @@ def _from_hf(hf: dict, refuse) -> dict:
 
 
 def gemma_from_hf(hf: dict, types: list[str]) -> dict:
-    """The model.* values Gemma 2 and Gemma 3 read alike; `types`: each layer's attention kind."""
-    width = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    return {"norm_offset": True, "sandwich_norm": True, "embed_scale": True,
-            "attn_scale": float(hf.get("query_pre_attn_scalar") or width),
-            "sliding_window": hf.get("sliding_window") or 0, "layer_types": list(types),
+    """The model.* values Gemma 2 and Gemma 3 read alike; `types`: each layer's attention kind. A key config.json
+    leaves out takes transformers' default for both (head_dim 256, query_pre_attn_scalar 256, sliding_window
+    4096), as transformers would load it."""
+    return {"norm_offset": True, "sandwich_norm": True, "embed_scale": True, "head_dim": hf.get("head_dim") or 256,
+            "attn_scale": float(hf.get("query_pre_attn_scalar") or 256),
+            "sliding_window": hf.get("sliding_window", 4096) or 0, "layer_types": list(types),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
 
 
