@@ -68,9 +68,19 @@ class ChunkedLogits(HiddenLogits):
         total = None
         for start in range(0, T, self.chunk_size):
             parts = [t[:, start:start + self.chunk_size] for t in (self.hidden, *aligned)]
-            part = checkpoint(functools.partial(self._apply, fn), *parts, use_reentrant=False)
+            if torch.is_grad_enabled():
+                part = checkpoint(functools.partial(self._apply, fn), *parts, use_reentrant=False)
+            else:  # evaluation: nothing to recompute
+                part = self._apply(fn, *parts)
             total = part if total is None else total + part
         return total
+
+    def argmax(self, dim: int = -1) -> torch.Tensor:
+        """The (B, T) argmax over the vocabulary, chunk by chunk (evaluation's exact match)."""
+        assert dim in (-1, 2), dim
+        with torch.no_grad():
+            return torch.cat([self._logits(self.hidden[:, start:start + self.chunk_size]).argmax(dim=-1)
+                              for start in range(0, self.hidden.shape[1], self.chunk_size)], dim=1)
 
     def _apply(self, fn: Callable[..., torch.Tensor], hidden: torch.Tensor, *aligned: torch.Tensor) -> torch.Tensor:
         return fn(self._logits(hidden), *aligned)  # (B, c, V) logits live only inside this call

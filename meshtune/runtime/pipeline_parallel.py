@@ -95,10 +95,9 @@ class Pipeline:
 
             last = unwrap(self.parts[self.ids.index(self.num_stages - 1)])
             logits = ChunkedLogits(logits, last.output, self.loss_chunk, last.cfg.logit_softcap)
-        if self._eval_totals is not None:  # evaluation: count, nothing to differentiate
-            full = logits.full() if self.loss_chunk else logits
-            self._eval_totals += eval_counts(full, labels)
-            return full.new_zeros(())
+        if self._eval_totals is not None:  # evaluation: count (chunk by chunk when chunked), nothing to differentiate
+            self._eval_totals += eval_counts(logits, labels)
+            return logits.hidden.new_zeros(()) if self.loss_chunk else logits.new_zeros(())
         return summed_loss(logits, labels) * self.scale
 
     def _run(self, run, micro_batches: list[dict], device: torch.device) -> list[torch.Tensor]:

@@ -103,6 +103,22 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _as_loss_reads(self, out: torch.Tensor):
+        """The model's output as the loss and evaluation read it: with parallel.vocab_parallel the head runs inside
+        the loss on this rank's vocabulary rows (VocabParallelLogits), with train.loss_chunk_size chunk by chunk
+        (ChunkedLogits), both from the hidden states the model returned; else the logits themselves."""
+        if self.vocab_shard is not None:
+            return VocabParallelLogits(out, unwrap(self.model).output, self.vocab_shard, self.loss_chunk)
+        if self.loss_chunk:
+            model = unwrap(self.model)
+            return ChunkedLogits(out, model.output, self.loss_chunk, model.cfg.logit_softcap)
+        return out
+
+    def _loss_precision(self):
+        """A chunked head runs inside the loss in the forward's precision (autocast); the vocabulary-parallel one
+        casts its weight itself."""
+        return self._autocast() if self.loss_chunk and self.vocab_shard is None else contextlib.nullcontext()
+
     def forward_backward(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate this step's gradients; returns (this rank's summed token loss, global valid tokens)."""
         self.model.train()
@@ -117,12 +133,8 @@ class Trainer:
             with self.engine.accumulate(last=i == len(micro_batches) - 1):
                 with self._autocast():
                     logits = self.model(*model_args(mb, self.device), **self._forward_kwargs)
-                if self.vocab_shard is not None:  # the head runs inside the loss, on this rank's vocabulary rows
-                    logits = VocabParallelLogits(logits, unwrap(self.model).output, self.vocab_shard, self.loss_chunk)
-                elif self.loss_chunk:  # the head runs chunk by chunk inside the loss, in the forward's precision
-                    head = unwrap(self.model)
-                    logits = ChunkedLogits(logits, head.output, self.loss_chunk, head.cfg.logit_softcap)
-                with self._autocast() if self.loss_chunk and self.vocab_shard is None else contextlib.nullcontext():
+                logits = self._as_loss_reads(logits)
+                with self._loss_precision():
                     loss = summed_loss(logits, labels)
                     total = loss
                     for recipe in self.recipes:
@@ -192,12 +204,10 @@ class Trainer:
                 if not idx:
                     labels.fill_(IGNORE_INDEX)
                 with self._autocast():
-                    if self.vocab_shard is None:
-                        logits = self.model(*model_args(batch, self.device))
-                    else:  # loss and argmax across the vocabulary shards, never the whole logits
-                        logits = VocabParallelLogits(self.model(*model_args(batch, self.device), hidden_only=True),
-                                                     unwrap(self.model).output, self.vocab_shard)
-                totals += eval_counts(logits, labels)
+                    logits = self.model(*model_args(batch, self.device), **self._forward_kwargs)
+                logits = self._as_loss_reads(logits)  # as in training: never the whole logits where it avoids them
+                with self._loss_precision():
+                    totals += eval_counts(logits, labels)
         loss, ntok, correct, nseq = self._reduce(totals).tolist()
         return {"eval_loss": loss / max(ntok, 1), "eval_accuracy": correct / max(nseq, 1)}
 

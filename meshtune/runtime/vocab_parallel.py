@@ -308,7 +308,10 @@ class VocabParallelLogits(HiddenLogits):
         total = None
         for start in range(0, big[1], self.chunk_size):
             part = [t[:, start:start + self.chunk_size] for t in (h, targets, mine)]
-            loss = checkpoint(self._chunk_loss, w, *part, use_reentrant=False)
+            if torch.is_grad_enabled():
+                loss = checkpoint(self._chunk_loss, w, *part, use_reentrant=False)
+            else:  # evaluation: nothing to recompute
+                loss = self._chunk_loss(w, *part)
             total = loss if total is None else total + loss
         return total
 
@@ -321,17 +324,29 @@ class VocabParallelLogits(HiddenLogits):
         """The global argmax over the vocabulary at this rank's (B, T) positions (the first, as torch.argmax)."""
         assert dim in (-1, 2), dim
         with torch.no_grad():
-            logits, _, own, big = self._local()
-            if self.shard.rows:
-                best, where = logits.float().max(dim=-1)
-            else:
-                best = logits.new_full(logits.shape[:-1], -float("inf"), dtype=torch.float32)
-                where = torch.zeros_like(best, dtype=torch.int64)
-            top = best.clone()
-            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.shard.group)
-            index = torch.where(best == top, where + self.shard.start, self.shard.vocab)
-            dist.all_reduce(index, op=dist.ReduceOp.MIN, group=self.shard.group)
+            if not self.chunk_size:
+                logits, _, own, big = self._local()
+                return self._own(self._argmax(logits), own, big)
+            h, own, big = _padded_gather(self.hidden, self.shard)
+            w = _local_weight(self.head.weight, self.shard)
+            index = torch.cat([self._argmax(softcap_logits(nn.functional.linear(
+                h[:, start:start + self.chunk_size].to(w.dtype), w), self.shard.softcap))
+                for start in range(0, big[1], self.chunk_size)], dim=1)
         return self._own(index, own, big)
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The global vocabulary index of the largest logit (the first, as torch.argmax) from every rank's columns
+        `logits` (..., rows)."""
+        if self.shard.rows:
+            best, where = logits.float().max(dim=-1)
+        else:
+            best = logits.new_full(logits.shape[:-1], -float("inf"), dtype=torch.float32)
+            where = torch.zeros_like(best, dtype=torch.int64)
+        top = best.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.shard.group)
+        index = torch.where(best == top, where + self.shard.start, self.shard.vocab)
+        dist.all_reduce(index, op=dist.ReduceOp.MIN, group=self.shard.group)
+        return index
 
     def full(self, softcap: bool = True) -> torch.Tensor:
         """The whole (B, T, V) logits of this rank's positions (tests, callers outside the trainer); `softcap`

@@ -38,7 +38,9 @@ def lever_vs_reference(run_dir, overrides, teacher=None):
     losses, ref_losses = step_losses(trainer, 3), step_losses(ref, 3)
     return {"grad_diff": grad_diff, "losses": losses, "ref_losses": ref_losses,
             "param_diff": max_diff(*held(full_params(trainer.model), full_params(ref.model))),
-            "devices": sorted({str(p.device) for p in unwrap(trainer.model).parameters()})}
+            "devices": sorted({str(p.device) for p in unwrap(trainer.model).parameters()}),
+            # evaluation through the same lever (a chunked loss evaluates chunk by chunk) against whole logits
+            "eval": trainer.evaluate(), "ref_eval": ref.evaluate()}
 
 
 CHUNK = "train.loss_chunk_size=5"
@@ -87,6 +89,8 @@ def test_lever_matches_single_process(rank_pool, tmp_path, name):
         assert r["grad_diff"] < TOL, r
         assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"], strict=True)) < TOL, r
         assert r["param_diff"] < 1e-4, r
+        assert abs(r["eval"]["eval_loss"] - r["ref_eval"]["eval_loss"]) < 1e-4, r
+        assert r["eval"]["eval_accuracy"] == r["ref_eval"]["eval_accuracy"], r
 
 
 def offload_vs_on_device(run_dir):

@@ -79,11 +79,38 @@ def test_losses_unchanged_when_off(tmp_path, monkeypatch, name, overrides):
     assert [x.hex() for x in losses] == [x.hex() for x in step_losses(ref, 3)]  # and the same seed repeats bitwise
 
 
-def test_chunked_training_evaluates_with_full_logits(tmp_path):
-    trainer = build_trainer(tiny_config(str(tmp_path), "parallel.dp_shard=1", "train.loss_chunk_size=8",
-                                        "train.steps=2"), DistEnv())
-    out = trainer.fit()
-    assert out["final_eval"]["eval_loss"] > 0
+@pytest.mark.parametrize("overrides", [[], ["model.family=gemma2", "model.logit_softcap=0.5"]],
+                         ids=["plain", "softcapped"])
+def test_chunked_evaluation_equals_full_logits_and_never_builds_them(tmp_path, overrides):
+    """Evaluation reads the head chunk by chunk too (loss and exact match): the same figures as with the whole
+    logits, while no tensor over the vocabulary spans more than one chunk of positions."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def evaluated(name, *extra):
+        torch.manual_seed(0)
+        trainer = build_trainer(tiny_config(str(tmp_path / name), "parallel.dp_shard=1", "train.eval_batches=2",
+                                            *overrides, *extra), DistEnv())
+        vocab = unwrap(trainer.model).output.weight.shape[0]
+
+        class Widest(TorchDispatchMode):
+            positions = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == vocab:
+                        Widest.positions = max(Widest.positions, t.shape[:-1].numel())
+                return out
+
+        with Widest():
+            result = trainer.evaluate()
+        return result, Widest.positions, trainer.cfg.train.micro_batch_size, trainer.cfg.data.seq_len
+
+    full, widest_full, batch, seq = evaluated("full")
+    chunked, widest, _, _ = evaluated("chunked", "train.loss_chunk_size=5")
+    assert abs(chunked["eval_loss"] - full["eval_loss"]) < TOL, (chunked, full)
+    assert chunked["eval_accuracy"] == full["eval_accuracy"]
+    assert widest_full == batch * seq and widest == batch * 5, (widest_full, widest)
 
 
 @pytest.mark.parametrize("override,match", [
@@ -93,3 +120,16 @@ def test_chunked_training_evaluates_with_full_logits(tmp_path):
 def test_bad_chunk_settings(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["data.task=sort", "parallel.tp=2", "train.loss_chunk_size=8", override])
+
+
+def test_chunked_argmax_is_the_full_argmax():
+    """Exact match's argmax, chunk by chunk (uneven last chunk), soft-capped or not, on logits that vary."""
+    from meshtune.runtime.chunked_loss import ChunkedLogits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=False)
+    hidden = torch.randn(3, 11, 16)
+    for cap in (0.0, 0.5):
+        want = head(hidden).argmax(dim=-1)
+        got = ChunkedLogits(hidden, head, 4, cap).argmax(dim=-1)
+        assert torch.equal(got, want) and want.unique().numel() > 5
