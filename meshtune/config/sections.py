@@ -192,8 +192,9 @@ class ParallelConfig:
     in CPU memory (CPUOffloadPolicy, pinned where CUDA is present); each block's parameters are copied to the
     device for its compute and the optimizer steps on CPU."""
     vocab_parallel: bool = False
-    """FSDP2 (parallel.engine=native, dp_shard > 1, tp = pp = dp_replicate = 1): keep the embedding and output head
-    split by vocabulary rows over the dp_shard ranks and never gather them; token ids and hidden states are gathered
+    """FSDP2 or HSDP (parallel.engine=native, dp_shard > 1, tp = pp = 1): keep the embedding and output head split
+    by vocabulary rows over the dp_shard ranks (the same split on every dp_replicate replica, gradients averaged
+    over them) and never gather them; token ids and hidden states are gathered
     instead and the loss is a vocabulary-parallel cross-entropy (runtime/vocab_parallel.py). For large vocabularies
     (Llama 3's 128K): the root unit no longer holds the whole table. Full fine-tuning and LoRA. Each rank's logits
     are (dp x batch, seq, vocab / dp), as many as without the key: train.loss_chunk_size chunks them too."""

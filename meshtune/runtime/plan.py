@@ -150,7 +150,7 @@ VOCAB_PARALLEL_RECIPES = ("lora",)  # recipes that leave the embedding and head 
 
 
 def check_vocab_parallel(cfg: Config, dims: ParallelDims) -> None:
-    """parallel.vocab_parallel's layout: native FSDP2 over dp_shard alone, full fine-tuning or LoRA.
+    """parallel.vocab_parallel's layout: native FSDP2 or HSDP (split over dp_shard), full fine-tuning or LoRA.
 
     Raises:
         ConfigError: naming the key that conflicts and the fix.
@@ -163,9 +163,9 @@ def check_vocab_parallel(cfg: Config, dims: ParallelDims) -> None:
     if dims.dp_shard < 2:
         raise ConfigError(f"parallel.dp_shard: vocab_parallel splits the vocabulary over dp_shard, got "
                           f"dp_shard={dims.dp_shard}; use parallel.dp_shard > 1 {off}")
-    for axis in ("dp_replicate", "tp", "pp"):
+    for axis in ("tp", "pp"):
         if getattr(dims, axis) != 1:
-            raise ConfigError(f"parallel.{axis}: vocab_parallel runs over dp_shard alone, got {axis}="
+            raise ConfigError(f"parallel.{axis}: vocab_parallel runs over the data-parallel axes alone, got {axis}="
                               f"{getattr(dims, axis)}; set parallel.{axis}=1 {off}")
     if p.cpu_offload:
         raise ConfigError(f"parallel.cpu_offload: not supported with vocab_parallel; set parallel.cpu_offload=false "

@@ -36,7 +36,7 @@ from meshtune.runtime.mesh import ParallelMesh
 from meshtune.runtime.metrics import Metrics, peak_memory_gb
 from meshtune.runtime.pipeline_parallel import Pipeline
 from meshtune.runtime.precision import use_bf16
-from meshtune.runtime.vocab_parallel import VocabParallelLogits, vocab_shard_of
+from meshtune.runtime.vocab_parallel import VocabParallelLogits, sync_replicas, vocab_shard_of
 from meshtune.schema import Config
 
 
@@ -141,6 +141,8 @@ class Trainer:
                         total = recipe.loss(total, logits, mb)
                 self.engine.backward(total * scale)
             loss_sum += loss.detach()
+        if self.vocab_shard is not None:  # HSDP: the split table's replicas average their gradients, as FSDP2's do
+            sync_replicas(unwrap(self.model), self.vocab_shard)
         return loss_sum, tokens
 
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, float]:

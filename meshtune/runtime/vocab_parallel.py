@@ -1,4 +1,5 @@
-"""Vocabulary-parallel embedding and output head over the FSDP2 (dp_shard) axis: `parallel.vocab_parallel: true`.
+"""Vocabulary-parallel embedding and output head over the FSDP2 (dp_shard) axis: `parallel.vocab_parallel: true`
+(under HSDP every dp_replicate replica holds the same split, its gradient averaged over them).
 
 Why. Under FSDP2 the root unit holds the embedding (and the tied head) and gathers it whole for the step: on a
 Llama-3.2-1B-shaped model the 128256 x 2048 table is 0.23x of the fp32 model, gathered (0.23x) beside its
@@ -15,8 +16,9 @@ the tensor-parallel ones: every rank works on every rank's tokens for its own ro
                 (each rank's rows train every rank's vocabulary shard), the hidden-state gradient reduce-scattered.
 
 Gradient scale. The trainer backprops (summed token loss x dp / global tokens) on every rank and FSDP2 averages
-gradients over dp; a vocabulary shard's gradient is already the sum over every rank's tokens, so it is multiplied
-by 1 / dp here instead (on its way into `.grad`), giving exactly the single-process gradient.
+gradients over dp; a vocabulary shard's gradient is already the sum over its dp_shard group's tokens, so it is
+multiplied by 1 / dp_shard here instead (on its way into `.grad`) and, under HSDP, averaged over the dp_replicate
+replicas once a step's micro-batches are in (`sync_replicas`), giving exactly the single-process gradient.
 
     shard = apply_vocab_parallel(model, fsdp_mesh, compute_dtype)   # before fully_shard(..., ignored_params=...)
     logits = VocabParallelLogits(model(tokens, hidden_only=True), shard)
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils.checkpoint import checkpoint
 
 from meshtune.config import ConfigError
@@ -62,6 +64,7 @@ class VocabShard:
         vocab: the whole vocabulary.
         compute_dtype: the dtype the table is cast to for compute (FSDP2's param_dtype), None = its own.
         softcap: model.logit_softcap (Gemma 2), applied to each rank's logit columns (elementwise), 0 = off.
+        replicas: under HSDP, the dp_replicate group holding the same split (None without replicas).
     """
 
     group: dist.ProcessGroup
@@ -72,13 +75,16 @@ class VocabShard:
     vocab: int
     compute_dtype: torch.dtype | None = None
     softcap: float = 0.0
+    replicas: dist.ProcessGroup | None = None
 
 
 def apply_vocab_parallel(model: nn.Module, mesh, compute_dtype: torch.dtype | None = None,
                          softcap: float = 0.0) -> set[nn.Parameter]:
-    """Split the embedding and output head of `model` by vocabulary rows over the 1-D `mesh`; return the parameters
-    FSDP2 must leave alone (`fully_shard(..., ignored_params=...)`). Works on meta and materialised models; a tied
-    head keeps sharing the embedding's Parameter.
+    """Split the embedding and output head of `model` by vocabulary rows over FSDP2's `mesh`: its last dimension
+    (dp_shard); under HSDP (a 2-D (dp_replicate, dp_shard) mesh) every replica holds the same split, its gradient
+    averaged over the replicas by `sync_replicas`. Return the parameters FSDP2 must leave alone
+    (`fully_shard(..., ignored_params=...)`). Works on meta and materialised models; a tied head keeps sharing the
+    embedding's Parameter.
 
     Raises:
         ConfigError: naming parallel.vocab_parallel when a recipe replaced the embedding or head modules.
@@ -89,16 +95,19 @@ def apply_vocab_parallel(model: nn.Module, mesh, compute_dtype: torch.dtype | No
             raise ConfigError(f"parallel.vocab_parallel: the model's {type(module).__name__} embedding/head is not a "
                               f"plain {kind.__name__} (a recipe wraps it); set parallel.vocab_parallel=false")
     vocab = emb.weight.shape[0]
-    rank, size = mesh.get_local_rank(), mesh.size()
+    last = mesh.ndim - 1
+    rank, size = mesh.get_local_rank(last), mesh.size(last)
     start, rows = shard_rows(vocab, size, rank)
-    shard = VocabShard(mesh.get_group(), rank, size, start, rows, vocab, compute_dtype, softcap)
+    replicas = mesh.get_group(0) if mesh.ndim == 2 else None
+    shard = VocabShard(mesh.get_group(last), rank, size, start, rows, vocab, compute_dtype, softcap, replicas)
+    placements = [Replicate(), Shard(0)] if mesh.ndim == 2 else [Shard(0)]
     tied = head.weight is emb.weight
     made: dict[int, nn.Parameter] = {}
     for module in (emb, head):
         w = module.weight
         if id(w) not in made:
             local = w.detach()[start:start + rows].clone()  # (rows, dim); on meta, a shaped nothing
-            dt = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=w.shape, stride=w.stride())
+            dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=w.shape, stride=w.stride())
             made[id(w)] = nn.Parameter(dt, requires_grad=w.requires_grad)
         module.weight = made[id(w)]
     assert not tied or head.weight is emb.weight
@@ -106,6 +115,16 @@ def apply_vocab_parallel(model: nn.Module, mesh, compute_dtype: torch.dtype | No
     head.forward = functools.partial(_full_logits, head, shard)
     head.vocab_shard = shard  # the trainer builds VocabParallelLogits from it
     return set(made.values())
+
+
+def sync_replicas(model: nn.Module, shard: VocabShard) -> None:
+    """Under HSDP: average the split table's gradients over the replicas (dp_replicate), as FSDP2 does for the
+    parameters it manages, once all of a step's micro-batches are accumulated. Nothing without replicas."""
+    if shard.replicas is None:
+        return
+    for p in {id(m.weight): m.weight for m in (model.tok_embeddings, model.output)}.values():
+        if p.grad is not None:
+            dist.all_reduce(p.grad.to_local(), op=dist.ReduceOp.AVG, group=shard.replicas)
 
 
 def vocab_shard_of(model: nn.Module) -> VocabShard | None:

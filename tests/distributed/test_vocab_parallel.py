@@ -56,6 +56,7 @@ def vp_vs_reference(run_dir, extra, steps):
                param_diff=max_diff(full_params(trainer.model), full_params(ref.model)),
                eval=trainer.evaluate(), ref_eval=ref.evaluate())
     out.update(logits_vs_reference(trainer, ref))
+    out["local_table"] = float(emb.to_local().double().sum()) if isinstance(emb, DTensor) else None
     return out
 
 
@@ -85,7 +86,22 @@ def logits_vs_reference(trainer, ref) -> dict:
                          ids=["full", "full-tied", "lora", "lora-tied", "full-tied-chunked", "lora-chunked",
                               "softcapped", "softcapped-chunked"])
 def test_vocab_parallel_matches_single_process(rank_pool, tmp_path, extra):
-    results = rank_pool(2).run(vp_vs_reference, str(tmp_path), extra, 4)
+    check_vs_reference(rank_pool(2).run(vp_vs_reference, str(tmp_path), extra, 4), extra)
+
+
+@pytest.mark.parametrize("extra", [["model.tie_embeddings=true"], [*LORA, "train.loss_chunk_size=5"]],
+                         ids=["full-tied", "lora-chunked"])
+def test_vocab_parallel_under_hsdp_matches_single_process(rank_pool, tmp_path, extra):
+    """dp_replicate=2 x dp_shard=2: each replica holds the same vocabulary split; its gradient is averaged over the
+    replicas (sync_replicas), the split kept equal on both."""
+    results = rank_pool(4).run(vp_vs_reference, str(tmp_path), [*layout(2, 2, 2), *extra], 4)
+    check_vs_reference(results, extra)
+    assert results[0]["local_table"] == results[2]["local_table"]  # rank 2: replica 1's first shard
+    assert results[1]["local_table"] == results[3]["local_table"]
+    assert results[0]["local_table"] != results[1]["local_table"]
+
+
+def check_vs_reference(results: list[dict], extra: list[str]) -> None:
     for r in results:
         assert r["emb_local_rows"] == -(-r["vocab"] // 2) or r["emb_local_rows"] == r["vocab"] // 2, r
         assert r["tied"] == ("model.tie_embeddings=true" in extra)
@@ -101,7 +117,7 @@ def test_vocab_parallel_matches_single_process(rank_pool, tmp_path, extra):
         assert r["eval"]["eval_accuracy"] == r["ref_eval"]["eval_accuracy"], r
         assert r["logits_shape"][-1] == r["vocab"] and r["logit_diff"] < TOL, r
         assert r["argmax_equal"], r  # a few steps in, one token wins everywhere: the ops test varies it
-    assert results[0]["losses"] == results[1]["losses"]
+    assert all(r["losses"] == results[0]["losses"] for r in results)
 
 
 def accumulation_vs_reference(run_dir):
@@ -153,14 +169,17 @@ def save_vp_checkpoint(run_dir, extra):
     return saved, step_losses(trainer, 2)
 
 
-@pytest.mark.parametrize("extra", [[], ["model.tie_embeddings=true"]], ids=["untied", "tied"])
-def test_vocab_parallel_reshards_to_single_process(rank_pool, tmp_path, extra):
-    """Saved by 2 vocabulary-parallel ranks; this process alone (dp_shard=1, no vocab_parallel) resumes it and
-    trains on like the 2 ranks did."""
+@pytest.mark.parametrize("world,extra", [(2, []), (2, ["model.tie_embeddings=true"]),
+                                         (4, [*layout(2, 2, 2), "model.tie_embeddings=true"])],
+                         ids=["untied", "tied", "hsdp-tied"])
+def test_vocab_parallel_reshards_to_single_process(rank_pool, tmp_path, world, extra):
+    """Saved by 2 vocabulary-parallel ranks (or 2 x 2 under HSDP); this process alone (dp_shard=1, no
+    vocab_parallel) resumes it and trains on like the ranks did."""
     from meshtune.runtime.env import DistEnv
     from meshtune.runtime.run import build_trainer
 
-    saved, following = rank_pool(2).run(save_vp_checkpoint, str(tmp_path), extra)[0]
+    saved, following = rank_pool(world).run(save_vp_checkpoint, str(tmp_path), extra)[0]
+    extra = [e for e in extra if not e.startswith(("parallel.dp_", "train.micro_batch_size"))]
     alone = build_trainer(tiny_config(str(tmp_path), *layout(1, 1, 8), *extra, "checkpoint.resume=auto"), DistEnv())
     assert alone.step == 2
     assert max_diff(full_params(alone.model), saved) == 0.0

@@ -13,7 +13,6 @@ BASE = ["data.task=reverse", "model.dim=32", "model.n_layers=2", "model.n_heads=
 @pytest.mark.parametrize("overrides,world,key", [
     (["parallel.dp_shard=1"], 1, "parallel.dp_shard"),
     (["parallel.dp_shard=1", "parallel.dp_replicate=2"], 2, "parallel.dp_shard"),
-    (["parallel.dp_shard=2", "parallel.dp_replicate=2"], 4, "parallel.dp_replicate"),
     (["parallel.tp=2"], 4, "parallel.tp"),
     (["parallel.pp=2"], 4, "parallel.pp"),
     (["parallel.engine=deepspeed"], 2, "parallel.engine"),
@@ -21,7 +20,7 @@ BASE = ["data.task=reverse", "model.dim=32", "model.n_layers=2", "model.n_heads=
     (["recipe.name=qlora", "recipe.qlora.scaler_block_size=1", "recipe.qlora.block_size=16"], 2, "recipe.name"),
     (["recipe.name=distill", "recipe.distill.teacher=x"], 2, "recipe.name"),
     (["recipe.name=lora+qat"], 2, "recipe.name"),
-], ids=["dp_shard=1", "ddp", "hsdp", "tp", "pp", "deepspeed", "cpu_offload", "qlora", "distill",
+], ids=["dp_shard=1", "ddp", "tp", "pp", "deepspeed", "cpu_offload", "qlora", "distill",
         "lora+qat"])
 def test_vocab_parallel_refuses_layout(overrides, world, key):
     cfg = load_config(None, [*BASE, *overrides])
@@ -37,6 +36,11 @@ def test_vocab_parallel_refuses_layout(overrides, world, key):
 def test_vocab_parallel_accepts_fsdp(overrides):
     plan = make_plan(load_config(None, [*BASE, *overrides]), 2, 264)
     assert plan.dims.dp_shard == 2 and plan.mode == "fsdp"
+
+
+def test_vocab_parallel_accepts_hsdp():
+    plan = make_plan(load_config(None, [*BASE, "parallel.dp_shard=2", "parallel.dp_replicate=2"]), 4, 264)
+    assert (plan.dims.dp_replicate, plan.dims.dp_shard) == (2, 2) and plan.mode == "hsdp"
 
 
 @pytest.mark.parametrize("tied", [False, True])
