@@ -26,6 +26,12 @@ from torch.utils.checkpoint import checkpoint
 from meshtune.models.decoder import softcap_logits
 
 
+def recomputed(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """fn(*args), under a non-reentrant checkpoint when autograd records (backward recomputes what it made instead
+    of keeping it); called directly when nothing is differentiated (evaluation)."""
+    return checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
+
+
 class HiddenLogits:
     """Base of the logits stand-ins (ChunkedLogits; vocab_parallel.VocabParallelLogits): they hold the head's input
     `hidden` and report its device and dtype where code asks the logits for them."""
@@ -68,10 +74,7 @@ class ChunkedLogits(HiddenLogits):
         total = None
         for start in range(0, T, self.chunk_size):
             parts = [t[:, start:start + self.chunk_size] for t in (self.hidden, *aligned)]
-            if torch.is_grad_enabled():
-                part = checkpoint(functools.partial(self._apply, fn), *parts, use_reentrant=False)
-            else:  # evaluation: nothing to recompute
-                part = self._apply(fn, *parts)
+            part = recomputed(functools.partial(self._apply, fn), *parts)
             total = part if total is None else total + part
         return total
 

@@ -36,12 +36,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.utils.checkpoint import checkpoint
 
 from meshtune.config import ConfigError
 from meshtune.data.datasets import IGNORE_INDEX
 from meshtune.models.decoder import softcap_logits
-from meshtune.runtime.chunked_loss import HiddenLogits
+from meshtune.runtime.chunked_loss import HiddenLogits, recomputed
 
 
 def shard_rows(vocab: int, shards: int, rank: int) -> tuple[int, int]:
@@ -295,10 +294,7 @@ class VocabParallelLogits(HiddenLogits):
         """(local logits (size x B' x T', rows), soft-capped unless `softcap` is False, gathered labels or None,
         own (B, T), padded (B', T'))."""
         h, own, big = _padded_gather(self.hidden, self.shard)
-        w = _local_weight(self.head.weight, self.shard)
-        logits = nn.functional.linear(h.to(w.dtype), w)  # (size x B', T', rows)
-        if softcap:
-            logits = softcap_logits(logits, self.shard.softcap)
+        logits = self._scores(h, _local_weight(self.head.weight, self.shard), softcap)  # (size x B', T', rows)
         gathered = None
         if labels is not None:
             gathered = _padded_gather(labels, self.shard, fill=IGNORE_INDEX)[0]
@@ -327,15 +323,18 @@ class VocabParallelLogits(HiddenLogits):
         total = None
         for start in range(0, big[1], self.chunk_size):
             part = [t[:, start:start + self.chunk_size] for t in (h, targets, mine)]
-            if torch.is_grad_enabled():
-                loss = checkpoint(self._chunk_loss, w, *part, use_reentrant=False)
-            else:  # evaluation: nothing to recompute
-                loss = self._chunk_loss(w, *part)
+            loss = recomputed(self._chunk_loss, w, *part)
             total = loss if total is None else total + loss
         return total
 
+    def _scores(self, h: torch.Tensor, w: torch.Tensor, softcap: bool = True) -> torch.Tensor:
+        """This rank's logit columns (..., rows) of gathered hidden states `h` with its table `w`, soft-capped
+        (model.logit_softcap) unless `softcap` is False."""
+        logits = nn.functional.linear(h.to(w.dtype), w)
+        return softcap_logits(logits, self.shard.softcap) if softcap else logits
+
     def _chunk_loss(self, w: torch.Tensor, h: torch.Tensor, targets: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
-        logits = softcap_logits(nn.functional.linear(h.to(w.dtype), w), self.shard.softcap)  # (size x B', c, rows)
+        logits = self._scores(h, w)  # (size x B', c, rows): only inside this call
         losses = _VocabParallelCrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten(), self.shard)
         return (losses.view(targets.shape) * mine).sum()
 
@@ -348,9 +347,8 @@ class VocabParallelLogits(HiddenLogits):
                 return self._own(self._argmax(logits), own, big)
             h, own, big = _padded_gather(self.hidden, self.shard)
             w = _local_weight(self.head.weight, self.shard)
-            index = torch.cat([self._argmax(softcap_logits(nn.functional.linear(
-                h[:, start:start + self.chunk_size].to(w.dtype), w), self.shard.softcap))
-                for start in range(0, big[1], self.chunk_size)], dim=1)
+            index = torch.cat([self._argmax(self._scores(h[:, start:start + self.chunk_size], w))
+                               for start in range(0, big[1], self.chunk_size)], dim=1)
         return self._own(index, own, big)
 
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
